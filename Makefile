@@ -1,0 +1,36 @@
+# novagate — two commands: `make run` (gateway on the embedded default) and `make test`.
+SHELL := /bin/sh
+VENV  := .venv
+PY    := $(VENV)/bin/python
+HOST  ?= 127.0.0.1
+PORT  ?= 8000
+
+.PHONY: run test venv dev clean
+
+# The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
+# (PYTHON=... overrides it).
+$(VENV)/.runtime: pyproject.toml scripts/find-python
+	@py=$$(PYTHON="$(PYTHON)" ./scripts/find-python) || exit 1; \
+	 if [ ! -x $(PY) ] || ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
+	   echo "novagate: creating $(VENV) with $$py"; rm -rf $(VENV); "$$py" -m venv $(VENV) || exit 1; fi
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.runtime
+dev: $(VENV)/.dev
+
+run: $(VENV)/.runtime
+	@mkdir -p var
+	@echo "novagate: http://$(HOST):$(PORT)/  (WebSocket ws://$(HOST):$(PORT)/v1/voice; Ctrl-C to stop)"
+	NOVAGATE_HOST=$(HOST) NOVAGATE_PORT=$(PORT) $(VENV)/bin/novagate serve --engine local --store sqlite --sqlite-path var/novagate.db
+
+test: $(VENV)/.dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""novagate I/O layer: ASGI app, session actor, model transports, conversation stores, CLI."""

@@ -1,0 +1,29 @@
+"""Error codes and WebSocket close codes of client protocol v1 (PROTOCOL.md §6)."""
+
+from enum import IntEnum
+
+# Error codes carried by the `error` server message.
+INVALID_JSON = "invalid_json"
+UNKNOWN_TYPE = "unknown_type"
+INVALID_FIELD = "invalid_field"
+TEXT_TOO_LONG = "text_too_long"
+UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"
+NOT_READY = "not_ready"
+BAD_RECEIPT = "bad_receipt"
+STORE_DEGRADED = "store_degraded"
+MODEL_UNAVAILABLE = "model_unavailable"
+# Additive (not in PROTOCOL.md v1): a fatal error that is not the model's fault.
+INTERNAL_ERROR = "internal_error"
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    PROTOCOL_ERROR = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN_ORIGIN = 4403
+    HANDSHAKE_TIMEOUT = 4408
+    RATE_LIMITED = 4429
