@@ -1,0 +1,487 @@
+"""The session actor: one per WebSocket, it pumps bytes and time around the conversation state machine.
+
+Four loops share one connection's state, all on the event loop and never blocking it:
+client reader (socket -> model queue / state machine), model sender (queue -> stream), model
+reader (stream -> state machine) and writer (outbox + pacer -> socket). A store writer commits
+final items in order and answers `item.saved` only after each commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from protocol import codes
+from protocol import messages as m
+from protocol import nova_events as nova
+from protocol.codes import CloseCode
+from protocol.conversation import (
+    AudioToClient,
+    AwaitTruncate,
+    Conversation,
+    EndAudioItem,
+    FlushPlayback,
+    ItemFinal,
+    SendToClient,
+    SendToModel,
+    StartAudioItem,
+    StreamSetup,
+)
+from protocol.items import Item
+from protocol.playback import Audio, AudioRateLimiter, PlaybackPacer
+
+from . import metrics
+from .audio import InputResampler
+from .logs import log
+from .store import StoreError
+from .tokens import owner_hash
+from .transport import ModelError
+
+logger = logging.getLogger("novagate.session")
+
+MODEL_QUEUE_FRAMES = 256      # about 8 s of 32 ms frames; a full queue slows the client reader
+STORE_QUEUE_ITEMS = 1000
+HISTORY_TO_CLIENT = 50
+SEND_TIMEOUT_S = 10.0
+
+
+class Closed(Exception):
+    """Ends the session: close the socket with `code` (after an optional last message)."""
+
+    def __init__(self, code: int, reason: str = "", message: object | None = None):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Started:
+    conversation_id: str
+    owner: str
+    resumed: bool
+    resume_failed: str | None
+    items: list[Item]
+    total: int
+    saved_receipts: list[str]
+
+
+class SessionActor:
+    def __init__(self, ws: WebSocket, services, bearer: str | None):
+        self.ws = ws
+        self.s = services
+        self.cfg = services.settings
+        self.bearer = bearer
+        self.session_id = "sess_" + uuid.uuid4().hex[:16]
+        self.conversation_id = ""
+        self.stream = None
+        self.setup: StreamSetup | None = None
+        self.conv: Conversation | None = None
+        self.pacer: PlaybackPacer | None = None
+        self.limiter = AudioRateLimiter()
+        self.resampler: InputResampler | None = None
+        self._outbox: deque = deque()
+        self._wake = asyncio.Event()
+        self._model_q: asyncio.Queue = asyncio.Queue(MODEL_QUEUE_FRAMES)
+        self._store_q: asyncio.Queue[Item] = asyncio.Queue(STORE_QUEUE_ITEMS)
+        self._send_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._flush_estimate = 0
+        self._store_degraded_sent = False
+        self._ended = False
+
+    # -- entry -----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            start = await self._handshake()
+            started = await self._open_conversation(start)
+            await self._start_model(started, start)
+            await self._serve(started, start)
+        except Closed as c:
+            await self._close(c.code, c.reason, c.message)
+        except WebSocketDisconnect:
+            pass
+        except ModelError as e:
+            metrics.MODEL_ERRORS.labels(e.kind).inc()
+            log(logger, logging.ERROR, "model stream failed", session_id=self.session_id, kind=e.kind,
+                error=e.message)
+            await self._close(CloseCode.INTERNAL_ERROR, "model unavailable",
+                              m.Error(codes.MODEL_UNAVAILABLE, "the model stream failed and could not be "
+                                      "recovered", fatal=True))
+        except Exception:
+            logger.exception("session failed", extra={"fields": {"session_id": self.session_id}})
+            await self._close(CloseCode.INTERNAL_ERROR, "internal error",
+                              m.Error(codes.INTERNAL_ERROR, "internal error", fatal=True))
+        finally:
+            await self._shutdown()
+
+    # -- handshake -------------------------------------------------------------------------------
+    async def _handshake(self) -> m.SessionStart:
+        try:
+            first = await asyncio.wait_for(self.ws.receive(), self.cfg.handshake_timeout)
+        except TimeoutError:
+            raise Closed(CloseCode.HANDSHAKE_TIMEOUT, "no session.start in time") from None
+        if first["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(first.get("code", 1000))
+        if first.get("text") is None:
+            raise Closed(CloseCode.PROTOCOL_ERROR, "audio before session.start")
+        try:
+            msg = m.decode_client_message(first["text"])
+        except m.ProtocolError as e:
+            raise Closed(CloseCode.PROTOCOL_ERROR, "bad session.start", m.Error(e.code, e.message, fatal=True)) from None
+        if not isinstance(msg, m.SessionStart):
+            raise Closed(CloseCode.PROTOCOL_ERROR, "first message must be session.start",
+                         m.Error(codes.INVALID_FIELD, "the first message must be session.start", fatal=True))
+        return msg
+
+    def _principal(self, start: m.SessionStart) -> str | None:
+        token = self.bearer or start.auth
+        auth = self.s.authenticator
+        if token is not None:
+            principal = auth.principal(token)
+            if principal is None:
+                raise Closed(CloseCode.UNAUTHORIZED, "invalid credentials")
+            return principal
+        if self.cfg.auth_required:
+            raise Closed(CloseCode.UNAUTHORIZED, "credentials required")
+        return None
+
+    async def _find(self, start: m.SessionStart, principal: str | None):
+        """The conversation to resume, or None: missing, ended, expired and foreign look alike."""
+        store = self.s.store
+        if start.resume:
+            claim = self.s.signer.read_resume_token(start.resume)
+            if claim is None:
+                return None
+            if claim.owner.startswith("user:") and claim.owner != principal:
+                return None
+            conv = await store.load(claim.conversation_id)
+            if conv is None or conv.ended or conv.owner != owner_hash(claim.owner):
+                return None
+            return conv, claim.owner
+        if start.conversation_id:
+            if principal is None:
+                return None
+            conv = await store.load(start.conversation_id)
+            if conv is None or conv.ended or conv.owner != owner_hash(principal):
+                return None
+            return conv, principal
+        return None
+
+    async def _open_conversation(self, start: m.SessionStart) -> Started:
+        principal = self._principal(start)
+        t0 = time.perf_counter()
+        asked = bool(start.resume or start.conversation_id)
+        try:
+            found = await self._find(start, principal)
+        except StoreError as e:
+            log(logger, logging.WARNING, "resume failed: store error", session_id=self.session_id, error=str(e))
+            found = None
+        if found is None:
+            owner = principal or "anon:" + secrets.token_urlsafe(12)
+            cid = await self.s.store.create(owner_hash(owner))
+            resumed = False
+        else:
+            conv, owner = found
+            cid = conv.conversation_id
+            resumed = True
+        self.conversation_id = cid
+        saved = await self._store_receipts(start.pending, cid)
+        conv = await self.s.store.load(cid)
+        metrics.HISTORY_LOAD.observe(time.perf_counter() - t0)
+        if asked:
+            metrics.RESUMES.labels("resumed" if resumed else "not_found").inc()
+        return Started(cid, owner, resumed, None if resumed or not asked else "not_found",
+                       conv.items if conv else [], conv.total if conv else 0, saved)
+
+    async def _store_receipts(self, pending: tuple[str, ...], cid: str) -> list[str]:
+        saved = []
+        for token in pending:
+            item = self.s.signer.read_receipt(token, cid)
+            if item is None:
+                self._outbox.append(m.Error(codes.BAD_RECEIPT, "a pending receipt was not signed by this service "
+                                            "for this conversation; it was ignored"))
+                continue
+            try:
+                await self.s.store.append(cid, item)
+                saved.append(item.item_id)
+            except StoreError:
+                self._store_q.put_nowait(item)  # kept and retried by the store writer
+        return saved
+
+    async def _start_model(self, started: Started, start: m.SessionStart) -> None:
+        self.conv = Conversation(output_sample_rate=start.output_sample_rate)
+        self.pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms)
+        self.resampler = InputResampler(start.input_sample_rate)
+        self.setup = StreamSetup.build(
+            system_prompt=self.cfg.system_prompt,
+            history=started.items,
+            voice=start.voice or self.cfg.voice,
+            output_sample_rate=start.output_sample_rate,
+        )
+        try:
+            self.stream = await self.s.transport.open()
+            for event in self.setup.events:
+                await asyncio.wait_for(self.stream.send(event), SEND_TIMEOUT_S)
+        except (ModelError, TimeoutError) as e:
+            metrics.MODEL_ERRORS.labels(getattr(e, "kind", "timeout")).inc()
+            log(logger, logging.ERROR, "model stream failed to open", session_id=self.session_id, error=str(e))
+            raise Closed(CloseCode.INTERNAL_ERROR, "model unavailable",
+                         m.Error(codes.MODEL_UNAVAILABLE, "the model could not be reached", fatal=True)) from None
+
+    # -- steady state ------------------------------------------------------------------------------
+    async def _serve(self, started: Started, start: m.SessionStart) -> None:
+        token = self.s.signer.resume_token(started.conversation_id, started.owner)
+        ready = m.SessionReady(
+            protocol=1,
+            session_id=self.session_id,
+            conversation_id=started.conversation_id,
+            resume_token=token,
+            resumed=started.resumed,
+            history=[i.to_dict() for i in started.items[-HISTORY_TO_CLIENT:]],
+            history_length=started.total,
+            input_sample_rate=start.input_sample_rate,
+            output_sample_rate=start.output_sample_rate,
+            voice=start.voice or self.cfg.voice,
+            engine=self.s.transport.name,
+            resume_failed=started.resume_failed,
+        )
+        await self._send(ready)
+        for item_id in started.saved_receipts:
+            self._outbox.append(m.ItemSaved(item_id))
+        self._outbox.append(m.Status("listening"))
+        self._wake.set()
+        log(logger, logging.INFO, "session ready", session_id=self.session_id,
+            conversation_id=started.conversation_id, resumed=started.resumed, history_items=started.total)
+        loops = [self._client_loop(), self._model_send_loop(), self._model_recv_loop(), self._writer_loop(),
+                 self._store_loop()]
+        self._tasks = [asyncio.create_task(c) for c in loops]
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if (exc := t.exception()) is not None:
+                raise exc
+
+    async def _client_loop(self) -> None:
+        max_frame = m.MAX_FRAME_BYTES
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(msg.get("code", 1000))
+            data = msg.get("bytes")
+            if data is not None:
+                if len(data) > max_frame:
+                    raise Closed(CloseCode.MESSAGE_TOO_BIG, f"audio frame over {max_frame} bytes")
+                if len(data) % 2:
+                    self._notify(m.Error(codes.INVALID_FIELD, "audio frames must hold whole 16-bit samples "
+                                         "(an even number of bytes); frame dropped"))
+                    continue
+                rate = self.resampler.rate
+                if not self.limiter.add(len(data) / (2 * rate), time.monotonic()):
+                    raise Closed(CloseCode.RATE_LIMITED, "audio faster than 2x real time")
+                pcm = self.resampler.to_model(data)
+                for i in range(0, len(pcm), 2048):  # <= 64 ms per audioInput event
+                    await self._model_q.put(pcm[i : i + 2048])
+                continue
+            await self._client_message(msg.get("text") or "")
+
+    async def _client_message(self, text: str) -> None:
+        try:
+            msg = m.decode_client_message(text)
+        except m.ProtocolError as e:
+            self._notify(m.Error(e.code, e.message))
+            return
+        conv = self.conv
+        match msg:
+            case m.InputText(text=t):
+                conv.input_text(t, self.setup)
+            case m.PlaybackTruncate(item_id=item_id, played_ms=ms):
+                conv.playback_truncate(item_id, ms)
+            case m.Ping(id=ping_id):
+                self._notify(m.Pong(ping_id, time.time()))
+            case m.SessionEnd():
+                await self._end_session()
+            case m.SessionStart():
+                self._notify(m.Error(codes.INVALID_FIELD, "session.start was already received"))
+        await self._run_actions()
+
+    async def _end_session(self) -> None:
+        self._ended = True
+        await self._flush_store(timeout=5.0)
+        await self.s.store.end(self.conversation_id)
+        await self._send(m.SessionEnded())
+        log(logger, logging.INFO, "conversation ended by client", session_id=self.session_id,
+            conversation_id=self.conversation_id)
+        raise Closed(CloseCode.NORMAL, "session ended")
+
+    async def _model_send_loop(self) -> None:
+        stream, setup = self.stream, self.setup
+        while True:
+            entry = await self._model_q.get()
+            events = (setup.audio(entry),) if isinstance(entry, (bytes, bytearray)) else entry
+            for event in events:
+                try:
+                    await asyncio.wait_for(stream.send(event), SEND_TIMEOUT_S)
+                except TimeoutError:
+                    raise ModelError("connectionError", "send timed out") from None
+
+    async def _model_recv_loop(self) -> None:
+        stream = self.stream
+        while True:
+            raw = await stream.receive()
+            if raw is None:
+                raise ModelError("connectionError", "the model stream ended")
+            self.conv.model_event(nova.parse_output_event(raw))
+            await self._run_actions()
+            while self.pacer.full:
+                await asyncio.sleep(0.05)
+
+    async def _writer_loop(self) -> None:
+        pacer, conv = self.pacer, self.conv
+        while True:
+            now = time.monotonic()
+            while self._outbox:
+                await self._send(self._outbox.popleft())
+            for out in pacer.poll(now):
+                if isinstance(out, Audio):
+                    await self._send_bytes(out.pcm)
+                else:
+                    await self._send(out)
+            for item_id in pacer.played_out(time.monotonic()):
+                conv.played_out(item_id)
+            await self._run_actions()
+            if self._outbox:
+                continue
+            wake = pacer.next_wakeup(time.monotonic())
+            self._wake.clear()
+            timeout = None if wake is None else max(0.0, wake - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _store_loop(self) -> None:
+        while True:
+            item = await self._store_q.get()
+            await self._commit(item)
+
+    async def _commit(self, item: Item) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.s.store.append(self.conversation_id, item)
+                metrics.ITEMS_SAVED.inc()
+                self._notify(m.ItemSaved(item.item_id))
+                return
+            except StoreError as e:
+                metrics.STORE_ERRORS.inc()
+                log(logger, logging.WARNING, "store write failed; will retry", session_id=self.session_id,
+                    error=str(e))
+                if not self._store_degraded_sent:
+                    self._store_degraded_sent = True
+                    self._notify(m.Error(codes.STORE_DEGRADED, "the history store is unavailable; turns are kept "
+                                         "in memory and stored when it is back"))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- actions -----------------------------------------------------------------------------------
+    async def _run_actions(self) -> None:
+        conv, pacer = self.conv, self.pacer
+        while actions := conv.actions():
+            for a in actions:
+                match a:
+                    case SendToClient(message=msg, paced=True):
+                        pacer.push_message(msg)
+                    case SendToClient(message=msg):
+                        self._outbox.append(msg)
+                    case StartAudioItem(item_id=item_id):
+                        pacer.start_item(item_id, m.ResponseAudioStart(item_id))
+                    case AudioToClient(item_id=item_id, pcm=pcm):
+                        pacer.push_audio(item_id, pcm)
+                    case EndAudioItem(item_id=item_id, reason=reason):
+                        pacer.end_item(item_id, m.ResponseAudioEnd(item_id, reason))
+                    case FlushPlayback():
+                        r = pacer.flush(time.monotonic())
+                        self._flush_estimate = r.played_ms
+                        conv.playback_flushed(r.current, r.played_ms, r.open_items, r.unheard)
+                    case AwaitTruncate(item_id=item_id):
+                        asyncio.get_running_loop().call_later(
+                            self.cfg.truncate_wait_ms / 1000, self._truncate_timeout, item_id, self._flush_estimate
+                        )
+                    case ItemFinal(item=item):
+                        receipt = self.s.signer.receipt(self.conversation_id, item)
+                        self._outbox.append(m.Transcript(item.item_id, item.role, item.text, True, receipt))
+                        self._store_q.put_nowait(item)
+                    case SendToModel(events=events):
+                        await self._model_q.put(events)
+        self._wake.set()
+
+    def _truncate_timeout(self, item_id: str, estimate: int) -> None:
+        if self.conv is None:
+            return
+        self.conv.truncate_timeout(item_id, estimate)
+        asyncio.get_running_loop().create_task(self._run_actions())
+
+    def _notify(self, message) -> None:
+        self._outbox.append(message)
+        self._wake.set()
+
+    # -- socket ------------------------------------------------------------------------------------
+    async def _send(self, message) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(m.encode(message).decode())
+
+    async def _send_bytes(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.ws.send_bytes(data)
+
+    async def _close(self, code: int, reason: str, message=None) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTING:
+            await self.ws.accept()
+        if self.ws.application_state != WebSocketState.CONNECTED or self.ws.client_state != WebSocketState.CONNECTED:
+            return
+        try:
+            if message is not None:
+                await self._send(message)
+            await self.ws.close(code, reason)
+        except Exception:  # the peer went away first: nothing left to tell it
+            pass
+
+    # -- teardown ----------------------------------------------------------------------------------
+    async def _flush_store(self, timeout: float) -> None:
+        """Commit every queued item before the session goes (bounded in time)."""
+        deadline = time.monotonic() + timeout
+        while not self._store_q.empty() and time.monotonic() < deadline:
+            item = self._store_q.get_nowait()
+            try:
+                await asyncio.wait_for(self._commit(item), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                log(logger, logging.ERROR, "store flush timed out; item not stored", session_id=self.session_id)
+                return
+
+    async def _shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except BaseException:
+                pass
+        if self.conv is not None:
+            for item in self.conv.close():
+                self._store_q.put_nowait(item)
+        if self.conversation_id:
+            await self._flush_store(timeout=5.0)
+        if self.stream is not None:
+            try:
+                for event in self.setup.closing():
+                    await asyncio.wait_for(self.stream.send(event), 1.0)
+            except Exception:  # the stream is already gone; close() below still releases it
+                pass
+            await self.stream.close()

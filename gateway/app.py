@@ -1,0 +1,213 @@
+"""The ASGI application: the voice WebSocket, the history endpoints, health and metrics, the web app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from protocol.codes import CloseCode
+
+from . import metrics
+from .actor import SessionActor
+from .config import Settings
+from .logs import log
+from .store import ConversationStore, open_store
+from .tokens import Authenticator, Signer, load_secret, owner_hash
+from .transport import ModelTransport
+
+logger = logging.getLogger("novagate.app")
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+SUBPROTOCOL = "novagate.v1"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: ConversationStore
+    transport: ModelTransport
+    signer: Signer
+    authenticator: Authenticator
+    sessions: set = field(default_factory=set)
+    draining: bool = False
+
+
+def open_transport(settings: Settings) -> ModelTransport:
+    if settings.engine == "local":
+        from .local.engine import LocalEngine, LocalEngineConfig
+
+        return LocalEngine(LocalEngineConfig(
+            asr=settings.local_asr,
+            tts=settings.local_tts,
+            grammar=settings.grammar,
+            endpoint_ms=settings.local_endpoint_ms,
+            trace_path=settings.engine_trace or None,
+        ))
+    raise ValueError(f"unknown engine {settings.engine!r}")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        secret = load_secret(settings.secret, settings.secret_file)
+        services = Services(
+            settings=settings,
+            store=open_store(settings),
+            transport=open_transport(settings),
+            signer=Signer(secret, resume_ttl=settings.resume_ttl),
+            authenticator=Authenticator(settings.auth_jwt_secret),
+        )
+        warm = getattr(services.transport, "warm", None)
+        if warm is not None:
+            await warm()
+        app.state.services = services
+        log(logger, logging.INFO, "novagate ready", engine=settings.engine, store=settings.store,
+            host=settings.host, port=settings.port)
+        try:
+            yield
+        finally:
+            await services.transport.aclose()
+            await services.store.aclose()
+
+    routes = [
+        WebSocketRoute("/v1/voice", voice),
+        Route("/v1/conversations/{conversation_id}/history", history_v1, methods=["GET"]),
+        Route("/v1/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+        Route("/conversation/{conversation_id}/history", history_guide, methods=["GET"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+    ]
+    if WEB_DIR.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+# -- WebSocket ------------------------------------------------------------------------------------
+def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+    origin = ws.headers.get("origin")
+    if not origin or "*" in allowed or origin in allowed:
+        return True
+    return urlsplit(origin).netloc == ws.headers.get("host", "")
+
+
+def _bearer(headers) -> str | None:
+    value = headers.get("authorization", "")
+    return value[7:].strip() or None if value[:7].lower() == "bearer " else None
+
+
+async def voice(ws: WebSocket) -> None:
+    services: Services = ws.app.state.services
+    settings = services.settings
+    offered = ws.scope.get("subprotocols") or []
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    if not _origin_allowed(ws, settings.origins):
+        metrics.REJECTED.labels("origin").inc()
+        await ws.close(CloseCode.FORBIDDEN_ORIGIN, "origin not allowed")
+        return
+    if services.draining:
+        metrics.REJECTED.labels("draining").inc()
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "draining")
+        return
+    if len(services.sessions) >= settings.max_sessions:
+        metrics.REJECTED.labels("capacity").inc()
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "at capacity")
+        return
+    actor = SessionActor(ws, services, _bearer(ws.headers))
+    services.sessions.add(actor)
+    metrics.SESSIONS.inc()
+    metrics.SESSIONS_ACTIVE.inc()
+    try:
+        await actor.run()
+    finally:
+        services.sessions.discard(actor)
+        metrics.SESSIONS_ACTIVE.dec()
+
+
+# -- HTTP -------------------------------------------------------------------------------------------
+_NOT_FOUND = {"error": "not_found", "message": "no such conversation"}
+
+
+async def _owned(request: Request):
+    """The conversation if the caller owns it (bearer token or X-Resume-Token), else None."""
+    services: Services = request.app.state.services
+    cid = request.path_params["conversation_id"]
+    conv = await services.store.load(cid, max_items=1)
+    if conv is None:
+        return None
+    principal = services.authenticator.principal(_bearer(request.headers))
+    if principal is not None and conv.owner == owner_hash(principal):
+        return conv
+    token = request.headers.get("x-resume-token")
+    claim = services.signer.read_resume_token(token) if token else None
+    if claim is not None and claim.conversation_id == cid and conv.owner == owner_hash(claim.owner):
+        if not claim.owner.startswith("user:") or principal in (None, claim.owner):
+            return conv
+    return None
+
+
+async def history_v1(request: Request) -> Response:
+    conv = await _owned(request)
+    if conv is None:
+        return JSONResponse(_NOT_FOUND, status_code=404)
+    items = await request.app.state.services.store.history(conv.conversation_id)
+    return JSONResponse({
+        "conversation_id": conv.conversation_id,
+        "ended": conv.ended,
+        "history_length": len(items),
+        "history": [i.to_dict() for i in items],
+    })
+
+
+async def history_guide(request: Request) -> Response:
+    """The original guide's shape: {sessionId, bedrockSessionId, historyLength, history:[{role,text,timestamp}]}."""
+    conv = await _owned(request)
+    if conv is None:
+        return JSONResponse(_NOT_FOUND, status_code=404)
+    items = await request.app.state.services.store.history(conv.conversation_id)
+    return JSONResponse({
+        "sessionId": conv.conversation_id,
+        "bedrockSessionId": conv.conversation_id,
+        "historyLength": len(items),
+        "history": [{"role": i.role, "text": i.text, "timestamp": i.at} for i in items],
+    })
+
+
+async def delete_conversation(request: Request) -> Response:
+    conv = await _owned(request)
+    if conv is None:
+        return JSONResponse(_NOT_FOUND, status_code=404)
+    store = request.app.state.services.store
+    await store.end(conv.conversation_id)
+    await store.delete(conv.conversation_id)
+    log(logger, logging.INFO, "conversation deleted", conversation_id=conv.conversation_id)
+    return Response(status_code=204)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services: Services = request.app.state.services
+    if services.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not await services.store.ready():
+        return JSONResponse({"status": "store unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready", "sessions": len(services.sessions)})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,76 @@
+"""`novagate` command line: serve, client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .config import ConfigError, add_arguments, settings_from_args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from . import logs
+    from .app import create_app
+
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as e:
+        print(f"novagate: configuration error: {e}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, show_text=settings.log_transcripts)
+    print(f"novagate: serving on http://{settings.host}:{settings.port}/ (engine {settings.engine}, "
+          f"store {settings.store})", file=sys.stderr, flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=65536,          # PROTOCOL §2: a bigger message closes 1009
+        ws="websockets",
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from .client import run_cli
+
+    try:
+        return asyncio.run(run_cli(args))
+    except (ConnectionError, OSError, TimeoutError) as e:
+        print(f"novagate client: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="novagate", description="WebSocket gateway for Amazon Nova Sonic")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    client = sub.add_parser("client", help="talk to a gateway: a WAV file or a text turn")
+    client.add_argument("--url", default="ws://127.0.0.1:8000/v1/voice")
+    src = client.add_mutually_exclusive_group()
+    src.add_argument("--wav", help="16-bit mono WAV to stream in real time (8/16/24/48 kHz)")
+    src.add_argument("--text", help="send a typed turn instead of audio")
+    client.add_argument("--out", help="write the assistant's audio to this WAV")
+    client.add_argument("--state", help="state file: resume token and unsaved receipts (resumes when present)")
+    client.add_argument("--new", action="store_true", help="start a new conversation even if --state has a token")
+    client.add_argument("--token", help="bearer token (JWT) for an authenticated user")
+    client.add_argument("--voice")
+    client.add_argument("--output-rate", type=int, default=24000, choices=(8000, 16000, 24000))
+    client.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
+    client.set_defaults(func=_client)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Structured JSON logs, one object per line. Transcripts and tokens stay out unless asked for."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+_REDACTED_KEYS = frozenset({"text", "transcript", "token", "resume_token", "receipt", "auth"})
+_show_text = False
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            for k, v in fields.items():
+                entry[k] = "[redacted]" if (k in _REDACTED_KEYS and not _show_text) else v
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup(level: str = "info", *, show_text: bool = False) -> None:
+    global _show_text
+    _show_text = show_text
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").setLevel("WARNING")
+
+
+def log(logger: logging.Logger, level: int, msg: str, **fields) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, msg, extra={"fields": fields})

@@ -1,0 +1,16 @@
+"""Prometheus metrics, including the original guide's three: recovery rate, history load time and
+persistence success rate (see docs/operations.md for alarms)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SESSIONS_ACTIVE = Gauge("novagate_sessions_active", "WebSocket sessions open now")
+SESSIONS = Counter("novagate_sessions_total", "WebSocket sessions accepted")
+REJECTED = Counter("novagate_sessions_rejected_total", "sockets refused", ["reason"])
+RESUMES = Counter("novagate_resumes_total", "resume attempts by result", ["result"])
+HISTORY_LOAD = Histogram(
+    "novagate_history_load_seconds", "time to find and load a conversation's history",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+ITEMS_SAVED = Counter("novagate_items_saved_total", "items durably stored")
+STORE_ERRORS = Counter("novagate_store_errors_total", "failed store writes (retried)")
+MODEL_ERRORS = Counter("novagate_model_errors_total", "model stream errors", ["kind"])

@@ -1,0 +1,181 @@
+"""The conversation state machine, driven with Nova output events: no sockets, tasks or clocks."""
+
+from protocol import messages as m
+from protocol import nova_events as nova
+from protocol.conversation import (
+    AudioToClient,
+    AwaitTruncate,
+    Conversation,
+    EndAudioItem,
+    FlushPlayback,
+    ItemFinal,
+    SendToClient,
+    SendToModel,
+    StartAudioItem,
+    StreamSetup,
+)
+from protocol.event_order import InputOrderValidator
+from protocol.items import Item
+
+IDS = {"sessionId": "s", "promptName": "p", "completionId": "c"}
+MS = 48  # bytes per ms at 24 kHz
+
+
+def feed(conv, events):
+    for e in events:
+        conv.model_event(nova.parse_output_event(e))
+    return conv.actions()
+
+
+def user_turn(text, cid="u1"):
+    return [
+        nova.output_content_start(IDS, cid, type="TEXT", role="USER", stage="FINAL"),
+        nova.output_text(IDS, cid, "USER", text),
+        nova.output_content_end(IDS, cid, type="TEXT", stop_reason="END_TURN"),
+    ]
+
+
+def sentence(text, n, *, last=False, audio_ms=500):
+    end = "END_TURN" if last else "PARTIAL_TURN"
+    return [
+        nova.output_content_start(IDS, f"s{n}", type="TEXT", role="ASSISTANT", stage="SPECULATIVE"),
+        nova.output_text(IDS, f"s{n}", "ASSISTANT", text),
+        nova.output_content_end(IDS, f"s{n}", type="TEXT", stop_reason="PARTIAL_TURN"),
+        nova.output_content_start(IDS, f"a{n}", type="AUDIO", role="ASSISTANT"),
+        nova.output_audio(IDS, f"a{n}", bytes(MS * audio_ms)),
+        nova.output_content_end(IDS, f"a{n}", type="AUDIO", stop_reason=end),
+        nova.output_content_start(IDS, f"f{n}", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, f"f{n}", "ASSISTANT", text),
+        nova.output_content_end(IDS, f"f{n}", type="TEXT", stop_reason=end),
+    ]
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def test_user_transcript_becomes_a_final_item_at_once():
+    conv = Conversation()
+    acts = feed(conv, user_turn("I met with Doctor Smith"))
+    (final,) = of(acts, ItemFinal)
+    assert final.item.role == "user" and final.item.text == "I met with Doctor Smith"
+    assert SendToClient(m.Status("thinking")) in acts
+
+
+def test_assistant_sentence_plan_audio_then_final_after_playout():
+    conv = Conversation()
+    acts = feed(conv, sentence("Hello there.", 1, last=True))
+    plans = [a.message for a in of(acts, SendToClient) if isinstance(a.message, m.Transcript)]
+    assert plans and plans[0].final is False and plans[0].text == "Hello there."
+    (start,) = of(acts, StartAudioItem)
+    assert start.item_id == plans[0].item_id
+    assert sum(len(a.pcm) for a in of(acts, AudioToClient)) == MS * 500
+    assert of(acts, EndAudioItem) == [EndAudioItem(start.item_id, "end_turn")]
+    assert of(acts, ItemFinal) == []  # not settled until the client has heard it
+    conv.played_out(start.item_id)
+    (final,) = of(conv.actions(), ItemFinal)
+    assert final.item.item_id == start.item_id
+    assert final.item.text == "Hello there." and not final.item.interrupted
+
+
+def test_final_texts_match_plans_in_order_even_when_late():
+    conv = Conversation()
+    events = sentence("One.", 1)[:6] + sentence("Two.", 2, last=True)[:6]  # plans and audio first
+    events += sentence("One.", 1)[6:] + sentence("Two.", 2, last=True)[6:]  # FINALs later
+    acts = feed(conv, events)
+    starts = [a.item_id for a in of(acts, StartAudioItem)]
+    for item_id in starts:
+        conv.played_out(item_id)
+    finals = [a.item for a in of(conv.actions(), ItemFinal)]
+    assert [(f.item_id, f.text) for f in finals] == [(starts[0], "One."), (starts[1], "Two.")]
+
+
+def test_barge_in_flushes_and_trims_to_what_the_client_played():
+    conv = Conversation()
+    long_text = "one two three four five six seven eight nine ten"
+    acts = feed(conv, sentence(long_text, 1, audio_ms=1000)[:5])  # audio still streaming
+    item_id = of(acts, StartAudioItem)[0].item_id
+    acts = feed(conv, [
+        nova.output_content_end(IDS, "a1", type="AUDIO", stop_reason="INTERRUPTED"),
+        nova.output_content_start(IDS, "f1", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, "f1", "ASSISTANT", long_text),
+        nova.output_text(IDS, "f1", "ASSISTANT", nova.INTERRUPTED_SIGNAL),
+        nova.output_content_end(IDS, "f1", type="TEXT", stop_reason="INTERRUPTED"),
+    ])
+    assert len(of(acts, FlushPlayback)) == 1  # one flush for all the signals
+    conv.playback_flushed(item_id, 300, (item_id,), ())
+    acts = conv.actions()
+    sent = [a.message for a in of(acts, SendToClient)]
+    assert m.Interrupted(item_id) in sent
+    assert m.ResponseAudioEnd(item_id, "interrupted") in sent
+    assert AwaitTruncate(item_id) in acts
+    conv.playback_truncate(item_id, 500)  # the client heard half
+    (final,) = of(conv.actions(), ItemFinal)
+    assert final.item.interrupted
+    assert final.item.text == "one two three four five"
+    assert nova.INTERRUPTED_SIGNAL not in final.item.text
+
+
+def test_truncate_timeout_uses_the_gateway_estimate():
+    conv = Conversation()
+    acts = feed(conv, sentence("alpha beta gamma delta", 1, audio_ms=1000))
+    item_id = of(acts, StartAudioItem)[0].item_id
+    feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
+    conv.playback_flushed(item_id, 500, (), ())
+    conv.actions()
+    conv.truncate_timeout(item_id, 500)
+    (final,) = of(conv.actions(), ItemFinal)
+    assert final.item.text == "alpha beta" and final.item.interrupted
+
+
+def test_unheard_sentences_are_never_stored():
+    conv = Conversation()
+    acts = feed(conv, sentence("First.", 1) + sentence("Second.", 2, last=True))
+    first, second = (a.item_id for a in of(acts, StartAudioItem))
+    feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
+    conv.playback_flushed(None, 0, (first,), (first, second))
+    acts = conv.actions()
+    assert m.Interrupted(first) in [a.message for a in of(acts, SendToClient)]
+    assert of(acts, ItemFinal) == []
+    conv.played_out(first)
+    conv.played_out(second)
+    assert of(conv.actions(), ItemFinal) == []
+
+
+def test_typed_text_is_a_user_item_and_an_interactive_block():
+    setup = StreamSetup.build(system_prompt="Be brief.", history=[], voice="matthew", output_sample_rate=24000)
+    conv = Conversation()
+    conv.input_text("hello there", setup)
+    acts = conv.actions()
+    assert of(acts, ItemFinal)[0].item.text == "hello there"
+    (to_model,) = of(acts, SendToModel)
+    names = [nova.event_name(e) for e in to_model.events]
+    assert names == ["contentStart", "textInput", "contentEnd"]
+    assert nova.event_body(to_model.events[0])["interactive"] is True
+    v = InputOrderValidator()  # the whole sequence obeys the service's rules
+    for e in setup.events + list(to_model.events) + [setup.audio(bytes(640))] + setup.closing():
+        v.check(e)
+
+
+def test_stream_setup_sends_history_before_audio():
+    history = [Item("1", "assistant", "hi", "t"), Item("2", "user", "I met Dr Smith", "t"),
+               Item("3", "assistant", "Noted.", "t")]
+    setup = StreamSetup.build(system_prompt="S", history=history, voice="tiffany", output_sample_rate=16000)
+    names = [(nova.event_name(e), nova.event_body(e).get("role")) for e in setup.events]
+    assert names[0] == ("sessionStart", None) and names[1] == ("promptStart", None)
+    roles = [r for n, r in names if n == "contentStart"]
+    assert roles == ["SYSTEM", "USER", "ASSISTANT", "USER"]  # leading assistant dropped; audio last
+    assert nova.event_body(setup.events[1])["audioOutputConfiguration"]["sampleRateHertz"] == 16000
+
+
+def test_close_keeps_spoken_but_unsettled_items():
+    conv = Conversation()
+    feed(conv, sentence("Said but not played out.", 1, last=True))
+    kept = conv.close()
+    assert [i.text for i in kept] == ["Said but not played out."] and kept[0].interrupted
+
+
+def test_usage_is_forwarded():
+    conv = Conversation()
+    acts = feed(conv, [nova.usage_event(IDS, input_speech=10, input_text=5, output_speech=7, output_text=3)])
+    assert SendToClient(m.Usage(15, 10)) in acts
