@@ -29,6 +29,8 @@ run: $(VENV)/.runtime
 	@echo "novagate: http://$(HOST):$(PORT)/  (WebSocket ws://$(HOST):$(PORT)/v1/voice; Ctrl-C to stop)"
 	NOVAGATE_HOST=$(HOST) NOVAGATE_PORT=$(PORT) $(VENV)/bin/novagate serve --engine local --store sqlite --sqlite-path var/novagate.db
 
+# Real-time audio dominates the suite, not CPU: test files run in parallel worker processes.
+PYTEST_ARGS ?= -n 4 --dist loadfile
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 

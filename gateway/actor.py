@@ -42,7 +42,7 @@ from .audio import InputResampler
 from .logs import log
 from .store import StoreError
 from .tokens import owner_hash
-from .transport import ModelError
+from .transport import MODEL_STREAM_ERROR, ModelError
 
 logger = logging.getLogger("novagate.session")
 
@@ -337,7 +337,11 @@ class SessionActor:
             raw = await stream.receive()
             if raw is None:
                 raise ModelError("connectionError", "the model stream ended")
-            self.conv.model_event(nova.parse_output_event(raw))
+            try:
+                event = nova.parse_output_event(raw)
+            except nova.MalformedEvent as e:
+                raise ModelError(MODEL_STREAM_ERROR, f"Invalid event bytes: {e}") from None
+            self.conv.model_event(event)
             await self._run_actions()
             while self.pacer.full:
                 await asyncio.sleep(0.05)

@@ -190,8 +190,7 @@ class VoiceClient:
         except websockets.ConnectionClosed:
             pass
         finally:
-            rcvd = self.ws.close_rcvd
-            self.close_code = rcvd.code if rcvd is not None else 1006
+            self.close_code = self.ws.close_code or 1006
             self._changed.set()
 
     def _handle(self, msg: dict) -> None:

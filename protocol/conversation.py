@@ -5,12 +5,14 @@ Like websockets' `Protocol`, it does no I/O: the session actor feeds it (`model_
 `input_text`, `playback_truncate`, `playback_flushed`, `played_out`, `truncate_timeout`) and
 performs the actions it returns from `actions()`.
 
-Item mapping. Nova speaks a turn sentence by sentence: an ASSISTANT TEXT block SPECULATIVE (the
-plan), an AUDIO block, later a TEXT block FINAL (what was spoken). Each sentence is one assistant
-item: `transcript final:false` from the plan, `response.audio.start/end` around its audio, and
-`transcript final:true` with a receipt once the item is settled — played out, or cut by a barge-in
-and trimmed to what the client heard. FINAL texts are matched to items in order (the k-th FINAL
-belongs to the k-th SPECULATIVE), as the AWS session-continuation sample does.
+Item mapping. A user item is one recognised utterance. An assistant item is one assistant turn,
+which Nova speaks sentence by sentence: per sentence an ASSISTANT TEXT block SPECULATIVE (the plan),
+an AUDIO block, later a TEXT block FINAL (what was spoken). The client gets `transcript final:false`
+with the plan so far after each sentence's plan, `response.audio.start` before the turn's first
+audio and `response.audio.end` after its last, and `transcript final:true` with a receipt once the
+item is settled: played out, or cut by a barge-in and trimmed to what the client heard. FINAL texts
+are matched to sentences in order (the k-th FINAL belongs to the k-th SPECULATIVE), as the AWS
+session-continuation sample does. History therefore reads as a dialogue: user, assistant, user, …
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from . import messages as m
 from . import nova_events as nova
-from .history import history_events, shape_history, trim_to_played
+from .history import history_events, shape_history, split_chunks, trim_to_played
 from .items import Item, new_item_id, utc_now
 
 
@@ -98,11 +100,10 @@ class StreamSetup:
     ) -> StreamSetup:
         prompt = nova.new_name()
         audio = nova.new_name()
-        system_chunks = shape_history([Item("system", "user", system_prompt, "")], max_bytes=40 * 1024)
         events = [
             nova.session_start(endpointing_sensitivity=endpointing_sensitivity),
             nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate),
-            *nova.text_block(prompt, "SYSTEM", system_chunks[0].chunks if system_chunks else (" ",)),
+            *nova.text_block(prompt, "SYSTEM", split_chunks(system_prompt.strip() or "You are a helpful assistant.")),
             *history_events(prompt, shape_history(history, drop_trailing_user=drop_trailing_user)),
             nova.audio_content_start(prompt, audio),
         ]
@@ -113,8 +114,7 @@ class StreamSetup:
 
     def text_turn(self, text: str) -> list[dict]:
         """A typed user turn: an interactive USER text block (Nova 2 cross-modal input)."""
-        chunks = shape_history([Item("t", "user", text, "")], max_bytes=10**6)[0].chunks
-        return nova.text_block(self.prompt_name, "USER", chunks, interactive=True)
+        return nova.text_block(self.prompt_name, "USER", split_chunks(text), interactive=True)
 
     def closing(self) -> list[dict]:
         """The service's shutdown order: audio contentEnd, promptEnd, sessionEnd."""
@@ -127,37 +127,48 @@ class StreamSetup:
 
 # -- items -------------------------------------------------------------------------------------
 @dataclass(slots=True)
-class _Assistant:
-    item_id: str
+class _Sentence:
     planned: list[str] = field(default_factory=list)
     final: list[str] = field(default_factory=list)
     audio_bytes: int = 0
     has_audio: bool = False
+    has_final: bool = False
+
+    def text(self) -> str:
+        """What was spoken: the FINAL text, or the plan when no FINAL came."""
+        return ("".join(self.final) if self.has_final else "".join(self.planned)).strip()
+
+
+@dataclass(slots=True)
+class _Turn:
+    item_id: str
+    sentences: list[_Sentence] = field(default_factory=list)
+    audio_started: bool = False
     audio_ended: bool = False
-    final_done: bool = False
-    played: bool = False          # played out to the end
+    played: bool = False          # the client played all of it
     cut: bool = False             # interrupted while the client was playing it
     played_ms: int | None = None  # known once the client (or the timeout) says
-    unheard: bool = False
+    unheard: bool = False         # the client heard none of it
+    timed_out: bool = False       # stop waiting for late FINAL texts
+
+    def plan(self) -> str:
+        return " ".join(t for s in self.sentences if (t := "".join(s.planned).strip()))
 
 
 class Conversation:
     """One connection's conversation logic, independent of transports and sockets."""
 
-    def __init__(self, *, output_sample_rate: int = 24000, log_items: list[Item] | None = None):
+    def __init__(self, *, output_sample_rate: int = 24000):
         self.output_bytes_per_ms = output_sample_rate * 2 / 1000
         self._actions: list[Action] = []
         self._blocks: dict[str, tuple[str, str, str | None]] = {}  # content_id -> (type, role, stage)
         self._user_text: list[str] = []
-        self._items: dict[str, _Assistant] = {}
-        self._awaiting_final: deque[_Assistant] = deque()
-        self._final_target: dict[str, _Assistant] = {}  # FINAL content_id -> item
-        self._spec_target: dict[str, _Assistant] = {}
-        self._audio_target: dict[str, _Assistant] = {}
-        self._latest: _Assistant | None = None
+        self._turn: _Turn | None = None                   # the assistant turn being generated
+        self._turns: dict[str, _Turn] = {}                # not yet settled
+        self._awaiting_final: deque[tuple[_Turn, _Sentence]] = deque()
+        self._targets: dict[str, tuple[str, _Turn, _Sentence]] = {}  # content_id -> (kind, turn, sentence)
         self._barged = False
         self._speaking = False
-        self.items: list[Item] = list(log_items or [])  # everything final in this conversation
         self.usage = (0, 0)
 
     def actions(self) -> list[Action]:
@@ -172,22 +183,23 @@ class Conversation:
         """A typed turn: the gateway knows the text, so it makes the user item itself."""
         if self._speaking:
             self._barge_in()
-        item = Item(new_item_id(), "user", text, utc_now())
-        self._final(item)
-        self._emit(SendToModel(tuple(setup.text_turn(text))), SendToClient(m.Status("thinking")))
+        self._user_item(text)
+        self._emit(SendToModel(tuple(setup.text_turn(text))))
 
     def playback_truncate(self, item_id: str, played_ms: int) -> None:
-        a = self._items.get(item_id)
-        if a is None or not a.cut or a.played_ms is not None:
+        t = self._turns.get(item_id)
+        if t is None or not t.cut or t.played_ms is not None:
             return  # unknown, already settled, or not interrupted: nothing to trim
-        a.played_ms = played_ms
-        self._settle(a)
+        t.played_ms = played_ms
+        self._settle(t)
 
     def truncate_timeout(self, item_id: str, estimate_ms: int) -> None:
-        a = self._items.get(item_id)
-        if a is not None and a.cut and a.played_ms is None:
-            a.played_ms = estimate_ms
-            self._settle(a)
+        t = self._turns.get(item_id)
+        if t is not None:
+            t.timed_out = True
+            if t.played_ms is None:
+                t.played_ms = estimate_ms
+            self._settle(t)
 
     def playback_flushed(self, current: str | None, played_ms: int, open_items: tuple[str, ...],
                          unheard: tuple[str, ...]) -> None:
@@ -197,47 +209,50 @@ class Conversation:
             self._emit(SendToClient(m.Interrupted(target)))
         for item_id in open_items:
             self._emit(SendToClient(m.ResponseAudioEnd(item_id, "interrupted")))
-        if current is not None and (a := self._items.get(current)):
-            a.cut = True
+        self._close_turn()
+        if current is not None and (t := self._turns.get(current)):
+            t.cut = True
             self._emit(AwaitTruncate(current))
         for item_id in unheard:
-            if a := self._items.get(item_id):
-                a.unheard = True
-                self._settle(a)
+            if t := self._turns.get(item_id):
+                t.unheard = True
+                self._settle(t)
         self._speaking = False
         self._emit(SendToClient(m.Status("listening")))
 
     def played_out(self, item_id: str) -> None:
-        a = self._items.get(item_id)
-        if a is not None and not a.cut:
-            a.played = True
-            self._settle(a)
+        t = self._turns.get(item_id)
+        if t is not None and not t.cut:
+            t.played = True
+            self._settle(t)
 
     # -- model output ---------------------------------------------------------------------------
     def model_event(self, ev: nova.OutputEvent) -> None:
         match ev:
-            case nova.ContentStart(content_id=cid, type=t, role=role, stage=stage):
-                self._blocks[cid] = (t, role, stage)
-                if t == "TEXT" and role == "ASSISTANT":
+            case nova.ContentStart(content_id=cid, type=kind, role=role, stage=stage):
+                self._blocks[cid] = (kind, role, stage)
+                if role == "ASSISTANT" and kind == "TEXT":
                     self._assistant_text_start(cid, stage)
-                elif t == "AUDIO" and role == "ASSISTANT":
+                elif role == "ASSISTANT" and kind == "AUDIO":
                     self._audio_start(cid)
-                elif t == "TEXT" and role == "USER":
+                elif role == "USER" and kind == "TEXT":
                     self._user_text = []
-            case nova.TextOutput(content_id=cid, content=text, interrupted=True):
+            case nova.TextOutput(interrupted=True):
                 self._barge_in()
             case nova.TextOutput(content_id=cid, content=text):
-                t, role, stage = self._blocks.get(cid, ("TEXT", "", None))
-                if role == "USER":
-                    self._user_text.append(text)
-                elif (a := self._spec_target.get(cid)) is not None:
-                    a.planned.append(text)
-                elif (a := self._final_target.get(cid)) is not None:
-                    a.final.append(text)
+                target = self._targets.get(cid)
+                if target is None:
+                    if self._blocks.get(cid, ("", "", None))[1] == "USER":
+                        self._user_text.append(text)
+                elif target[0] == "plan":
+                    target[2].planned.append(text)
+                elif target[0] == "final":
+                    target[2].final.append(text)
             case nova.AudioOutput(content_id=cid, pcm=pcm):
-                if (a := self._audio_target.get(cid)) is not None and not a.unheard and not a.cut:
-                    a.audio_bytes += len(pcm)
-                    self._emit(AudioToClient(a.item_id, pcm))
+                target = self._targets.get(cid)
+                if target is not None and not (target[1].cut or target[1].unheard):
+                    target[2].audio_bytes += len(pcm)
+                    self._emit(AudioToClient(target[1].item_id, pcm))
             case nova.ContentEnd(content_id=cid, stop_reason=reason):
                 self._content_end(cid, reason)
             case nova.UsageEvent(input_tokens=i, output_tokens=o):
@@ -246,61 +261,85 @@ class Conversation:
             case _:
                 pass
 
+    def _open_turn(self) -> _Turn:
+        if self._turn is None:
+            self._turn = _Turn(new_item_id())
+            self._turns[self._turn.item_id] = self._turn
+            self._barged = False  # a new response: a later barge-in concerns it
+        return self._turn
+
     def _assistant_text_start(self, cid: str, stage: str | None) -> None:
         if stage == "FINAL":
-            a = self._awaiting_final.popleft() if self._awaiting_final else self._new_assistant()
-            self._final_target[cid] = a
+            if self._awaiting_final:
+                turn, sentence = self._awaiting_final.popleft()
+            else:  # a FINAL without a plan
+                turn, sentence = self._open_turn(), _Sentence()
+                turn.sentences.append(sentence)
+            self._targets[cid] = ("final", turn, sentence)
         else:
-            self._barged = False  # a new plan: a later barge-in concerns it
-            a = self._new_assistant()
-            self._awaiting_final.append(a)
-            self._spec_target[cid] = a
-
-    def _new_assistant(self) -> _Assistant:
-        a = _Assistant(new_item_id())
-        self._items[a.item_id] = a
-        self._latest = a
-        return a
+            turn, sentence = self._open_turn(), _Sentence()
+            turn.sentences.append(sentence)
+            self._awaiting_final.append((turn, sentence))
+            self._targets[cid] = ("plan", turn, sentence)
 
     def _audio_start(self, cid: str) -> None:
-        a = self._latest
-        if a is None or a.has_audio or a.final_done:
-            a = self._new_assistant()
-            self._awaiting_final.append(a)
-        a.has_audio = True
-        self._audio_target[cid] = a
-        self._barged = False
-        self._emit(StartAudioItem(a.item_id))
+        turn = self._open_turn()
+        sentence = next((s for s in turn.sentences if not s.has_audio), None)
+        if sentence is None:  # audio without a plan
+            sentence = _Sentence()
+            turn.sentences.append(sentence)
+            self._awaiting_final.append((turn, sentence))
+        sentence.has_audio = True
+        self._targets[cid] = ("audio", turn, sentence)
+        if not turn.audio_started:
+            turn.audio_started = True
+            self._emit(StartAudioItem(turn.item_id))
         if not self._speaking:
             self._speaking = True
             self._emit(SendToClient(m.Status("speaking"), paced=True))
 
     def _content_end(self, cid: str, reason: str) -> None:
-        t, role, stage = self._blocks.pop(cid, ("", "", None))
+        kind, role, _ = self._blocks.pop(cid, ("", "", None))
+        target = self._targets.pop(cid, None)
         if reason == "INTERRUPTED":
             self._barge_in()
-        if t == "TEXT" and role == "USER":
+        if role == "USER" and kind == "TEXT":
             text = "".join(self._user_text).strip()
             self._user_text = []
-            for stale in [x for x in self._awaiting_final if x.unheard]:
-                self._drop(stale)  # never spoken: no FINAL will come for it
             if text:
-                self._final(Item(new_item_id(), "user", text, utc_now()))
-                self._emit(SendToClient(m.Status("thinking")))
-        elif (a := self._spec_target.pop(cid, None)) is not None:
-            if not a.unheard:
-                plan = "".join(a.planned).strip()
-                self._emit(SendToClient(m.Transcript(a.item_id, "assistant", plan, False), paced=True))
-        elif (a := self._audio_target.pop(cid, None)) is not None:
-            a.audio_ended = True
-            if not a.unheard and not a.cut:
-                self._emit(EndAudioItem(a.item_id, reason.lower() if reason else "end_turn"))
-            if reason == "END_TURN" and not self._barged:
+                self._close_turn()
+                self._user_item(text)
+            return
+        if target is None:
+            return
+        what, turn, sentence = target
+        if what == "plan":
+            if not (turn.cut or turn.unheard):
+                self._emit(SendToClient(m.Transcript(turn.item_id, "assistant", turn.plan(), False), paced=True))
+        elif what == "audio":
+            if reason == "END_TURN" and turn is self._turn:
+                self._close_turn(reason="end_turn")
                 self._emit(SendToClient(m.Status("listening"), paced=True))
                 self._speaking = False
-        elif (a := self._final_target.pop(cid, None)) is not None:
-            a.final_done = True
-            self._settle(a)
+        elif what == "final":
+            sentence.has_final = True
+            if reason == "END_TURN" and turn is self._turn and not turn.audio_started:
+                self._close_turn()  # a turn without audio ends with its text
+            self._settle(turn)
+
+    def _close_turn(self, reason: str = "partial_turn") -> None:
+        """No more sentences for the turn being generated."""
+        turn, self._turn = self._turn, None
+        if turn is None or turn.audio_ended:
+            return
+        turn.audio_ended = True
+        if turn.audio_started and not (turn.cut or turn.unheard):
+            self._emit(EndAudioItem(turn.item_id, reason))
+        # sentences that never got audio will never get a FINAL either
+        for pair in [p for p in self._awaiting_final if p[0] is turn and not p[1].has_audio]:
+            self._awaiting_final.remove(pair)
+            turn.sentences.remove(pair[1])
+        self._settle(turn)
 
     def _barge_in(self) -> None:
         if self._barged:
@@ -308,50 +347,64 @@ class Conversation:
         self._barged = True
         self._emit(FlushPlayback())
 
-    # -- settling ---------------------------------------------------------------------------------
-    def _settle(self, a: _Assistant) -> None:
-        if a.item_id not in self._items:
-            return
-        if a.unheard:
-            if a.final_done or not a.has_audio or a not in self._awaiting_final:
-                self._drop(a)
-            return
-        if not a.final_done:
-            return
-        text = "".join(a.final).strip() or "".join(a.planned).strip()
-        interrupted = False
-        if a.cut:
-            if a.played_ms is None:
-                return
-            total_ms = int(a.audio_bytes / self.output_bytes_per_ms)
-            text = trim_to_played(text, a.played_ms, total_ms)
-            interrupted = True
-        elif a.has_audio and not a.played:
-            return
-        self._drop(a)
-        if text:
-            self._final(Item(a.item_id, "assistant", text, utc_now(), interrupted))
+    def _user_item(self, text: str) -> None:
+        self._final(Item(new_item_id(), "user", text, utc_now()))
+        self._emit(SendToClient(m.Status("thinking")))
 
-    def _drop(self, a: _Assistant) -> None:
-        self._items.pop(a.item_id, None)
-        try:
-            self._awaiting_final.remove(a)
-        except ValueError:
-            pass
+    # -- settling ---------------------------------------------------------------------------------
+    def _settle(self, t: _Turn) -> None:
+        if t.item_id not in self._turns:
+            return
+        if t.unheard:
+            self._drop(t)
+            return
+        if t is self._turn or not t.audio_ended:
+            return  # more sentences may come
+        spoken = [s for s in t.sentences if s.has_audio] if t.audio_started else t.sentences
+        finals_in = all(s.has_final for s in spoken) or t.timed_out
+        if t.cut:
+            if t.played_ms is None or not finals_in:
+                return
+            text = self._heard(spoken, t.played_ms)
+        else:
+            if not finals_in or (t.audio_started and not t.played):
+                return
+            text = " ".join(x for s in spoken if (x := s.text()))
+        self._drop(t)
+        if text:
+            self._final(Item(t.item_id, "assistant", text, utc_now(), t.cut))
+
+    def _heard(self, spoken: list[_Sentence], played_ms: int) -> str:
+        """The text of what played: whole sentences, then the heard share of the cut one."""
+        parts, left = [], played_ms
+        for s in spoken:
+            ms = int(s.audio_bytes / self.output_bytes_per_ms)
+            if left >= ms:
+                parts.append(s.text())
+                left -= ms
+                continue
+            parts.append(trim_to_played(s.text(), left, ms))
+            break
+        return " ".join(p for p in parts if p)
+
+    def _drop(self, t: _Turn) -> None:
+        self._turns.pop(t.item_id, None)
+        for pair in [p for p in self._awaiting_final if p[0] is t]:
+            self._awaiting_final.remove(pair)
 
     def _final(self, item: Item) -> None:
-        self.items.append(item)
         self._emit(ItemFinal(item))
 
     def close(self) -> list[Item]:
-        """The connection is gone. Items the model finished speaking but the client had not heard to
-        the end are kept, marked interrupted, so nothing that was said is lost."""
+        """The connection is gone. What the model said but the client had not heard to the end is
+        kept, marked interrupted, so nothing that was said is lost."""
         out = []
-        for a in list(self._items.values()):
-            text = "".join(a.final).strip()
-            if a.final_done and text and not a.unheard:
-                out.append(Item(a.item_id, "assistant", text, utc_now(), interrupted=not a.played))
-        self._items.clear()
+        for t in list(self._turns.values()):
+            spoken = [s for s in t.sentences if s.has_audio] if t.audio_started else t.sentences
+            text = " ".join(x for s in spoken if (x := s.text()))
+            if text and not t.unheard:
+                out.append(Item(t.item_id, "assistant", text, utc_now(), interrupted=not t.played))
+        self._turns.clear()
         self._awaiting_final.clear()
-        self.items.extend(out)
+        self._turn = None
         return out

@@ -50,7 +50,7 @@ def _tail(text: str, budget: int) -> str:
     return tail.lstrip()
 
 
-def _split(text: str, limit: int) -> tuple[str, ...]:
+def split_chunks(text: str, limit: int = MAX_CHUNK_BYTES) -> tuple[str, ...]:
     """Chunks of at most `limit` UTF-8 bytes. A split at a space consumes that one space; a split at
     other whitespace keeps it at the end of the chunk; with no whitespace, split at a character."""
     chunks: list[str] = []
@@ -127,7 +127,7 @@ def shape_history(
         kept.pop(0)
     if drop_trailing_user and kept and kept[-1][0] == "USER":
         kept.pop()
-    return [HistoryTurn(role, _split(text, max_chunk_bytes)) for role, text in kept]
+    return [HistoryTurn(role, split_chunks(text, max_chunk_bytes)) for role, text in kept]
 
 
 def history_events(prompt_name: str, turns: Sequence[HistoryTurn]) -> list[dict]:

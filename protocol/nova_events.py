@@ -7,6 +7,7 @@ dicts; transports serialise them. Audio content is base64 of PCM16LE mono on the
 from __future__ import annotations
 
 import base64
+import binascii
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -328,7 +329,7 @@ OutputEvent = (
 
 def is_interrupted_signal(text: str) -> bool:
     """Nova's barge-in marker: a textOutput whose content parses to {"interrupted": true}."""
-    s = text.strip()
+    s = text.strip() if isinstance(text, str) else ""
     if not (s.startswith("{") and "interrupted" in s):
         return False
     try:
@@ -350,10 +351,19 @@ def _stage(body: dict) -> Stage:
     return stage if stage in ("SPECULATIVE", "FINAL") else None
 
 
-def parse_output_event(obj: dict | bytes) -> OutputEvent:
-    """Turn one model output event (dict, or its JSON bytes) into a typed event."""
-    if isinstance(obj, (bytes, bytearray, memoryview, str)):
-        obj = orjson.loads(obj)
+class MalformedEvent(ValueError):
+    """The model sent something that is not a well-formed output event."""
+
+
+def parse_output_event(obj: dict | bytes | str) -> OutputEvent:
+    """Turn one model output event (dict, or its JSON) into a typed event; MalformedEvent if it is not one."""
+    try:
+        return _parse(orjson.loads(obj) if isinstance(obj, (bytes, bytearray, memoryview, str)) else obj)
+    except (KeyError, ValueError, TypeError, AttributeError, binascii.Error) as e:
+        raise MalformedEvent(f"malformed output event: {e}") from None
+
+
+def _parse(obj: dict) -> OutputEvent:
     name = event_name(obj)
     b = event_body(obj)
     if name == "audioOutput":

@@ -78,16 +78,40 @@ def test_assistant_sentence_plan_audio_then_final_after_playout():
     assert final.item.text == "Hello there." and not final.item.interrupted
 
 
-def test_final_texts_match_plans_in_order_even_when_late():
+def test_a_turn_of_several_sentences_is_one_item_with_finals_matched_in_order():
     conv = Conversation()
     events = sentence("One.", 1)[:6] + sentence("Two.", 2, last=True)[:6]  # plans and audio first
-    events += sentence("One.", 1)[6:] + sentence("Two.", 2, last=True)[6:]  # FINALs later
     acts = feed(conv, events)
-    starts = [a.item_id for a in of(acts, StartAudioItem)]
-    for item_id in starts:
-        conv.played_out(item_id)
-    finals = [a.item for a in of(conv.actions(), ItemFinal)]
-    assert [(f.item_id, f.text) for f in finals] == [(starts[0], "One."), (starts[1], "Two.")]
+    (start,) = of(acts, StartAudioItem)  # one audio item for the turn
+    plans = [a.message.text for a in of(acts, SendToClient) if isinstance(a.message, m.Transcript)]
+    assert plans == ["One.", "One. Two."]  # the plan so far, replacing the previous one
+    assert of(acts, EndAudioItem) == [EndAudioItem(start.item_id, "end_turn")]
+    conv.played_out(start.item_id)
+    assert of(conv.actions(), ItemFinal) == []  # FINAL texts still to come
+    acts = feed(conv, [
+        nova.output_content_start(IDS, "f1", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, "f1", "ASSISTANT", "One!"),
+        nova.output_content_end(IDS, "f1", type="TEXT", stop_reason="PARTIAL_TURN"),
+        nova.output_content_start(IDS, "f2", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, "f2", "ASSISTANT", "Two!"),
+        nova.output_content_end(IDS, "f2", type="TEXT", stop_reason="END_TURN"),
+    ])
+    (final,) = of(acts, ItemFinal)
+    assert (final.item.item_id, final.item.text) == (start.item_id, "One! Two!")
+
+
+def test_cut_turn_keeps_whole_sentences_then_part_of_the_cut_one():
+    conv = Conversation()
+    events = sentence("First sentence here.", 1, audio_ms=1000) + sentence("alpha beta gamma delta", 2)[:5]
+    item_id = of(feed(conv, events), StartAudioItem)[0].item_id
+    feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
+    conv.playback_flushed(item_id, 1250, (item_id,), ())
+    conv.actions()
+    conv.playback_truncate(item_id, 1250)  # all of sentence 1, half of sentence 2 (500 ms)
+    assert of(conv.actions(), ItemFinal) == []  # waits for sentence 2's FINAL ...
+    conv.truncate_timeout(item_id, 1250)  # ... not for ever: the plan stands in for it
+    (final,) = of(conv.actions(), ItemFinal)
+    assert final.item.text == "First sentence here. alpha beta" and final.item.interrupted
 
 
 def test_barge_in_flushes_and_trims_to_what_the_client_played():
@@ -128,17 +152,16 @@ def test_truncate_timeout_uses_the_gateway_estimate():
     assert final.item.text == "alpha beta" and final.item.interrupted
 
 
-def test_unheard_sentences_are_never_stored():
+def test_a_turn_the_client_never_heard_is_never_stored():
     conv = Conversation()
     acts = feed(conv, sentence("First.", 1) + sentence("Second.", 2, last=True))
-    first, second = (a.item_id for a in of(acts, StartAudioItem))
+    (item_id,) = (a.item_id for a in of(acts, StartAudioItem))
     feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
-    conv.playback_flushed(None, 0, (first,), (first, second))
+    conv.playback_flushed(None, 0, (item_id,), (item_id,))
     acts = conv.actions()
-    assert m.Interrupted(first) in [a.message for a in of(acts, SendToClient)]
+    assert m.Interrupted(item_id) in [a.message for a in of(acts, SendToClient)]
     assert of(acts, ItemFinal) == []
-    conv.played_out(first)
-    conv.played_out(second)
+    conv.played_out(item_id)
     assert of(conv.actions(), ItemFinal) == []
 
 

@@ -121,7 +121,7 @@ async def test_history_endpoints_both_shapes(gateway):
 
 
 async def test_foreign_tokens_and_receipts_are_refused_without_leaking(make_gateway):
-    key = "test-user-key"
+    key = "test-user-key-of-32-bytes-or-more"
     gw = make_gateway(NOVAGATE_AUTH_JWT_SECRET=key)
     alice = jwt.encode({"sub": "alice"}, key, algorithm="HS256")
     bob = jwt.encode({"sub": "bob"}, key, algorithm="HS256")
@@ -187,16 +187,19 @@ async def test_pending_receipts_are_stored_exactly_once(gateway):
 async def raw(gw, *frames, wait=3.0, subprotocols=("novagate.v1",), headers=None):
     """Send frames on a bare socket; return (messages received, close code)."""
     got = []
-    async with websockets.connect(gw.ws, subprotocols=list(subprotocols), additional_headers=headers) as ws:
+    ws = await websockets.connect(gw.ws, subprotocols=list(subprotocols), additional_headers=headers)
+    try:
         for f in frames:
             await ws.send(f)
-        try:
-            async with asyncio.timeout(wait):
-                async for data in ws:
-                    got.append(orjson.loads(data) if isinstance(data, str) else data)
-        except TimeoutError:
-            return got, None
-        return got, ws.close_rcvd.code if ws.close_rcvd else None
+        async with asyncio.timeout(wait):
+            async for data in ws:
+                got.append(orjson.loads(data) if isinstance(data, str) else data)
+    except TimeoutError:
+        await ws.close()
+        return got, None
+    except websockets.ConnectionClosed:
+        pass
+    return got, ws.close_code
 
 
 START = orjson.dumps({"type": "session.start", "protocol": 1}).decode()

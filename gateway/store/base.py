@@ -36,8 +36,10 @@ class ConversationStore(Protocol):
     async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500) -> Conversation | None:
         """The conversation with its newest items (text bytes <= max_bytes, at least the newest one), or None."""
 
-    async def append(self, conversation_id: str, item: Item) -> bool:
-        """Store an item once; True if it was new. Committed durably before returning."""
+    async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
+        """Store an item once (deduplicated by item_id), durably, before returning. Returns the id of
+        the conversation it was written to: a store may move a conversation it can no longer write
+        (an expired Agent Runtime session) to a new one that carries the history."""
 
     async def end(self, conversation_id: str) -> None:
         """Mark ended: it can no longer be resumed."""

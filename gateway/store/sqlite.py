@@ -96,16 +96,13 @@ class SQLiteStore:
 
         return await self._run(q)
 
-    async def append(self, conversation_id: str, item: Item) -> bool:
-        def q(db: sqlite3.Connection):
-            cur = db.execute(
-                "INSERT OR IGNORE INTO items (conversation_id, item_id, role, text, at, interrupted, size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, item.item_id, item.role, item.text, item.at, int(item.interrupted), item.size),
-            )
-            return cur.rowcount == 1
-
-        return await self._run(q)
+    async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
+        await self._run(lambda db: db.execute(
+            "INSERT OR IGNORE INTO items (conversation_id, item_id, role, text, at, interrupted, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, item.item_id, item.role, item.text, item.at, int(item.interrupted), item.size),
+        ))
+        return conversation_id
 
     async def end(self, conversation_id: str) -> None:
         await self._run(lambda db: db.execute("UPDATE conversations SET ended = 1 WHERE id = ?", (conversation_id,)))

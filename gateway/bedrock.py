@@ -1,0 +1,480 @@
+"""BedrockTransport: the ModelTransport for Amazon Nova Sonic on Bedrock Runtime
+(`InvokeModelWithBidirectionalStream`) over aws-sdk-bedrock-runtime 0.12.0 (reference/nova-sonic.md §7).
+
+* One `AsyncBedrockRuntimeClient` per transport, built lazily on the first `open()` with
+  `AsyncBedrockRuntimeConfig.resolve(region=..., endpoint_uri=..., transport=AWSCRTHTTPClient(force_http_2))`.
+  The endpoint is the explicit `endpoint_url`, else what the SDK resolves: `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`,
+  `AWS_ENDPOINT_URL`, the profile's `endpoint_url`, else the regional endpoint. Credentials come from the SDK's
+  default identity chain (no resolver is passed). Custom CAs: set `SSL_CERT_FILE` before the first `open()`
+  (the CRT transport reads it when it is constructed).
+* `open()` starts the request and returns at once: it does **not** wait for the HTTP response, because the
+  service may answer only once events flow. HTTP-level failures (403 AccessDenied, 404, 400 ...) therefore
+  surface as ModelError from the first `receive()` — and from `send()` as soon as the stream's pump has seen
+  them.
+* Per stream exactly one pump task calls the SDK's `await_output()` (under a timeout, shielded) and then
+  `receive()` in a loop, feeding a bounded queue that `receive()` reads. The pump is never cancelled while it
+  is blocked in the SDK (cancelling races the CRT's native callbacks: `InvalidStateError`, aws-sdk-python#13).
+* `send()` is bounded by `send_timeout_s` (a dead connection blocks the 17th send forever) and fails fast
+  once the pump has failed. `close()` closes the SDK input stream (bounded), then waits (bounded) for the
+  pump to drain; it never raises and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.transport import (
+    ACCESS_DENIED,
+    CONNECTION,
+    INTERNAL_SERVER,
+    MODEL_STREAM_ERROR,
+    MODEL_TIMEOUT,
+    SERVICE_UNAVAILABLE,
+    THROTTLING,
+    VALIDATION,
+    ModelError,
+)
+
+log = logging.getLogger("novagate.bedrock")
+
+DEFAULT_MODEL_ID = "amazon.nova-2-sonic-v1:0"
+NOVA_2_MARKER = "nova-2-sonic"
+QUEUE_SIZE = 256
+
+_WAKE = object()
+
+
+class BedrockSetupError(RuntimeError):
+    """Bedrock cannot be used as configured (no region, no credentials, SDK missing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCapabilities:
+    """What the configured model accepts (reference §2.1, §2.3, §9.12)."""
+
+    text_input: bool  # interactive USER text ("cross-modal input"): Nova 2 only
+    endpointing_sensitivity: bool  # sessionStart.turnDetectionConfiguration: Nova 2 only
+
+
+def capabilities_for(model_id: str) -> ModelCapabilities:
+    nova2 = NOVA_2_MARKER in model_id
+    return ModelCapabilities(text_input=nova2, endpointing_sensitivity=nova2)
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialCheck:
+    """The outcome of `check_credentials`: where the gateway will sign from (no secrets)."""
+
+    region: str
+    access_key_id: str  # masked: first 4 and last 4 characters
+    temporary: bool
+    expiration: Any | None  # datetime when the credentials expire (temporary credentials)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error mapping
+
+
+def _message(exc: BaseException) -> str:
+    msg = getattr(exc, "message", None)
+    if isinstance(msg, str) and msg:
+        return msg
+    return str(exc) or type(exc).__name__
+
+
+def map_sdk_error(exc: BaseException) -> ModelError:
+    """Map an exception from the SDK (or the CRT below it) to a ModelError, keeping the service's message."""
+    if isinstance(exc, ModelError):
+        return exc
+    try:
+        from aws_sdk_bedrock_runtime import models as m
+        from smithy_aws_event_stream.exceptions import EventError, UnmodeledEventError
+        from smithy_core.exceptions import CallError, SmithyIdentityError
+    except ImportError:  # pragma: no cover - the SDK is a pinned dependency
+        return ModelError(CONNECTION, _message(exc))
+
+    msg = _message(exc)
+    table: list[tuple[type, str]] = [
+        (m.ValidationException, VALIDATION),
+        (m.ModelTimeoutException, MODEL_TIMEOUT),
+        (m.ThrottlingException, THROTTLING),
+        (m.ServiceQuotaExceededException, THROTTLING),
+        (m.ModelStreamErrorException, MODEL_STREAM_ERROR),
+        (m.ModelErrorException, MODEL_STREAM_ERROR),
+        (m.InternalServerException, INTERNAL_SERVER),
+        (m.ServiceUnavailableException, SERVICE_UNAVAILABLE),
+        (m.ModelNotReadyException, SERVICE_UNAVAILABLE),
+        (m.AccessDeniedException, ACCESS_DENIED),
+        (m.ResourceNotFoundException, VALIDATION),
+    ]
+    for cls, kind in table:
+        if isinstance(exc, cls):
+            if cls is m.ResourceNotFoundException:
+                msg = f"ResourceNotFoundException: {msg}"
+            return ModelError(kind, msg)
+    if isinstance(exc, UnmodeledEventError):
+        if "AccessDenied" in exc.code or "UnrecognizedClient" in exc.code:
+            return ModelError(ACCESS_DENIED, f"{exc.code}: {exc.message}")
+        return ModelError(CONNECTION, f"{exc.code}: {exc.message}")
+    if isinstance(exc, EventError):  # ChecksumMismatch, InvalidEventBytes, ... (transient per §6.1)
+        return ModelError(MODEL_STREAM_ERROR, f"Invalid event bytes: {msg}")
+    if isinstance(exc, SmithyIdentityError):
+        return ModelError(ACCESS_DENIED, f"no usable AWS credentials: {msg}")
+    if isinstance(exc, CallError):
+        meta = getattr(exc, "response_metadata", None)
+        status = getattr(meta, "http_status_code", None)
+        if status in (401, 403):
+            return ModelError(ACCESS_DENIED, msg)
+        if status == 429 or exc.is_throttling_error:
+            return ModelError(THROTTLING, msg)
+        if status == 408:
+            return ModelError(MODEL_TIMEOUT, msg)
+        if status == 503:
+            return ModelError(SERVICE_UNAVAILABLE, msg)
+        if status is not None and status >= 500:
+            return ModelError(INTERNAL_SERVER, msg)
+        if status is not None and 400 <= status < 500:
+            return ModelError(VALIDATION, msg)
+        return ModelError(CONNECTION, msg)
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return ModelError(CONNECTION, f"timed out: {msg}")
+    return ModelError(CONNECTION, f"{type(exc).__name__}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The transport
+
+
+class BedrockTransport:
+    """ModelTransport over Bedrock Runtime's bidirectional stream (name "bedrock")."""
+
+    name = "bedrock"
+
+    def __init__(
+        self,
+        *,
+        model_id: str = DEFAULT_MODEL_ID,
+        region: str | None,
+        endpoint_url: str | None = None,
+        send_timeout_s: float = 10.0,
+        output_timeout_s: float = 30.0,
+        close_timeout_s: float = 3.0,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        self.model_id = model_id
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.send_timeout_s = send_timeout_s
+        self.output_timeout_s = output_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.queue_size = queue_size
+        self._client: Any = None
+        self._config: Any = None
+        self._lock = asyncio.Lock()
+        self._streams: set[BedrockStream] = set()
+        self._closed = False
+        self._opened = 0
+
+    @property
+    def capabilities(self) -> ModelCapabilities:
+        return capabilities_for(self.model_id)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint in use once the client exists (explicit, from the environment, or regional)."""
+        if self._config is None:
+            return self.endpoint_url
+        return str(self._config.endpoint_uri) if self._config.endpoint_uri else None
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def _ensure_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is not None:
+                return self._client
+            if self._closed:
+                raise ModelError(CONNECTION, "the Bedrock transport is closed")
+            try:
+                from aws_sdk_bedrock_runtime.client import AsyncBedrockRuntimeClient
+                from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+                from smithy_http.aio.crt import AWSCRTHTTPClient, AWSCRTHTTPClientConfig
+            except ImportError as exc:  # pragma: no cover
+                raise BedrockSetupError(
+                    f"aws-sdk-bedrock-runtime[awscrt]==0.12.0 is required for the bedrock engine: {exc}"
+                ) from exc
+            overrides: dict[str, Any] = {
+                # the CRT client reads SSL_CERT_FILE here, when it builds its TLS context
+                "transport": AWSCRTHTTPClient(client_config=AWSCRTHTTPClientConfig(force_http_2=True)),
+            }
+            if self.region:
+                overrides["region"] = self.region
+            if self.endpoint_url:  # passing None would override (disable) the env/profile resolution
+                overrides["endpoint_uri"] = self.endpoint_url
+            try:
+                config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
+            except Exception as exc:
+                raise ModelError(CONNECTION, f"cannot configure the Bedrock client: {_message(exc)}") from exc
+            if not config.region:
+                raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's region)")
+            self._config = config
+            self._client = AsyncBedrockRuntimeClient(config=config)
+            log.info("bedrock client: model %s region %s endpoint %s", self.model_id, config.region,
+                     config.endpoint_uri or "(regional)")
+            return self._client
+
+    async def open(self) -> BedrockStream:
+        """Start a bidirectional stream. Does not wait for the HTTP response (see the module docstring)."""
+        if self._closed:
+            raise ModelError(CONNECTION, "the Bedrock transport is closed")
+        client = await self._ensure_client()
+        from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOperationInput
+
+        try:
+            sdk_stream = await asyncio.wait_for(
+                asyncio.shield(client.invoke_model_with_bidirectional_stream(
+                    InvokeModelWithBidirectionalStreamOperationInput(model_id=self.model_id)
+                )),
+                self.output_timeout_s,
+            )
+        except TimeoutError as exc:
+            raise ModelError(CONNECTION, f"could not start a Bedrock stream within {self.output_timeout_s:g}s") from exc
+        except Exception as exc:
+            raise map_sdk_error(exc) from exc
+        self._opened += 1
+        stream = BedrockStream(self, sdk_stream, f"bedrock-{self._opened}")
+        self._streams.add(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        """Close every stream and the client (its CRT connection pool). Never raises."""
+        self._closed = True
+        streams = list(self._streams)
+        if streams:
+            await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), self.close_timeout_s)
+
+    def _forget(self, stream: BedrockStream) -> None:
+        self._streams.discard(stream)
+
+
+class BedrockStream:
+    """One Nova Sonic stream over the SDK (implements gateway.transport.ModelStream)."""
+
+    def __init__(self, transport: BedrockTransport, sdk_stream: Any, stream_id: str) -> None:
+        self._t = transport
+        self._sdk = sdk_stream
+        self.stream_id = stream_id
+        self._queue: asyncio.Queue = asyncio.Queue(transport.queue_size)
+        self._error: ModelError | None = None
+        self._error_delivered = False
+        self._pump_done = False
+        self._closing = False
+        self._closed = False
+        self._send_lock = asyncio.Lock()
+        self.output_ready = asyncio.Event()  # the HTTP response (200) has arrived
+        loop = asyncio.get_running_loop()
+        self._failed = loop.create_future()  # resolves when the pump ends
+        self._pump = loop.create_task(self._run_pump(), name=f"bedrock-pump-{stream_id}")
+
+    # -- pump -------------------------------------------------------------------------------------
+    async def _run_pump(self) -> None:
+        from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOutputChunk
+
+        try:
+            out_fut = asyncio.ensure_future(self._sdk.await_output())
+            try:
+                _, receiver = await asyncio.wait_for(asyncio.shield(out_fut), self._t.output_timeout_s)
+            except TimeoutError:
+                out_fut.add_done_callback(_consume)
+                raise ModelError(
+                    CONNECTION, f"no response from Bedrock within {self._t.output_timeout_s:g}s "
+                    "(check the endpoint, the network and the TLS trust store)"
+                ) from None
+            self.output_ready.set()
+            while True:
+                ev = await receiver.receive()  # never cancelled: see the module docstring
+                if ev is None:
+                    break
+                if not isinstance(ev, InvokeModelWithBidirectionalStreamOutputChunk):
+                    log.warning("%s: ignoring unknown output member %r", self.stream_id, ev)
+                    continue
+                try:
+                    event = orjson.loads(ev.value.bytes_)
+                except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
+                    raise ModelError(MODEL_STREAM_ERROR, f"Invalid event bytes: undecodable output event: {exc}")
+                if self._closing:
+                    continue  # nobody reads any more: drain the SDK to its end
+                await self._queue.put(event)
+        except asyncio.CancelledError:
+            self._error = self._error or ModelError(CONNECTION, "the stream was cancelled")
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the stream's ModelError
+            self._error = map_sdk_error(exc)
+            if not self._closing:
+                log.info("%s: %s", self.stream_id, self._error)
+        finally:
+            self._pump_done = True
+            if not self._failed.done():
+                self._failed.set_result(None)
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(_WAKE)
+
+    # -- ModelStream ------------------------------------------------------------------------------
+    async def send(self, event: dict) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ModelError(CONNECTION, "the Bedrock stream is closed")
+        if self._pump_done:
+            raise ModelError(CONNECTION, "the Bedrock stream has ended")
+        from aws_sdk_bedrock_runtime.models import (
+            BidirectionalInputPayloadPart,
+            InvokeModelWithBidirectionalStreamInputChunk,
+        )
+
+        chunk = InvokeModelWithBidirectionalStreamInputChunk(value=BidirectionalInputPayloadPart(bytes_=orjson.dumps(event)))
+        async with self._send_lock:
+            task = asyncio.ensure_future(self._sdk.input_stream.send(chunk))
+            done, _ = await asyncio.wait({task, self._failed}, timeout=self._t.send_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                exc = task.exception()
+                if exc is not None:
+                    err = self._error or map_sdk_error(exc)
+                    self._error = self._error or err
+                    raise err from exc
+                return
+            task.cancel()
+            task.add_done_callback(_consume)
+            if self._error is not None:
+                raise self._error
+            if self._pump_done:
+                raise ModelError(CONNECTION, "the Bedrock stream has ended")
+            self._error = ModelError(CONNECTION, f"send timed out after {self._t.send_timeout_s:g}s")
+            raise self._error
+
+    async def receive(self) -> dict | None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if self._pump_done:
+                    if self._error is not None and not self._error_delivered:
+                        self._error_delivered = True
+                        raise self._error
+                    return None
+                item = await self._queue.get()
+            if item is _WAKE:
+                continue
+            return item
+
+    async def close(self) -> None:
+        """Close the input side (signed end frame + END_STREAM), then let the pump drain. Never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self._drain_queue()
+        timeout = self._t.close_timeout_s
+        try:
+            closer = asyncio.ensure_future(self._sdk.input_stream.close())
+            closer.add_done_callback(_consume)
+            await asyncio.wait({closer}, timeout=timeout)
+            if not closer.done():
+                log.info("%s: closing the input stream timed out after %gs", self.stream_id, timeout)
+            if not self._pump.done():
+                self._drain_queue()
+                await asyncio.wait({self._pump}, timeout=timeout)
+            if not self._pump.done():
+                # never cancel a pump blocked in the SDK's receive(); closing the client releases it
+                log.info("%s: output did not end within %gs after close", self.stream_id, timeout)
+        except Exception as exc:  # noqa: BLE001
+            log.info("%s: close: %r", self.stream_id, exc)
+        finally:
+            self._drain_queue()
+            self._t._forget(self)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+
+    @property
+    def failed(self) -> ModelError | None:
+        return self._error
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up check
+
+
+def _mask(key: str) -> str:
+    return key if len(key) <= 8 else f"{key[:4]}…{key[-4:]}"
+
+
+async def check_credentials(region: str | None = None, *, timeout_s: float = 10.0) -> CredentialCheck:
+    """Resolve the region and the default credential chain once, so the gateway can fail fast at start.
+
+    Raises BedrockSetupError with a message that says what to set."""
+    try:
+        from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+        from smithy_aws_core.identity import AWSCredentialsIdentity
+        from smithy_aws_core.identity.chain import IdentityChain
+    except ImportError as exc:  # pragma: no cover
+        raise BedrockSetupError(f"aws-sdk-bedrock-runtime[awscrt]==0.12.0 is required: {exc}") from exc
+    overrides: dict[str, Any] = {"transport": None}
+    if region:
+        overrides["region"] = region
+    try:
+        config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
+    except Exception as exc:
+        raise BedrockSetupError(f"invalid AWS configuration: {_message(exc)}") from exc
+    if not config.region:
+        raise BedrockSetupError(
+            "no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, a profile region, or the gateway's Bedrock "
+            "region setting); Nova 2 Sonic is in us-east-1, us-west-2 and ap-northeast-1"
+        )
+    ctx = config.resolution_context()
+    try:
+        config_file = await ctx.parsed_profiles() if ctx is not None else None
+        chain = await IdentityChain.create(AWSCredentialsIdentity, config_file=config_file,
+                                           region_override=config.region)
+        identity = await asyncio.wait_for(chain.get_identity(properties={}), timeout_s)
+    except TimeoutError as exc:
+        raise BedrockSetupError(f"resolving AWS credentials timed out after {timeout_s:g}s") from exc
+    except Exception as exc:
+        profile = os.environ.get("AWS_PROFILE")
+        hint = f" (AWS_PROFILE={profile})" if profile else ""
+        raise BedrockSetupError(
+            "no AWS credentials found" + hint + ": set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "(and AWS_SESSION_TOKEN), AWS_PROFILE, or configure ~/.aws/credentials. "
+            f"Details: {_message(exc)}"
+        ) from exc
+    return CredentialCheck(
+        region=config.region,
+        access_key_id=_mask(identity.access_key_id),
+        temporary=bool(getattr(identity, "session_token", None)),
+        expiration=getattr(identity, "expiration", None),
+    )

@@ -1,0 +1,1068 @@
+"""`novagate emulate nova`: an Amazon Nova Sonic wire emulator the unmodified AWS SDK talks to.
+
+HTTP/2 over TLS (ALPN h2) built on `h2` + asyncio + `ssl` (reference/nova-sonic.md §8). It accepts
+`POST /model/{urlencoded modelId}/invoke-with-bidirectional-stream`, keeps the request and response bodies
+open together (true duplex, with HTTP/2 flow control both ways), and serves a `ModelTransport` behind the
+wire: each request opens one stream on the transport; every decoded input event is checked against the
+service's input-order rules (InputOrderValidator) and forwarded with `send()`, and every output event from
+`receive()` goes back as an unsigned `chunk` message.
+
+Errors the emulator produces, as the service does:
+
+* modeled exception frames (then END_STREAM): `validationException` (order violations; the 531 idle message
+  after `idle_timeout_s` without audioInput; bad chunk signatures; undecodable frames),
+  `modelTimeoutException` at stream age `max_stream_s`, and any kind injected with `inject()` or raised as
+  `ModelError` by the backing transport (ACCESS_DENIED / CONNECTION, which have no stream member, become
+  unmodeled `error` frames with codes `AccessDeniedException` / `InternalFailure`);
+* HTTP-level errors: 403 `AccessDeniedException` (`reject_403`), 403 `UnrecognizedClientException` /
+  `InvalidSignatureException` (with `credentials`, for an unknown key or a bad request signature),
+  400 `ValidationException` (malformed model id), 404 `ResourceNotFoundException` (well-formed, unknown model id);
+* transport faults: RST_STREAM or a TCP reset after N input events, corrupt bytes after N output events.
+
+Fault-injection API (tests): `emu.inject(kind, message, after_events=N | after_s=T)` arms a fault for the
+next stream opened; `emu.reject_403 = True`; `emu.reset_after_events = N` (+ `emu.reset_connection = True`
+for a TCP reset instead of RST_STREAM); `emu.invalid_bytes_after = N` (output events). The one-shot faults
+(inject, reset, invalid bytes) are consumed by the next stream that opens. Counters: `streams_opened`,
+`events_received`, `stream_events` (the event names each stream received), `streams` (per-stream records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import ssl
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from gateway.emulate import eventstream as es
+from gateway.transport import (
+    ACCESS_DENIED,
+    CONNECTION,
+    IDLE_TIMEOUT_MESSAGE,
+    INTERNAL_SERVER,
+    MODEL_STREAM_ERROR,
+    MODEL_TIMEOUT,
+    MODEL_TIMEOUT_MESSAGE,
+    SERVICE_UNAVAILABLE,
+    THROTTLING,
+    VALIDATION,
+    ModelError,
+    ModelStream,
+    ModelTransport,
+)
+from protocol.event_order import EventOrderError, InputOrderValidator
+
+log = logging.getLogger("novagate.emulate.nova")
+
+DEFAULT_MODELS = ("amazon.nova-2-sonic-v1:0", "amazon.nova-sonic-v1:0")
+DEFAULT_PORT = 8443
+DUMMY_ACCESS_KEY_ID = "AKIDNOVAGATEEMULATOR"
+DUMMY_SECRET_ACCESS_KEY = "novagate-emulator-secret"
+
+MODELED_KINDS = frozenset(es.EXCEPTION_MEMBERS)  # the six stream exception members
+UNMODELED_CODES = {ACCESS_DENIED: "AccessDeniedException", CONNECTION: "InternalFailure"}
+ERROR_KINDS = MODELED_KINDS | frozenset(UNMODELED_CODES) | {"error"}
+
+DEFAULT_MESSAGES = {
+    VALIDATION: "Invalid input request",
+    MODEL_TIMEOUT: MODEL_TIMEOUT_MESSAGE,
+    THROTTLING: "Too many requests, please wait before trying again.",
+    MODEL_STREAM_ERROR: "The model stream encountered an error. Try your request again.",
+    INTERNAL_SERVER: "The server encountered an internal error while processing the request.",
+    SERVICE_UNAVAILABLE: "The service is temporarily unavailable. Try your request again.",
+    ACCESS_DENIED: "You don't have access to the model with the specified model ID.",
+    CONNECTION: "An internal failure occurred.",
+    "error": "An internal failure occurred.",
+}
+ACCESS_DENIED_403 = "You don't have access to the model with the specified model ID."
+_ERRORTYPE_SUFFIX = ":http://internal.amazon.com/coral/com.amazon.bedrock/"
+_PATH_RE = re.compile(r"^/model/(?P<model>[^/]+)/invoke-with-bidirectional-stream/?$")
+_MODEL_ID_RE = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+(:[0-9a-z:.-]+)?$")
+CONN_WINDOW = 16 * 1024 * 1024  # connection-level receive window (streams keep the default 64 KiB)
+RST_INTERNAL_ERROR = 2
+
+_END = object()
+_RESET = object()
+
+
+@dataclass(slots=True)
+class Fault:
+    """An error to inject into a stream: `kind` is a ModelError kind (a stream exception member name,
+    "accessDeniedException", "connectionError") or "error" (an unmodeled error frame with code `code`)."""
+
+    kind: str
+    message: str
+    after_events: int | None = None  # input events received on the stream
+    after_s: float | None = None  # seconds after the stream opened
+    code: str | None = None  # unmodeled error code (kind "error")
+
+
+@dataclass
+class StreamRecord:
+    """What the emulator saw on one stream (tests)."""
+
+    stream_no: int
+    model_id: str
+    events: list[str] = field(default_factory=list)
+    output_events: int = 0
+    error: tuple[str, str] | None = None  # (kind, message) of the error frame sent
+    reset: str | None = None  # "stream" | "connection" when reset by a fault
+    input_closed: bool = False  # the client sent its end frame / END_STREAM
+    signatures_verified: int = 0  # chunk signatures checked (with credentials), the end frame included
+    ended: bool = False  # the response stream has ended
+
+    @property
+    def error_kind(self) -> str | None:
+        return self.error[0] if self.error else None
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS helper
+
+
+def _system_ca_bundle(exclude: Path | None = None) -> Path | None:
+    candidates = [
+        os.environ.get("SSL_CERT_FILE"),
+        ssl.get_default_verify_paths().openssl_cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+        "/usr/lib/ssl/cert.pem",
+    ]
+    for c in candidates:
+        if not c:
+            continue
+        p = Path(c)
+        try:
+            if exclude is not None and p.resolve().parent == exclude.resolve():
+                continue
+            if p.is_file() and p.stat().st_size > 0:
+                return p
+        except OSError:
+            continue
+    return None
+
+
+def make_test_tls(directory: str | os.PathLike) -> tuple[str, str, str, str]:
+    """A throwaway CA and a server certificate for localhost/127.0.0.1/::1 (trustme), written to `directory`.
+
+    Returns (ca_pem_path, cert_path, key_path, bundle_path). The bundle is the system CA bundle plus the test
+    CA: point SSL_CERT_FILE at it (before the SDK's CRT transport is constructed) and both the emulator and
+    real AWS endpoints verify."""
+    import trustme
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(organization_name="novagate emulator test CA")
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    ca_path, cert_path, key_path, bundle_path = (d / "ca.pem", d / "cert.pem", d / "key.pem", d / "bundle.pem")
+    ca.cert_pem.write_to_path(str(ca_path))
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key_path))
+    os.chmod(key_path, 0o600)
+    system = _system_ca_bundle(exclude=d)
+    parts = []
+    if system is not None:
+        data = system.read_bytes()
+        parts.append(data if data.endswith(b"\n") else data + b"\n")
+    else:
+        log.warning("no system CA bundle found: %s trusts only the test CA", bundle_path)
+    parts.append(ca.cert_pem.bytes())
+    bundle_path.write_bytes(b"".join(parts))
+    return str(ca_path), str(cert_path), str(key_path), str(bundle_path)
+
+
+def server_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator
+
+
+class NovaEmulator:
+    """The Nova Sonic wire emulator serving `transport` (see the module docstring)."""
+
+    def __init__(
+        self,
+        transport: ModelTransport,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        certfile: str,
+        keyfile: str,
+        credentials: tuple[str, str] | None = None,
+        region: str = "us-east-1",
+        idle_timeout_s: float = 175.0,
+        max_stream_s: float = 480.0,
+        models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
+        reject_403: bool = False,
+        validate_order: bool = True,
+        input_end_grace_s: float = 5.0,
+    ) -> None:
+        self.transport = transport
+        self.host = host
+        self._port = port
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.credentials = credentials
+        self.region = region
+        self.idle_timeout_s = idle_timeout_s
+        self.max_stream_s = max_stream_s
+        self.models = tuple(models)
+        self.validate_order = validate_order
+        self.input_end_grace_s = input_end_grace_s
+        # fault injection
+        self.reject_403 = reject_403
+        self.reject_403_message = ACCESS_DENIED_403
+        self.reset_after_events: int | None = None
+        self.reset_connection = False
+        self.reset_error_code = RST_INTERNAL_ERROR
+        self.invalid_bytes_after: int | None = None
+        self.persistent_faults: list[Fault] = []  # applied to every stream (CLI --inject-every-stream)
+        self._faults: list[Fault] = []
+        # counters / records
+        self.streams_opened = 0
+        self.events_received = 0
+        self.connections_accepted = 0
+        self.http_errors: list[tuple[int, str]] = []
+        self.streams: list[StreamRecord] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[_Connection] = set()
+        self._active: set[_Stream] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> NovaEmulator:
+        ctx = server_ssl_context(self.certfile, self.keyfile)
+        self._server = await asyncio.start_server(
+            self._on_client, self.host, self._port, ssl=ctx, ssl_handshake_timeout=10.0
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("nova emulator listening on https://%s:%d", self.host, self._port)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def endpoint(self) -> str:
+        host = "localhost" if self.host in ("127.0.0.1", "0.0.0.0", "::", "::1", "localhost") else self.host
+        return f"https://{host}:{self._port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for s in list(self._active):
+            await s.abort("emulator stopping")
+        for c in list(self._conns):
+            c.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def __aenter__(self) -> NovaEmulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- fault injection --------------------------------------------------------------------------
+    def inject(self, kind: str, message: str | None = None, *, after_events: int | None = None,
+               after_s: float | None = None, code: str | None = None) -> Fault:
+        """Arm an error for the next stream: a `kind` frame with `message` once the stream has received
+        `after_events` input events or is `after_s` seconds old (immediately when neither is given)."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r} (choose from {sorted(ERROR_KINDS)})")
+        fault = Fault(kind, message if message is not None else DEFAULT_MESSAGES[kind], after_events, after_s, code)
+        self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+        self.persistent_faults.clear()
+        self.reset_after_events = None
+        self.invalid_bytes_after = None
+        self.reject_403 = False
+
+    def _take_faults(self) -> tuple[list[Fault], int | None, bool, int | None]:
+        faults = [*self.persistent_faults, *self._faults]
+        self._faults = []
+        reset, self.reset_after_events = self.reset_after_events, None
+        invalid, self.invalid_bytes_after = self.invalid_bytes_after, None
+        return faults, reset, self.reset_connection, invalid
+
+    # -- views for tests --------------------------------------------------------------------------
+    @property
+    def stream_events(self) -> list[list[str]]:
+        """The input event names each stream received, in stream order."""
+        return [r.events for r in self.streams]
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._active)
+
+    async def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no stream is active (tests)."""
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._active
+
+    # -- connections ------------------------------------------------------------------------------
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_obj = writer.get_extra_info("ssl_object")
+        alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+        if alpn != "h2":
+            log.warning("client did not negotiate h2 (ALPN %r); closing", alpn)
+            writer.close()
+            return
+        self.connections_accepted += 1
+        conn = _Connection(self, reader, writer)
+        self._conns.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+
+
+class _Connection:
+    """One HTTP/2 connection (h2 state machine + socket)."""
+
+    def __init__(self, emu: NovaEmulator, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h2.config
+        import h2.connection
+
+        self.emu = emu
+        self.reader = reader
+        self.writer = writer
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        self.streams: dict[int, _Stream] = {}
+        self.closed = False
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            try:
+                self.writer.write(data)
+            except (ConnectionError, RuntimeError):
+                self.closed = True
+
+    async def drain(self) -> None:
+        if self.closed:
+            return
+        try:
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError, ssl.SSLError):
+            self.closed = True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(Exception):
+            self.h2.close_connection()
+            self.flush()
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        self._wake_all()
+
+    def abort(self) -> None:
+        """A TCP reset (fault injection)."""
+        self.closed = True
+        with contextlib.suppress(Exception):
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                import socket
+                import struct
+
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for s in list(self.streams.values()):
+            s.window_open.set()
+
+    async def run(self) -> None:
+        import h2.events
+        import h2.exceptions
+
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONN_WINDOW - 65535)
+        self.flush()
+        try:
+            while not self.closed:
+                try:
+                    data = await self.reader.read(65536)
+                except (ConnectionError, ssl.SSLError, OSError):
+                    break
+                if not data:
+                    break
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    log.warning("HTTP/2 protocol error: %s", exc)
+                    self.flush()
+                    break
+                for ev in events:
+                    self._dispatch(ev, h2.events)
+                self.flush()
+                await self.drain()
+        finally:
+            self.closed = True
+            for s in list(self.streams.values()):
+                s.on_connection_lost()
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+    def _dispatch(self, ev: Any, events: Any) -> None:
+        if isinstance(ev, events.RequestReceived):
+            stream = _Stream(self, ev.stream_id, ev.headers)
+            self.streams[ev.stream_id] = stream
+            stream.start()
+            if ev.stream_ended:
+                stream.on_input_end()
+        elif isinstance(ev, events.DataReceived):
+            stream = self.streams.get(ev.stream_id)
+            if stream is None:
+                self.ack(ev.flow_controlled_length, ev.stream_id)
+            else:
+                stream.on_data(ev.data, ev.flow_controlled_length)
+            if ev.stream_ended and stream is not None:
+                stream.on_input_end()
+        elif isinstance(ev, events.StreamEnded):
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None:
+                stream.on_input_end()
+        elif isinstance(ev, events.StreamReset):
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None:
+                stream.on_client_reset(ev.error_code)
+        elif isinstance(ev, events.WindowUpdated):
+            if ev.stream_id == 0:
+                self._wake_all()
+            else:
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.window_open.set()
+        elif isinstance(ev, events.RemoteSettingsChanged):
+            self._wake_all()
+        elif isinstance(ev, events.ConnectionTerminated):
+            self.closed = True
+
+    def ack(self, size: int, stream_id: int) -> None:
+        if self.closed or size <= 0:
+            return
+        try:
+            self.h2.acknowledge_received_data(size, stream_id)
+        except Exception:  # the stream is gone: still give the connection window back
+            with contextlib.suppress(Exception):
+                self.h2.increment_flow_control_window(size)
+        self.flush()
+
+    def forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+
+class _Stream:
+    """One `invoke-with-bidirectional-stream` request and the model stream behind it."""
+
+    def __init__(self, conn: _Connection, stream_id: int, headers: list[tuple[str, str]]) -> None:
+        self.conn = conn
+        self.emu = conn.emu
+        self.sid = stream_id
+        self.headers = [(str(k), str(v)) for k, v in headers]
+        self.hmap = {k.lower(): v for k, v in self.headers}
+        self.loop = asyncio.get_running_loop()
+        self.inq: asyncio.Queue = asyncio.Queue()
+        self.outq: asyncio.Queue = asyncio.Queue()
+        self.window_open = asyncio.Event()
+        self.decoder = es.MessageDecoder()
+        self.validator = InputOrderValidator() if self.emu.validate_order else None
+        self.verifier: es.ChunkVerifier | None = None
+        self.model: ModelStream | None = None
+        self.record: StreamRecord | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.main: asyncio.Task | None = None
+        self.finished = False  # no more output may be queued (error sent / ended / reset)
+        self.response_started = False
+        self.response_ended = False
+        self.input_ended = False
+        self.reset_done = False
+        self.n_in = 0
+        self.n_out = 0
+        self.opened_at = 0.0
+        self.last_audio_at = 0.0
+        self.faults: list[Fault] = []
+        self.reset_after: int | None = None
+        self.reset_connection = False
+        self.invalid_after: int | None = None
+        self.grace_task: asyncio.Task | None = None
+        self.timer_wake = asyncio.Event()
+
+    # -- h2 callbacks (synchronous, from the connection's read loop) ------------------------------
+    def start(self) -> None:
+        self.main = self.loop.create_task(self._run(), name=f"nova-emu-stream-{self.sid}")
+
+    def on_data(self, data: bytes, flow_len: int) -> None:
+        self.inq.put_nowait((data, flow_len))
+
+    def on_input_end(self) -> None:
+        if not self.input_ended:
+            self.input_ended = True
+            self.inq.put_nowait(_END)
+
+    def on_client_reset(self, code: int | None) -> None:
+        log.info("client reset stream %d (code %s)", self.sid, code)
+        self.reset_done = True
+        self.input_ended = True
+        self.inq.put_nowait(_END)
+        self._stop_output()
+
+    def on_connection_lost(self) -> None:
+        self.reset_done = True
+        self.input_ended = True
+        self.inq.put_nowait(_END)
+        self._stop_output()
+
+    def _stop_output(self) -> None:
+        self.finished = True
+        self.window_open.set()
+        self.outq.put_nowait(_RESET)
+        self.timer_wake.set()
+
+    # -- main -------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception:
+            log.exception("stream %d failed", self.sid)
+        finally:
+            await self._cleanup()
+
+    async def _serve(self) -> None:
+        emu = self.emu
+        method = self.hmap.get(":method", "")
+        raw_path = self.hmap.get(":path", "")
+        split = urlsplit(raw_path)
+        m = _PATH_RE.match(split.path)
+        if method != "POST" or m is None:
+            await self._http_error(404, "UnknownOperationException", f"No operation matches {method} {split.path}")
+            return
+        model_id = unquote(m.group("model"))
+        if emu.credentials is not None:
+            problem = self._check_request_auth(split.path, split.query)
+            if problem is not None:
+                await self._http_error(403, *problem)
+                return
+        if emu.reject_403:
+            await self._http_error(403, "AccessDeniedException", emu.reject_403_message)
+            return
+        if model_id not in emu.models:
+            if _MODEL_ID_RE.match(model_id):
+                await self._http_error(404, "ResourceNotFoundException", "Model not found: the requested model "
+                                       f"'{model_id}' does not exist or does not support bidirectional streaming.")
+            else:
+                await self._http_error(400, "ValidationException", "The provided model identifier is invalid.")
+            return
+        self.faults, self.reset_after, self.reset_connection, self.invalid_after = emu._take_faults()
+        try:
+            self.model = await emu.transport.open()
+        except ModelError as exc:
+            if exc.kind == ACCESS_DENIED:
+                await self._http_error(403, "AccessDeniedException", exc.message)
+            elif exc.kind == THROTTLING:
+                await self._http_error(429, "ThrottlingException", exc.message)
+            elif exc.kind == SERVICE_UNAVAILABLE:
+                await self._http_error(503, "ServiceUnavailableException", exc.message)
+            else:
+                await self._http_error(500, "InternalServerException", exc.message)
+            return
+        emu.streams_opened += 1
+        self.record = StreamRecord(emu.streams_opened, model_id)
+        emu.streams.append(self.record)
+        emu._active.add(self)
+        self.opened_at = self.last_audio_at = self.loop.time()
+        if not self._send_headers([(":status", "200"), ("content-type", "application/vnd.amazon.eventstream"),
+                                   ("x-amzn-requestid", str(uuid.uuid4()))]):
+            return
+        self.response_started = True
+        self.tasks = [
+            self.loop.create_task(self._input_loop(), name=f"nova-emu-in-{self.sid}"),
+            self.loop.create_task(self._model_reader(), name=f"nova-emu-model-{self.sid}"),
+            self.loop.create_task(self._timers(), name=f"nova-emu-timers-{self.sid}"),
+        ]
+        for f in self.faults:
+            if f.after_events is None and f.after_s is None:
+                self.fail(f.kind, f.message, code=f.code)
+                break
+        await self._writer_loop()
+
+    async def _cleanup(self) -> None:
+        self.finished = True
+        self.timer_wake.set()
+        if self.model is not None:
+            model, self.model = self.model, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(model.close(), 5.0)
+        # the input loop keeps acknowledging (and discarding) client data until the request side ends
+        for t in self.tasks:
+            if t.get_name().startswith("nova-emu-in-") and not self.input_ended and not self.conn.closed:
+                continue
+            t.cancel()
+        if self.grace_task is not None:
+            self.grace_task.cancel()
+        self.emu._active.discard(self)
+        if self.record is not None:
+            self.record.ended = True
+        if self.input_ended or self.conn.closed:
+            self.conn.forget(self.sid)
+
+    async def abort(self, reason: str) -> None:
+        self._stop_output()
+
+    # -- request checks ---------------------------------------------------------------------------
+    def _check_request_auth(self, path: str, query: str) -> tuple[str, str] | None:
+        assert self.emu.credentials is not None
+        akid, secret = self.emu.credentials
+        header = self.hmap.get("authorization")
+        if not header:
+            return ("MissingAuthenticationTokenException", "Missing Authentication Token")
+        try:
+            auth = es.parse_authorization(header)
+        except es.SignatureError as exc:
+            return ("IncompleteSignatureException", str(exc))
+        if auth.access_key_id != akid:
+            return ("UnrecognizedClientException", "The security token included in the request is invalid.")
+        if auth.region != self.emu.region or auth.service != es.SIGNING_SERVICE:
+            return ("InvalidSignatureException", f"Credential should be scoped to a valid region and service "
+                    f"('{self.emu.region}'/'{es.SIGNING_SERVICE}'), not '{auth.region}'/'{auth.service}'.")
+        headers = [(k, v) for k, v in self.headers if not k.startswith(":")]
+        authority = self.hmap.get(":authority")
+        if authority and "host" not in self.hmap:
+            headers.append(("host", authority))
+        try:
+            es.verify_request_signature(secret, auth, "POST", path, query, headers)
+        except es.SignatureError as exc:
+            return ("InvalidSignatureException", str(exc))
+        self.verifier = es.ChunkVerifier(secret, auth.region, auth.signature, auth.service)
+        return None
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _send_headers(self, headers: list[tuple[str, str]], end_stream: bool = False) -> bool:
+        if self.conn.closed or self.reset_done:
+            return False
+        try:
+            self.conn.h2.send_headers(self.sid, headers, end_stream=end_stream)
+        except Exception as exc:
+            log.info("stream %d: cannot send headers: %s", self.sid, exc)
+            return False
+        self.conn.flush()
+        return True
+
+    async def _send_bytes(self, data: bytes) -> bool:
+        h2c = self.conn.h2
+        view = memoryview(data)
+        while view:
+            if self.conn.closed or self.reset_done:
+                return False
+            try:
+                window = h2c.local_flow_control_window(self.sid)
+            except Exception:
+                return False
+            size = min(window, h2c.max_outbound_frame_size, len(view))
+            if size <= 0:
+                self.window_open.clear()
+                await self.window_open.wait()
+                continue
+            try:
+                h2c.send_data(self.sid, view[:size].tobytes())
+            except Exception as exc:
+                log.info("stream %d: send failed: %s", self.sid, exc)
+                return False
+            self.conn.flush()
+            view = view[size:]
+        await self.conn.drain()
+        return True
+
+    def _end_response(self) -> None:
+        if self.response_ended or self.conn.closed or self.reset_done:
+            return
+        self.response_ended = True
+        with contextlib.suppress(Exception):
+            self.conn.h2.end_stream(self.sid)
+            self.conn.flush()
+        if self.record is not None:
+            self.record.ended = True
+
+    async def _http_error(self, status: int, error_type: str, message: str) -> None:
+        self.emu.http_errors.append((status, error_type))
+        self.finished = True
+        body = orjson.dumps({"message": message})
+        if not self._send_headers([
+            (":status", str(status)), ("content-type", "application/json"),
+            ("x-amzn-errortype", error_type + _ERRORTYPE_SUFFIX), ("x-amzn-requestid", str(uuid.uuid4())),
+            ("content-length", str(len(body))),
+        ]):
+            return
+        self.response_started = True
+        self.tasks = [self.loop.create_task(self._input_loop(), name=f"nova-emu-in-{self.sid}")]
+        if await self._send_bytes(body):
+            self._end_response()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            item = await self.outq.get()
+            if item is _RESET or self.reset_done:
+                return
+            if item is _END:
+                self._end_response()
+                return
+            if not await self._send_bytes(item):
+                return
+
+    # -- failing / resetting ----------------------------------------------------------------------
+    def fail(self, kind: str, message: str, *, code: str | None = None) -> None:
+        """Send an error frame for `kind` (then END_STREAM) unless the stream already finished."""
+        if self.finished:
+            return
+        self.finished = True
+        self.timer_wake.set()
+        if kind in MODELED_KINDS:
+            frame = es.exception_message(kind, message)
+        else:
+            frame = es.error_message(code or UNMODELED_CODES.get(kind, "InternalFailure"), message)
+        if self.record is not None:
+            self.record.error = (kind, message)
+        log.info("stream %d: %s: %s", self.sid, kind, message)
+        self.outq.put_nowait(frame)
+        self.outq.put_nowait(_END)
+
+    def reset(self, connection: bool) -> None:
+        if self.reset_done:
+            return
+        if self.record is not None:
+            self.record.reset = "connection" if connection else "stream"
+        log.info("stream %d: fault: %s reset", self.sid, "connection" if connection else "stream")
+        if connection:
+            self.conn.abort()
+        else:
+            with contextlib.suppress(Exception):
+                self.conn.h2.reset_stream(self.sid, self.emu.reset_error_code)
+                self.conn.flush()
+        self._stop_output()
+        self.reset_done = True
+
+    # -- input ------------------------------------------------------------------------------------
+    async def _input_loop(self) -> None:
+        while True:
+            item = await self.inq.get()
+            if item is _END:
+                if self.record is not None:
+                    self.record.input_closed = True
+                self._on_input_closed()
+                return
+            data, flow_len = item
+            try:
+                if not self.finished and self.model is not None:
+                    try:
+                        messages = self.decoder.feed(data)
+                    except es.EventStreamError as exc:
+                        self.fail(VALIDATION, f"Invalid input request: undecodable event stream: {exc}")
+                        messages = []
+                    for msg in messages:
+                        if self.finished:
+                            break
+                        await self._on_message(msg)
+            finally:
+                self.conn.ack(flow_len, self.sid)
+
+    def _on_input_closed(self) -> None:
+        if self.response_ended or self.finished or self.model is None:
+            if self.response_ended or self.reset_done:
+                self.conn.forget(self.sid)
+            return
+        # the client closed its side: let the model finish its output, then end the response
+        self.grace_task = self.loop.create_task(self._grace_close())
+
+    async def _grace_close(self) -> None:
+        await asyncio.sleep(self.emu.input_end_grace_s)
+        if not self.finished and self.model is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.model.close(), 5.0)
+            await asyncio.sleep(0.5)
+            if not self.finished:
+                self.finished = True
+                self.outq.put_nowait(_END)
+
+    async def _on_message(self, outer: es.Message) -> None:
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(outer)
+            except es.SignatureError as exc:
+                self.fail(VALIDATION, f"Invalid input request: {exc}")
+                return
+            if self.record is not None:
+                self.record.signatures_verified += 1
+        try:
+            frame = es.decode_input_frame(outer)
+        except es.EventStreamError as exc:
+            self.fail(VALIDATION, f"Invalid input request: {exc}")
+            return
+        if frame.is_end:
+            if self.record is not None:
+                self.record.input_closed = True
+            return
+        event = frame.event
+        assert event is not None
+        inner = event.get("event") if isinstance(event, dict) else None
+        name = next(iter(inner)) if isinstance(inner, dict) and len(inner) == 1 else "?"
+        self.n_in += 1
+        self.emu.events_received += 1
+        if self.record is not None:
+            self.record.events.append(name)
+        if self.validator is not None:
+            try:
+                self.validator.check(event)
+            except EventOrderError as exc:
+                self.fail(VALIDATION, exc.message)
+                return
+        if name == "audioInput":
+            self.last_audio_at = self.loop.time()
+        assert self.model is not None
+        try:
+            await self.model.send(event)
+        except ModelError as exc:
+            self.fail(exc.kind, exc.message)
+            return
+        except Exception as exc:
+            log.exception("backing transport send failed")
+            self.fail(INTERNAL_SERVER, f"internal error: {exc!r}")
+            return
+        for f in self.faults:
+            if f.after_events is not None and self.n_in >= f.after_events:
+                self.fail(f.kind, f.message, code=f.code)
+                return
+        if self.reset_after is not None and self.n_in >= self.reset_after:
+            self.reset(self.reset_connection)
+
+    # -- output -----------------------------------------------------------------------------------
+    async def _model_reader(self) -> None:
+        model = self.model
+        assert model is not None
+        while not self.finished:
+            try:
+                event = await model.receive()
+            except ModelError as exc:
+                self.fail(exc.kind, exc.message)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("backing transport receive failed")
+                self.fail(INTERNAL_SERVER, f"internal error: {exc!r}")
+                return
+            if self.finished:
+                return
+            if event is None:
+                self.finished = True
+                self.timer_wake.set()
+                self.outq.put_nowait(_END)
+                return
+            self.outq.put_nowait(es.output_chunk(event))
+            self.n_out += 1
+            if self.record is not None:
+                self.record.output_events += 1
+            if self.invalid_after is not None and self.n_out >= self.invalid_after:
+                self.finished = True
+                if self.record is not None:
+                    self.record.error = ("invalidBytes", "corrupt event-stream bytes")
+                self.outq.put_nowait(_corrupt_frame())
+                self.outq.put_nowait(_END)
+                return
+
+    async def _timers(self) -> None:
+        emu = self.emu
+        timed = [f for f in self.faults if f.after_s is not None]
+        while not self.finished:
+            now = self.loop.time()
+            age_deadline = self.opened_at + emu.max_stream_s
+            idle_deadline = self.last_audio_at + emu.idle_timeout_s
+            if now >= age_deadline:
+                self.fail(MODEL_TIMEOUT, MODEL_TIMEOUT_MESSAGE)
+                return
+            if now >= idle_deadline:
+                self.fail(VALIDATION, IDLE_TIMEOUT_MESSAGE)
+                return
+            deadline = min(age_deadline, idle_deadline)
+            for f in timed:
+                due = self.opened_at + (f.after_s or 0.0)
+                if now >= due:
+                    self.fail(f.kind, f.message, code=f.code)
+                    return
+                deadline = min(deadline, due)
+            self.timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.timer_wake.wait(), max(0.0, deadline - now) + 0.001)
+
+
+def _corrupt_frame() -> bytes:
+    """A message whose trailing CRC is wrong (the SDK raises ChecksumMismatch)."""
+    good = bytearray(es.output_chunk({"event": {"textOutput": {"content": "corrupt"}}}))
+    good[-1] ^= 0xFF
+    return bytes(good)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: `novagate emulate nova`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT}; 0 = any)")
+    parser.add_argument("--cert", help="server certificate chain (PEM); default: a generated throwaway CA + cert")
+    parser.add_argument("--key", help="server private key (PEM), with --cert")
+    parser.add_argument("--tls-dir", help="where to write the generated CA/cert/bundle "
+                        "(default ~/.cache/novagate/nova-emulator-tls; reused when present)")
+    parser.add_argument("--region", default="us-east-1", help="the region clients sign for (default us-east-1)")
+    parser.add_argument("--verify-signatures", action="store_true",
+                        help="verify the request SigV4 signature and every chunk signature")
+    parser.add_argument("--access-key-id", default=DUMMY_ACCESS_KEY_ID, help="key id accepted with --verify-signatures")
+    parser.add_argument("--secret-access-key", default=DUMMY_SECRET_ACCESS_KEY,
+                        help="secret used to verify signatures with --verify-signatures")
+    parser.add_argument("--idle-timeout-s", type=float, default=175.0,
+                        help="seconds without audioInput before the 531 ValidationException (default 175)")
+    parser.add_argument("--max-stream-s", type=float, default=480.0,
+                        help="stream age that ends with ModelTimeoutException (default 480)")
+    parser.add_argument("--model", action="append", dest="models", metavar="MODEL_ID",
+                        help="accepted model id (repeatable; default: both Nova Sonic ids)")
+    parser.add_argument("--no-order-check", action="store_true", help="do not enforce the input event order")
+    parser.add_argument("--reject-403", action="store_true", help="answer every request with 403 AccessDeniedException")
+    parser.add_argument("--inject", metavar="KIND", help="error kind to inject into the first stream "
+                        f"(one of {', '.join(sorted(ERROR_KINDS))})")
+    parser.add_argument("--inject-message", help="message of the injected error (default: the service's text)")
+    parser.add_argument("--inject-after-events", type=int, help="inject after this many input events")
+    parser.add_argument("--inject-after-s", type=float, help="inject this many seconds after the stream opens")
+    parser.add_argument("--inject-every-stream", action="store_true", help="inject into every stream, not just the first")
+    parser.add_argument("--reset-after-events", type=int, help="RST_STREAM the first stream after N input events")
+    parser.add_argument("--reset-connection", action="store_true", help="with --reset-after-events: reset the TCP connection")
+    parser.add_argument("--invalid-bytes-after", type=int, help="send corrupt bytes after N output events (first stream)")
+    parser.add_argument("--asr", choices=("sphinx", "whisper"), default="sphinx", help="local engine ASR (default sphinx)")
+    parser.add_argument("--tts", choices=("espeak", "hibari"), default="espeak", help="local engine TTS (default espeak)")
+    parser.add_argument("--grammar", default="", help='sphinx phrase grammar, phrases separated by "|" (default: free-form)')
+    parser.add_argument("--no-warm", action="store_true", help="do not load the speech models before listening")
+
+
+def _default_tls_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "novagate" / "nova-emulator-tls"
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            raise SystemExit("--cert and --key go together")
+        return args.cert, args.key, None
+    d = Path(args.tls_dir) if args.tls_dir else _default_tls_dir()
+    names = [d / n for n in ("ca.pem", "cert.pem", "key.pem", "bundle.pem")]
+    if all(p.is_file() for p in names):
+        return str(names[1]), str(names[2]), str(names[3])
+    _, cert, key, bundle = make_test_tls(d)
+    return cert, key, bundle
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the emulator in the foreground until SIGINT/SIGTERM. Returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve_cli(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve_cli(args: argparse.Namespace) -> int:
+    from gateway.local.engine import LocalEngine, LocalEngineConfig
+
+    certfile, keyfile, bundle = _tls_files(args)
+    grammar = tuple(p.strip() for p in (args.grammar or "").split("|") if p.strip())
+    engine = LocalEngine(LocalEngineConfig(
+        asr=args.asr, tts=args.tts, grammar=grammar,
+        idle_timeout_s=args.idle_timeout_s + 1.0, max_stream_s=args.max_stream_s + 1.0,
+    ))
+    if not args.no_warm:
+        await engine.warm()
+    creds = (args.access_key_id, args.secret_access_key) if args.verify_signatures else None
+    emu = NovaEmulator(
+        engine, host=args.host, port=args.port, certfile=certfile, keyfile=keyfile, credentials=creds,
+        region=args.region, idle_timeout_s=args.idle_timeout_s, max_stream_s=args.max_stream_s,
+        models=tuple(args.models) if args.models else DEFAULT_MODELS, reject_403=args.reject_403,
+        validate_order=not args.no_order_check,
+    )
+    if args.inject:
+        if args.inject not in ERROR_KINDS:
+            raise SystemExit(f"--inject: unknown kind {args.inject!r} (choose from {sorted(ERROR_KINDS)})")
+        fault = Fault(args.inject, args.inject_message or DEFAULT_MESSAGES[args.inject],
+                      args.inject_after_events, args.inject_after_s)
+        if args.inject_every_stream:
+            emu.persistent_faults.append(fault)
+        else:
+            emu._faults.append(fault)
+    emu.reset_after_events = args.reset_after_events
+    emu.reset_connection = bool(args.reset_connection)
+    emu.invalid_bytes_after = args.invalid_bytes_after
+    await emu.start()
+    lines = [f"novagate nova emulator listening on https://{args.host}:{emu.port} (HTTP/2, TLS)"]
+    lines.append("point an unmodified client at it with:")
+    lines.append(f"  export AWS_ENDPOINT_URL_BEDROCK_RUNTIME={emu.endpoint}")
+    if bundle:
+        lines.append(f"  export SSL_CERT_FILE={bundle}")
+    else:
+        lines.append("  export SSL_CERT_FILE=<a bundle that trusts the CA of --cert>")
+    lines.append(f"  export AWS_ACCESS_KEY_ID={args.access_key_id if args.verify_signatures else DUMMY_ACCESS_KEY_ID}")
+    lines.append(f"  export AWS_SECRET_ACCESS_KEY={args.secret_access_key if args.verify_signatures else DUMMY_SECRET_ACCESS_KEY}")
+    lines.append(f"  export AWS_REGION={args.region}")
+    print("\n".join(lines), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await emu.stop()
+        await engine.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="novagate emulate nova", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

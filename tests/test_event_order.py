@@ -1,0 +1,184 @@
+"""InputOrderValidator: the service's input event-order rules (reference/nova-sonic.md §2, §4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol import nova_events as nv
+from protocol.event_order import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES, EventOrderError, InputOrderValidator
+
+P = "prompt-1"
+
+
+def _run(events: list[dict]) -> InputOrderValidator:
+    v = InputOrderValidator()
+    for e in events:
+        v.check(e)
+    return v
+
+
+def _rejects(events: list[dict], bad: dict, *fragments: str) -> EventOrderError:
+    v = _run(events)
+    with pytest.raises(EventOrderError) as info:
+        v.check(bad)
+    msg = info.value.message
+    assert msg.startswith("Invalid input request: ")
+    assert str(info.value) == msg
+    for f in fragments:
+        assert f in msg, msg
+    return info.value
+
+
+def _text(role: str, name: str, text: str = "hi", *, interactive: bool = False) -> list[dict]:
+    return [
+        nv.text_content_start(P, name, role, interactive=interactive),
+        nv.text_input(P, name, text),
+        nv.content_end(P, name),
+    ]
+
+
+def _setup() -> list[dict]:
+    return [nv.session_start(), nv.prompt_start(P), *_text("SYSTEM", "sys", "You are helpful.")]
+
+
+def _with_audio() -> list[dict]:
+    return [*_setup(), nv.audio_content_start(P, "mic"), nv.audio_input(P, "mic", b"\0\0" * 512)]
+
+
+def test_valid_full_session_with_history_interactive_text_and_tool_result():
+    events = [
+        *_setup(),
+        *_text("USER", "h1", "I met with Doctor Smith today at two pm."),
+        *_text("ASSISTANT", "h2", "Got it."),
+        nv.text_content_start(P, "h3", "USER"),
+        nv.text_input(P, "h3", "a" * MAX_TEXT_INPUT_BYTES),  # split long history: each piece ≤ 1 KB
+        nv.text_input(P, "h3", "b" * MAX_TEXT_INPUT_BYTES),
+        nv.content_end(P, "h3"),
+        nv.audio_content_start(P, "mic"),
+        nv.audio_input(P, "mic", b"\0\0" * 512),
+        *_text("USER", "t1", "x" * 3000, interactive=True),  # interactive text: no 1 KB limit, audio stays open
+        nv.audio_input(P, "mic", b"\0\0" * 512),
+        nv.tool_content_start(P, "tool1", "tooluse_1"),
+        nv.tool_result(P, "tool1", '{"ok": true}'),
+        nv.content_end(P, "tool1"),
+        nv.audio_input(P, "mic", b"\0\0" * 512),
+        nv.content_end(P, "mic"),
+        nv.prompt_end(P),
+        nv.session_end(),
+    ]
+    v = InputOrderValidator()
+    assert not v.audio_started
+    for e in events:
+        v.check(e)
+    assert v.audio_started and v.session_ended and v.prompt_ended
+    assert v.prompt_name == P
+    assert v.history_bytes == len("I met with Doctor Smith today at two pm.") + len("Got it.") + 2 * MAX_TEXT_INPUT_BYTES
+    assert v.block("h1").is_history and not v.block("t1").is_history
+    assert v.open_text is None and v.open_audio is None
+
+
+def test_minimal_session_and_text_only_session():
+    _run([*_with_audio(), nv.content_end(P, "mic"), nv.prompt_end(P), nv.session_end()])
+    _run([*_setup(), *_text("USER", "t", "hello", interactive=True), nv.prompt_end(P), nv.session_end()])
+    _run([nv.session_start(), nv.session_end()])  # a session without a prompt may end
+
+
+@pytest.mark.parametrize(
+    ("events", "bad", "fragments"),
+    [
+        ([], nv.prompt_start(P), ["before sessionStart"]),
+        ([nv.session_start()], nv.session_start(), ["sessionStart received twice"]),
+        ([nv.session_start(), nv.prompt_start(P)], nv.prompt_start("other"), ["promptStart received twice"]),
+        ([nv.session_start()], nv.text_content_start(P, "s", "SYSTEM"), ["before promptStart"]),
+        ([nv.session_start()], {"event": {"promptStart": {"promptName": ""}}}, ["promptName"]),
+        ([nv.session_start()], nv.prompt_start(P, output_sample_rate=44100), ["sampleRateHertz 44100"]),
+        (_setup(), nv.text_content_start("other", "x", "USER"), ["promptName 'other'", f"'{P}'"]),
+        (_setup(), nv.text_content_start(P, "sys", "USER"), ["reuses contentName 'sys'"]),
+        (_setup(), {"event": {"contentStart": {"promptName": P, "type": "TEXT", "role": "USER"}}},
+         ["contentName"]),
+        (_setup(), {"event": {"contentStart": {"promptName": P, "contentName": "v", "type": "VIDEO",
+                                                "role": "USER"}}}, ["unsupported type"]),
+        (_setup(), nv.text_content_start(P, "s2", "SYSTEM"), ["SYSTEM text block is only allowed"]),
+        (_setup(), nv.text_content_start(P, "r", "ROBOT"), ["unsupported role"]),
+        (_setup(), nv.text_content_start(P, "h", "ASSISTANT"), ["must start with a USER message"]),
+        (_with_audio(), nv.text_content_start(P, "h", "USER"), ["after audio streaming started"]),
+        ([*_setup(), *_text("USER", "t", interactive=True)], nv.text_content_start(P, "h", "USER"),
+         ["after interactive input"]),
+        ([*_setup(), nv.text_content_start(P, "t", "USER", interactive=True)],
+         nv.text_content_start(P, "t2", "USER", interactive=True), ["TEXT content 't' is open"]),
+        ([*_setup(), nv.text_content_start(P, "t", "USER", interactive=True)], nv.audio_content_start(P, "mic"),
+         ["TEXT content 't' is open"]),
+        (_with_audio(), nv.audio_content_start(P, "mic2"), ["AUDIO content 'mic' is open"]),
+        (_setup(), {"event": {"contentStart": {"promptName": P, "contentName": "a", "type": "AUDIO",
+                                                "role": "ASSISTANT", "interactive": True}}}, ["role USER"]),
+        (_setup(), nv.audio_content_start(P, "mic", sample_rate=44100), ["sampleRateHertz 44100"]),
+        (_setup(), {"event": {"contentStart": {"promptName": P, "contentName": "t", "type": "TOOL",
+                                                "role": "TOOL", "interactive": False}}}, ["toolUseId"]),
+        (_setup(), nv.audio_input(P, "mic", b"\0\0"), ["no content block with that name"]),
+        ([*_with_audio(), nv.text_content_start(P, "t", "USER", interactive=True)],
+         nv.audio_input(P, "mic", b"\0\0"), ["audioInput received while TEXT content 't' is open",
+                                             "no audio inside an open text block"]),
+        ([*_with_audio(), nv.tool_content_start(P, "tl", "tu1")], nv.audio_input(P, "mic", b"\0\0"),
+         ["TOOL content 'tl' is open"]),
+        (_with_audio(), nv.audio_input(P, "other", b"\0\0"), ["audioInput for content 'other'"]),
+        ([*_with_audio(), nv.content_end(P, "mic")], nv.audio_input(P, "mic", b"\0\0"),
+         ["after that content block was closed"]),
+        (_with_audio(), nv.text_input(P, "mic", "hi"), ["textInput belongs inside its open TEXT block"]),
+        (_setup(), nv.text_input(P, "sys", "late"), ["after that content block was closed"]),
+        ([*_setup(), nv.text_content_start(P, "h", "USER")], nv.text_input(P, "h", "é" * 513),
+         ["1026 bytes", "cannot be larger than 1024"]),
+        ([nv.session_start(), nv.prompt_start(P), nv.text_content_start(P, "sys", "SYSTEM")],
+         nv.text_input(P, "sys", "x" * 1025), ["cannot be larger than 1024"]),
+        (_with_audio(), nv.tool_result(P, "mic", "{}"), ["toolResult belongs inside its open TOOL block"]),
+        ([*_with_audio(), nv.text_content_start(P, "t", "USER", interactive=True)], nv.tool_result(P, "t", "{}"),
+         ["toolResult"]),
+        (_setup(), nv.content_end(P, "nope"), ["contentEnd for content 'nope'"]),
+        ([*_with_audio(), nv.text_content_start(P, "t", "USER", interactive=True)], nv.content_end(P, "mic"),
+         ["close it first"]),
+        (_with_audio(), nv.prompt_end(P), ["promptEnd received while AUDIO content 'mic' is open"]),
+        ([*_setup(), nv.text_content_start(P, "t", "USER", interactive=True)], nv.prompt_end(P),
+         ["promptEnd received while TEXT content 't' is open"]),
+        ([*_setup(), nv.prompt_end(P)], nv.text_content_start(P, "x", "USER", interactive=True),
+         ["after promptEnd"]),
+        (_setup(), nv.session_end(), ["sessionEnd received while prompt", "send promptEnd first"]),
+        ([*_setup(), nv.prompt_end(P), nv.session_end()], nv.session_start(), ["after sessionEnd"]),
+        ([*_setup(), nv.prompt_end(P), nv.session_end()], nv.session_end(), ["after sessionEnd"]),
+        (_setup(), {"event": {"connectionEnd": {}}}, ["unknown input event 'connectionEnd'"]),
+        (_setup(), {"event": {}}, ["malformed event"]),
+        (_setup(), {"nope": 1}, ["malformed event"]),
+        (_setup(), {"event": {"textInput": "x"}}, ["malformed textInput"]),
+    ],
+)
+def test_rule_violations_are_rejected(events, bad, fragments):
+    _rejects(events, bad, *fragments)
+
+
+def test_first_content_block_must_be_system_text():
+    start = [nv.session_start(), nv.prompt_start(P)]
+    for bad in (
+        nv.text_content_start(P, "u", "USER"),
+        nv.audio_content_start(P, "mic"),
+        nv.tool_content_start(P, "t", "tu"),
+    ):
+        _rejects(start, bad, "first content block must be TEXT with role SYSTEM")
+    _rejects(start, nv.text_content_start(P, "s", "SYSTEM", interactive=True), "interactive false")
+
+
+def test_history_total_is_limited_to_40_kb():
+    events = [*_setup(), nv.text_content_start(P, "h", "USER")]
+    events += [nv.text_input(P, "h", "x" * 1024) for _ in range(MAX_HISTORY_BYTES // 1024)]
+    v = _run(events)
+    assert v.history_bytes == MAX_HISTORY_BYTES
+    with pytest.raises(EventOrderError, match="exceeds 40960 bytes"):
+        v.check(nv.text_input(P, "h", "y"))
+    # the system prompt does not count as history
+    assert _run(_setup()).history_bytes == 0
+
+
+def test_rejected_event_leaves_state_unchanged():
+    v = _run(_with_audio())
+    with pytest.raises(EventOrderError):
+        v.check(nv.prompt_end(P))  # audio still open
+    v.check(nv.content_end(P, "mic"))
+    v.check(nv.prompt_end(P))
+    v.check(nv.session_end())
