@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +225,9 @@ class BedrockTransport:
             try:
                 config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
             except Exception as exc:
+                if not self.region and "region" in str(exc).lower():
+                    raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's "
+                                     "Bedrock region)") from exc
                 raise ModelError(CONNECTION, f"cannot configure the Bedrock client: {_message(exc)}") from exc
             if not config.region:
                 raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's region)")
@@ -304,6 +308,8 @@ class BedrockStream:
                     CONNECTION, f"no response from Bedrock within {self._t.output_timeout_s:g}s "
                     "(check the endpoint, the network and the TLS trust store)"
                 ) from None
+            finally:
+                _adopt_crt_writers()
             self.output_ready.set()
             while True:
                 ev = await receiver.receive()  # never cancelled: see the module docstring
@@ -406,6 +412,7 @@ class BedrockStream:
             log.info("%s: close: %r", self.stream_id, exc)
         finally:
             self._drain_queue()
+            _adopt_crt_writers()
             self._t._forget(self)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -424,6 +431,41 @@ class BedrockStream:
 def _consume(fut: asyncio.Future) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+# The CRT completes an HTTP/2 stream as soon as the server ends its response, so the CRT's internal request-body
+# writer task (awscrt.aio.http.AIOHttp2ClientStream._set_request_body_generator) then fails with
+# AWS_ERROR_HTTP_STREAM_HAS_COMPLETED when the SDK closes the input (or at loop shutdown), and asyncio logs
+# "Task exception was never retrieved" for every such stream. Adopt those tasks: retrieve that expected error
+# quietly and log anything else.
+_CRT_WRITER = "AIOHttp2ClientStream._set_request_body_generator"
+_adopted: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
+
+
+def _crt_writer_done(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
+        return
+    if "HTTP_STREAM_HAS_COMPLETED" in str(exc) or "HTTP_STREAM_HAS_COMPLETED" in str(getattr(exc, "name", "")):
+        log.debug("CRT request writer ended after the response: %s", exc)
+    else:
+        log.warning("CRT request writer failed: %r", exc)
+
+
+def _adopt_crt_writers() -> None:
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        return
+    for task in tasks:
+        if task in _adopted:
+            continue
+        coro = task.get_coro()
+        if getattr(coro, "__qualname__", "") == _CRT_WRITER:
+            _adopted.add(task)
+            task.add_done_callback(_crt_writer_done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,15 +489,18 @@ async def check_credentials(region: str | None = None, *, timeout_s: float = 10.
     overrides: dict[str, Any] = {"transport": None}
     if region:
         overrides["region"] = region
+    no_region = BedrockSetupError(
+        "no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, a profile region, or the gateway's Bedrock "
+        "region setting); Nova 2 Sonic is in us-east-1, us-west-2 and ap-northeast-1"
+    )
     try:
         config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
     except Exception as exc:
+        if not region and "region" in str(exc).lower():
+            raise no_region from exc
         raise BedrockSetupError(f"invalid AWS configuration: {_message(exc)}") from exc
     if not config.region:
-        raise BedrockSetupError(
-            "no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, a profile region, or the gateway's Bedrock "
-            "region setting); Nova 2 Sonic is in us-east-1, us-west-2 and ap-northeast-1"
-        )
+        raise no_region
     ctx = config.resolution_context()
     try:
         config_file = await ctx.parsed_profiles() if ctx is not None else None

@@ -232,6 +232,7 @@ class AgentRuntimeFake:
         self._drops: Counter = Counter()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> AgentRuntimeFake:
@@ -248,10 +249,18 @@ class AgentRuntimeFake:
         return self
 
     def stop(self) -> None:
+        """Stop listening and close every open connection (keep-alive ones too): the service is gone."""
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
             server.server_close()
+        with self.lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
@@ -745,6 +754,16 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         # one write per response and no Nagle: otherwise delayed ACKs add ~40 ms to every call
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.fake.lock:
+            self.fake._connections.add(self.connection)
+
+    def finish(self):
+        with self.fake.lock:
+            self.fake._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
 
     def log_message(self, format, *args):  # noqa: A002 - silence the default stderr log
         pass

@@ -358,6 +358,7 @@ class _Connection:
         )
         self.streams: dict[int, _Stream] = {}
         self.closed = False
+        self.terminated = False
 
     def flush(self) -> None:
         if self.closed:
@@ -424,7 +425,7 @@ class _Connection:
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
-                    log.warning("HTTP/2 protocol error: %s", exc)
+                    (log.debug if self.terminated else log.warning)("HTTP/2 protocol error: %s", exc)
                     self.flush()
                     break
                 for ev in events:
@@ -471,7 +472,7 @@ class _Connection:
         elif isinstance(ev, events.RemoteSettingsChanged):
             self._wake_all()
         elif isinstance(ev, events.ConnectionTerminated):
-            self.closed = True
+            self.terminated = True  # GOAWAY from the client (in-flight streams may still finish)
 
     def ack(self, size: int, stream_id: int) -> None:
         if self.closed or size <= 0:
@@ -628,11 +629,18 @@ class _Stream:
             model, self.model = self.model, None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(model.close(), 5.0)
-        # the input loop keeps acknowledging (and discarding) client data until the request side ends
+        # the input loop keeps acknowledging client data (verifying, noting the end frame, forwarding nothing)
+        # until the request side ends; it stops by itself on END_STREAM / reset / connection loss
+        input_task = None
         for t in self.tasks:
-            if t.get_name().startswith("nova-emu-in-") and not self.input_ended and not self.conn.closed:
-                continue
-            t.cancel()
+            if t.get_name().startswith("nova-emu-in-"):
+                input_task = t
+            else:
+                t.cancel()
+        if input_task is not None and (self.input_ended or self.conn.closed or self.reset_done):
+            with contextlib.suppress(Exception):
+                await asyncio.wait({input_task}, timeout=2.0)
+            input_task.cancel()
         if self.grace_task is not None:
             self.grace_task.cancel()
         self.emu._active.discard(self)
@@ -787,16 +795,18 @@ class _Stream:
                 return
             data, flow_len = item
             try:
-                if not self.finished and self.model is not None:
+                if self.record is not None and not self.reset_done:
+                    # after the response has finished, frames are still decoded (signatures checked, the end
+                    # frame noted) but no event is forwarded any more
                     try:
                         messages = self.decoder.feed(data)
                     except es.EventStreamError as exc:
                         self.fail(VALIDATION, f"Invalid input request: undecodable event stream: {exc}")
                         messages = []
                     for msg in messages:
-                        if self.finished:
-                            break
                         await self._on_message(msg)
+            except es.EventStreamError:
+                pass
             finally:
                 self.conn.ack(flow_len, self.sid)
 
@@ -835,6 +845,8 @@ class _Stream:
         if frame.is_end:
             if self.record is not None:
                 self.record.input_closed = True
+            return
+        if self.finished or self.model is None:
             return
         event = frame.event
         assert event is not None

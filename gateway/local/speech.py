@@ -74,13 +74,27 @@ def normalize_phrase(text: str) -> str:
 
 
 class _SphinxPool:
-    """Decoders are not thread-safe: one per concurrent call, pooled per grammar."""
+    """Decoders are not thread-safe: one per concurrent call, pooled per grammar.
+
+    Each decoder's cepstral mean (CMN) is primed once on a calibration sentence and reset to that
+    value before every utterance: live CMN otherwise carries over from earlier utterances, and a
+    fresh decoder's first utterance is then recognised differently (seen: "what did we discuss" ->
+    "what did we"). Recognition then depends on the utterance alone.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._free: dict[tuple[str, ...] | None, list] = {}
 
     def _new(self, grammar: tuple[str, ...] | None):
+        dec = self._decoder(grammar)
+        calibration = synthesize("the quick brown fox jumps over the lazy dog", ASR_SAMPLE_RATE, "espeak")
+        dec.start_utt()
+        dec.process_raw(calibration)
+        dec.end_utt()
+        return dec, dec.get_cmn()
+
+    def _decoder(self, grammar: tuple[str, ...] | None):
         from pocketsphinx import Decoder
 
         if grammar is None:
@@ -128,8 +142,10 @@ def _grammar_key(grammar: Iterable[str] | None) -> tuple[str, ...] | None:
 
 def _transcribe_sphinx(pcm16k: bytes, grammar: tuple[str, ...] | None) -> str:
     key = _grammar_key(grammar)
-    dec = _sphinx.acquire(key)
+    entry = _sphinx.acquire(key)
+    dec, cmn = entry
     try:
+        dec.set_cmn(cmn)
         dec.start_utt()
         # Chunked decoding: full_utt=True (batch CMN) misses grammar phrases on espeak audio.
         for i in range(0, len(pcm16k), 3200):
@@ -138,7 +154,7 @@ def _transcribe_sphinx(pcm16k: bytes, grammar: tuple[str, ...] | None) -> str:
         hyp = dec.hyp()
         text = hyp.hypstr if hyp is not None else ""
     finally:
-        _sphinx.release(key, dec)
+        _sphinx.release(key, entry)
     # strip fillers such as <sil>, [NOISE], (2) alternates
     return " ".join(w for w in text.split() if not w.startswith(("<", "[", "(")))
 

@@ -44,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -124,9 +126,15 @@ def _select(items: list[Item], max_bytes: int, max_items: int) -> tuple[list[Ite
     return out, False
 
 
-def _trim(items: list[Item]) -> list[Item]:
-    """The newest items the cache keeps (<= CACHE_BYTES of text, <= CACHE_ITEMS)."""
-    return _select(items, CACHE_BYTES, CACHE_ITEMS)[0] if items else []
+def _trim(items: list[Item]) -> tuple[list[Item], int | None]:
+    """The newest items the cache keeps (<= CACHE_BYTES of text, <= CACHE_ITEMS; at least one), and
+    the text size of the newest item left out (None when none was)."""
+    if not items:
+        return [], None
+    kept, _ = _select(items, CACHE_BYTES, CACHE_ITEMS)
+    if len(kept) < len(items):
+        return kept, items[len(items) - len(kept) - 1].size
+    return kept, None
 
 
 def _payload(item: Item) -> dict:
@@ -146,32 +154,37 @@ def _item_from_step(step: dict) -> Item | None:
         return None
 
 
-def _encode_cache(items: list[Item]) -> list[str]:
-    """The chunks for `items` (already trimmed); drops the oldest until they fit h0..h9."""
-    while True:
-        rows = [[i.item_id, i.role, i.text, i.at, int(i.interrupted)] for i in items]
+def _encode_cache(items: list[Item]) -> tuple[list[str], int]:
+    """The h0..h9 chunks holding the newest of `items` that fit, and how many they hold (text that
+    does not compress may not fit 50,000 characters: the oldest are left out then)."""
+    kept = len(items)
+    while kept:
+        rows = [[i.item_id, i.role, i.text, i.at, int(i.interrupted)] for i in items[len(items) - kept:]]
         raw = json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()
         blob = base64.b64encode(zlib.compress(raw, 6)).decode()
         chunks = [blob[n:n + CACHE_CHUNK] for n in range(0, len(blob), CACHE_CHUNK)]
-        if len(chunks) <= CACHE_CHUNKS or not items:
-            return chunks
-        items = items[max(1, len(items) // 10):]
+        if len(chunks) <= CACHE_CHUNKS:
+            return chunks, kept
+        kept -= max(1, kept // 10)
+    return [], 0
 
 
-def _decode_cache(meta: dict[str, str]) -> tuple[list[Item], int] | None:
-    """(items oldest first, total) from the metadata cache, or None when absent or unreadable."""
+def _decode_cache(meta: dict[str, str]) -> tuple[list[Item], int, int | None] | None:
+    """(items oldest first, total, size of the newest item left out) from the metadata cache, or None
+    when it is absent or unreadable."""
     try:
         if meta.get("h_v") != CACHE_FORMAT:
             return None
         n, total = int(meta["h_n"]), int(meta["h_count"])
+        next_size = int(meta["h_next"]) if meta.get("h_next") else None
         if not 0 <= n <= CACHE_CHUNKS or total < 0:
             return None
         if n == 0:
-            return [], total
+            return [], total, next_size
         blob = "".join(meta[f"h{k}"] for k in range(n))
         rows = json.loads(zlib.decompress(base64.b64decode(blob, validate=True)))
         items = [Item(str(r[0]), r[1], str(r[2]), str(r[3]), bool(r[4])) for r in rows]
-        return items, total
+        return items, total, next_size
     except (KeyError, ValueError, TypeError, IndexError, binascii.Error, zlib.error):
         return None
 
@@ -182,11 +195,8 @@ def _base_metadata(meta: dict[str, str]) -> dict[str, str]:
 
 
 def _tag_value(value: str) -> str:
-    if _TAG_RE.match(value):
-        return value
-    import hashlib
-
-    return hashlib.sha256(value.encode()).hexdigest()
+    """A tag value within the tag charset (an owner is a hex hash already; anything else is hashed)."""
+    return value if _TAG_RE.match(value) else hashlib.sha256(value.encode()).hexdigest()
 
 
 class _NotFound(Exception):
@@ -197,6 +207,20 @@ class _Conflict(Exception):
     pass
 
 
+_CLIENT_LOCK = threading.Lock()  # boto3 sessions are not thread-safe: create clients one at a time
+
+
+def _public(fn):
+    """No internal signal escapes the interface: an unexpected 404/409 reads as 'not now' (StoreError)."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kw):
+        try:
+            return await fn(*args, **kw)
+        except (_NotFound, _Conflict) as e:
+            raise StoreError(f"agent-runtime {fn.__name__}: unexpected {type(e).__name__.strip('_')}: {e}") from None
+    return wrapper
+
+
 @dataclass
 class _State:
     """What this process knows about one session."""
@@ -204,8 +228,9 @@ class _State:
     sid: str
     status: str
     base: dict[str, str]                 # metadata without the cache keys
-    cache: list[Item]                    # newest items (trimmed), oldest first
+    cache: list[Item]                    # the newest items (<= CACHE_BYTES), oldest first
     total: int                           # items in the conversation (prev sessions included)
+    next_size: int | None = None         # text size of the newest item older than the cache, if known
     dirty: bool = False                  # the metadata cache lags the step log
     invocations: set[str] = field(default_factory=set)
 
@@ -228,21 +253,39 @@ class _State:
         """Whether the cache holds every item of this session's own log."""
         return len(self.cache) >= self.total - self.prev_count
 
+    def sufficient(self, max_bytes: int, max_items: int) -> bool:
+        """Whether the cache answers a load with this budget exactly as the full log would."""
+        _, budget_bound = _select(self.cache, max_bytes, max_items)
+        if budget_bound or self.covers_session() or len(self.cache) >= max_items:
+            return True
+        # the whole cache fits the budget: the log would stop there too if the next older item does not fit
+        return self.next_size is not None and sum(i.size for i in self.cache) + self.next_size > max_bytes
+
     def has(self, item_id: str) -> bool:
         return any(i.item_id == item_id for i in self.cache)
 
     def add(self, item: Item) -> None:
-        if not self.has(item.item_id):
-            self.cache = _trim(_sort_items([*self.cache, item]))
+        if self.has(item.item_id):
+            return
+        kept, left_out = _trim(_sort_items([*self.cache, item]))
+        if left_out is not None:
+            self.next_size = left_out
+        elif kept and kept[0] is item:
+            self.next_size = None  # an old item became the oldest cached: what precedes it is unknown
+        self.cache = kept
+
+    def in_window(self, item: Item) -> bool:
+        """Whether `item` is as new as the cached items (so the cache would hold it if it were stored)."""
+        return self.covers_session() or (bool(self.cache) and _at_key(item) >= _at_key(self.cache[0]))
 
     def metadata(self) -> dict[str, str]:
-        chunks = _encode_cache(self.cache)
-        # what actually fits the chunks: _encode_cache may have dropped the oldest
-        kept = len(json.loads(zlib.decompress(base64.b64decode("".join(chunks))))) if chunks else 0
-        if kept < len(self.cache):
-            self.cache = self.cache[len(self.cache) - kept:]
+        """The full sessionMetadata map: the base keys and the cache."""
+        chunks, kept = _encode_cache(self.cache)
+        next_size = self.next_size if kept == len(self.cache) else self.cache[len(self.cache) - kept - 1].size
         meta = {**self.base, "h_v": CACHE_FORMAT, "h_n": str(len(chunks)), "h_count": str(self.total),
                 "h_last": self.cache[-1].at if self.cache else ""}
+        if next_size is not None:
+            meta["h_next"] = str(next_size)
         meta.update({f"h{k}": c for k, c in enumerate(chunks)})
         return meta
 
@@ -256,7 +299,6 @@ class AgentRuntimeStore:
         self._boto_session = session
         self._client = None
         self._probe_client = None
-        self._client_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-runtime")
         self._states: OrderedDict[str, _State] = OrderedDict()
         self._moved: OrderedDict[str, str] = OrderedDict()        # rotated session -> its successor
@@ -266,32 +308,38 @@ class AgentRuntimeStore:
         self._closed = False
 
     # -- boto3, in the worker threads ------------------------------------------------------------
-    def _make_client(self, attempts: int):
+    def _get_client(self, probe: bool = False):
+        """The boto3 client (created once, in a worker thread). The probe client for ready() does not retry."""
+        client = self._probe_client if probe else self._client
+        if client is not None:
+            return client
         import boto3
         from botocore.config import Config
 
-        with self._client_lock:
+        with _CLIENT_LOCK:
             if self._boto_session is None:
                 self._boto_session = boto3.session.Session()
             region = self._region or self._boto_session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
-            config = Config(connect_timeout=1, read_timeout=3, retries={"mode": "standard", "max_attempts": attempts},
+            config = Config(connect_timeout=1, read_timeout=3,
+                            # note: in Config, "max_attempts" counts retries (4 = 5 attempts in all)
+                            retries={"mode": "standard", "total_max_attempts": 1} if probe
+                            else {"mode": "standard", "max_attempts": 4},
                             max_pool_connections=32, user_agent_extra="novagate")
-            return self._boto_session.client("bedrock-agent-runtime", region_name=region,
-                                             endpoint_url=self._endpoint_url, config=config)
+            client = self._probe_client if probe else self._client
+            if client is None:
+                client = self._boto_session.client("bedrock-agent-runtime", region_name=region,
+                                                   endpoint_url=self._endpoint_url, config=config)
+                if probe:
+                    self._probe_client = client
+                else:
+                    self._client = client
+            return client
 
     def _call_sync(self, op: str, probe: bool = False, **kw) -> dict:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            if probe:
-                if self._probe_client is None:
-                    self._probe_client = self._make_client(1)
-                client = self._probe_client
-            else:
-                if self._client is None:
-                    self._client = self._make_client(4)
-                client = self._client
-            return getattr(client, op)(**kw)
+            return getattr(self._get_client(probe), op)(**kw)
         except ClientError as e:
             err = e.response.get("Error", {})
             code, message = err.get("Code", ""), err.get("Message", "")
@@ -387,23 +435,39 @@ class AgentRuntimeStore:
 
         return await self._gather_limited([lambda s=s: get(s) for s in summaries])
 
-    async def _tail(self, sid: str, max_bytes: int, max_items: int) -> tuple[list[Item], int, bool]:
-        """Fallback read: the newest items of the session's log within the budget (oldest first),
-        how many steps the session has, and whether the whole log was read."""
+    async def _tail(self, sid: str, max_bytes: int, max_items: int,
+                    known: dict[str, Item]) -> tuple[list[Item], int, bool]:
+        """Fallback read: the newest items of the session's log within the budget (oldest first), how
+        many steps the session has, and whether the whole log was read. Steps whose item the (stale)
+        cache already holds (`known`, by step id) are not fetched again."""
         summaries = await self._list_all(sid)
         newest_first = sorted(summaries, key=lambda s: s["invocationStepTime"], reverse=True)
         fetched: list[Item] = []
         seen: set[str] = set()
         used = 0
         pos = 0
-        while pos < len(newest_first) and len(fetched) < max_items and used < max_bytes:
-            batch = newest_first[pos:pos + FETCH_CONCURRENCY]
-            pos += len(batch)
-            for item in await self._fetch(sid, batch):
-                if item is not None and item.item_id not in seen:
-                    seen.add(item.item_id)
-                    fetched.append(item)
-                    used += item.size
+
+        def take(item: Item | None) -> None:
+            nonlocal used
+            if item is not None and item.item_id not in seen:
+                seen.add(item.item_id)
+                fetched.append(item)
+                used += item.size
+
+        def more() -> bool:  # read until the budget is crossed, so the newest item left out is known too
+            return len(fetched) <= max_items and used <= max_bytes
+
+        while pos < len(newest_first) and more():
+            batch: list[dict] = []
+            while pos < len(newest_first) and len(batch) < FETCH_CONCURRENCY and more():
+                summary = newest_first[pos]
+                pos += 1
+                if summary["invocationStepId"] in known:
+                    take(known[summary["invocationStepId"]])
+                else:
+                    batch.append(summary)
+            for item in await self._fetch(sid, batch) if batch else ():
+                take(item)
         return _sort_items(fetched), len(summaries), pos >= len(newest_first)
 
     def _fresh(self, sid: str, cache: list[Item], own_items: int, newest: list[dict]) -> bool:
@@ -415,10 +479,11 @@ class AgentRuntimeStore:
         top = max(_at_key(i) for i in cache)
         return newest[0]["invocationStepId"] in {step_id(sid, i.item_id) for i in cache if _at_key(i) == top}
 
-    async def _read_state(self, sid: str, *, max_bytes: int = CACHE_BYTES, max_items: int = CACHE_ITEMS,
-                          session: dict | None = None) -> _State | None:
-        """GetSession, then the cache if it is fresh and sufficient for the budget, else the fallback."""
-        s = session or await self._get_session(sid)
+    async def _read_state(self, sid: str, *, max_bytes: int = CACHE_BYTES,
+                          max_items: int = CACHE_ITEMS) -> tuple[_State, list[Item]] | None:
+        """GetSession, then the cache if it is fresh and sufficient for the budget, else the fallback.
+        Returns the state and the newest items read (oldest first) to select the budget from."""
+        s = await self._get_session(sid)
         if s is None:
             return None
         meta = s.get("sessionMetadata") or {}
@@ -429,23 +494,30 @@ class AgentRuntimeStore:
         old = self._states.get(sid)
         invocations = old.invocations if old is not None else set()
         decoded = _decode_cache(meta)
+        known: dict[str, Item] = {}
         if decoded is not None:
-            cache, total = decoded
-            st = _State(sid, status, base, cache, total, invocations=invocations)
+            cache, total, next_size = decoded
+            st = _State(sid, status, base, cache, total, next_size, invocations=invocations)
             probe = await self._call("list_invocation_steps", sessionIdentifier=sid, maxResults=1)
-            if self._fresh(sid, cache, total - st.prev_count, probe.get("invocationStepSummaries", [])):
-                _, budget_bound = _select(cache, max_bytes, max_items)
-                if budget_bound or st.covers_session():
-                    return self._remember(st)
+            if (self._fresh(sid, cache, total - st.prev_count, probe.get("invocationStepSummaries", []))
+                    and st.sufficient(max_bytes, max_items)):
+                return self._remember(st), st.cache
+            known = {step_id(sid, i.item_id): i for i in cache}
         # fallback: the log itself. Read enough to refill the cache when it can be written.
         want_bytes, want_items = max_bytes, max_items
-        if status == ACTIVE or not base.get("ended_by") == "user":
+        if status == ACTIVE or base.get("ended_by") != "user":  # it will be cached, or seed a rotation
             want_bytes, want_items = max(max_bytes, CACHE_BYTES), max(max_items, CACHE_ITEMS)
-        items, steps, _ = await self._tail(sid, want_bytes, want_items)
+        items, steps, _ = await self._tail(sid, want_bytes, want_items, known)
+        kept, left_out = _trim(items)
         prev_count = int(base.get("prev_count", "0") or 0)
-        st = _State(sid, status, base, items, prev_count + steps, dirty=True, invocations=invocations)
-        logger.info("agent-runtime: history cache of %s was stale; read %d of %d steps", sid, len(items), steps)
-        return self._remember(st)
+        st = _State(sid, status, base, kept, prev_count + steps, left_out, invocations=invocations)
+        # rewrite the cache only if the log said something it did not (an oldest-first listing can
+        # defeat the one-step probe while the cache is current)
+        st.dirty = decoded is None or (decoded[0], decoded[1], decoded[2]) != (kept, st.total, left_out)
+        if st.dirty:
+            logger.info("agent-runtime: history cache of %s was cold or stale; rebuilt from %d of %d steps",
+                        sid, len(items), steps)
+        return self._remember(st), items
 
     # -- writing ---------------------------------------------------------------------------------
     async def _write_cache(self, st: _State) -> None:
@@ -484,7 +556,8 @@ class AgentRuntimeStore:
         return inv
 
     async def _put_step(self, sid: str, inv: str, item: Item) -> bool:
-        """Write one item's step; True if stored now, False if it was already there."""
+        """Write one item's step; True if written now, False if that step id already existed.
+        Raises _Conflict when the session cannot be written, _NotFound when it (or the invocation) is gone."""
         at = _parse_at(item.at) or datetime.now(UTC)
         try:
             await self._call("put_invocation_step", sessionIdentifier=sid, invocationIdentifier=inv,
@@ -492,16 +565,17 @@ class AgentRuntimeStore:
                              payload=_payload(item))
             return True
         except _Conflict:
+            # "not ACTIVE" or "step exists": the service's answer is the same code, so ask
             s = await self._get_session(sid)
             if s is None:
                 raise _NotFound(sid) from None
             if s.get("sessionStatus") != ACTIVE:
                 raise
-            return False  # a duplicate step id on an ACTIVE session: already stored
+            return False
 
     async def _rotate(self, old: _State) -> _State:
         """A new session that continues `old` (which can no longer be written), seeded with its newest history."""
-        seed = _trim(old.cache)
+        seed = old.cache  # already the newest <= CACHE_BYTES
         base = {"owner": old.owner, "app": APP, "prev": old.sid, "prev_count": str(max(0, old.total - len(seed)))}
         st = _State("", ACTIVE, base, seed, old.total)
         created = await self._call("create_session", sessionMetadata=st.metadata(),
@@ -520,6 +594,7 @@ class AgentRuntimeStore:
         return self._remember(st)
 
     # -- the ConversationStore interface ---------------------------------------------------------
+    @_public
     async def create(self, owner: str) -> str:
         st = _State("", ACTIVE, {"owner": owner, "app": APP}, [], 0)
         created = await self._call("create_session", sessionMetadata=st.metadata(),
@@ -528,69 +603,84 @@ class AgentRuntimeStore:
         self._remember(st)
         return st.sid
 
+    @_public
     async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024,
                    max_items: int = 500) -> Conversation | None:
         if not _UUID_RE.match(conversation_id or ""):
             return None
         async with self._conversation(conversation_id) as sid:
-            st = await self._read_state(sid, max_bytes=max_bytes, max_items=max_items)
-            if st is None:
+            read = await self._read_state(sid, max_bytes=max_bytes, max_items=max_items)
+            if read is None:
                 self._forget(sid)
                 return None
+            st, view = read
             ended = st.user_ended
             if not ended and st.status != ACTIVE:
                 st = await self._rotate(st)
+                view = st.cache
             elif st.dirty and st.status == ACTIVE:
                 self._schedule_cache_write(st.sid)
-            items, _ = _select(st.cache, max_bytes, max_items) if st.cache else ([], False)
+            items = _select(view, max_bytes, max_items)[0] if view else []
             return Conversation(st.sid, st.owner, ended, items, st.total)
 
+    @_public
     async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
         if not _UUID_RE.match(conversation_id or ""):
             raise ValueError(f"not an agent-runtime conversation id: {conversation_id!r}")
-        for _ in range(4):
+        for _ in range(5):
             async with self._conversation(conversation_id) as sid:
                 st = self._states.get(sid)
                 if st is None:
-                    st = await self._read_state(sid)
+                    read = await self._read_state(sid)
+                    st = read[0] if read else None
                     if st is None:
-                        # deleted while in use: there is nothing left to write to
-                        logger.warning("agent-runtime: append to missing session %s dropped (%s)", sid, item.item_id)
+                        self._forget(sid)
+                        logger.warning("agent-runtime: append %s to missing session %s dropped", item.item_id, sid)
                         return sid
+                if st.user_ended:
+                    # the user ended it: never resurrect it (a late write after session.end)
+                    logger.warning("agent-runtime: append %s to user-ended session %s dropped", item.item_id, sid)
+                    return sid
                 if st.status != ACTIVE:
                     await self._rotate(st)
                     continue  # write under the new session's lock
                 if st.has(item.item_id):
                     if st.dirty:
-                        await self._write_cache(st)
+                        try:
+                            await self._write_cache(st)
+                        except _Conflict:
+                            self._states.pop(sid, None)
+                            continue
                     return sid
                 try:
                     inv = await self._ensure_invocation(st, connection_id)
-                    new = await self._put_step(sid, inv, item)
+                    written = await self._put_step(sid, inv, item)
                 except _Conflict:
-                    st.status = "ENDED"  # no longer writable; the exact status does not matter
+                    self._states.pop(sid, None)  # no longer writable: re-read status, owner and ended_by
                     continue
                 except _NotFound:
-                    s = await self._get_session(sid)
-                    if s is None:
-                        self._forget(sid)
-                        logger.warning("agent-runtime: append to deleted session %s dropped (%s)", sid, item.item_id)
-                        return sid
                     st.invocations.discard(invocation_id(sid, connection_id))
+                    if await self._get_session(sid) is None:
+                        self._forget(sid)
+                        logger.warning("agent-runtime: append %s to deleted session %s dropped", item.item_id, sid)
+                        return sid
                     continue
-                if new:
+                # A step that already existed is new to the conversation when it is as new as the cached
+                # items: it is our own write whose answer was lost (the cache holds every older duplicate).
+                if written or st.in_window(item):
                     st.total += 1
                 st.add(item)
                 st.dirty = True
                 try:
                     await self._write_cache(st)
                 except _Conflict:
-                    # the step is stored; the session stopped being writable just now. Move on with it.
-                    st.status = "ENDED"
-                    return (await self._rotate(st)).sid
+                    # stored, but the session stopped being writable just now: re-read it and rotate
+                    self._states.pop(sid, None)
+                    continue
                 return sid
         raise StoreError(f"agent-runtime: could not append {item.item_id} to {conversation_id}")
 
+    @_public
     async def end(self, conversation_id: str) -> None:
         if not _UUID_RE.match(conversation_id or ""):
             return
@@ -599,17 +689,21 @@ class AgentRuntimeStore:
             if s is None:
                 self._forget(sid)
                 return
-            self._user_ended.add(sid)
+            recorded = False
             if s.get("sessionStatus") == ACTIVE:
                 meta = {**(s.get("sessionMetadata") or {}), "ended_by": "user"}
                 try:
                     await self._call("update_session", sessionIdentifier=sid, sessionMetadata=meta)
+                    recorded = True
                 except _Conflict:
-                    pass  # ended meanwhile; remembered in memory only
+                    pass  # ended meanwhile
                 try:
                     await self._call("end_session", sessionIdentifier=sid)
                 except _Conflict:
                     pass
+            if not recorded:
+                # an ENDED or EXPIRED session's metadata cannot be written: this process remembers
+                self._user_ended.add(sid)
             st = self._states.get(sid)
             if st is not None:
                 st.status = "ENDED"
@@ -635,6 +729,7 @@ class AgentRuntimeStore:
             sid = meta.get("prev")
         return chain
 
+    @_public
     async def delete(self, conversation_id: str) -> None:
         if not _UUID_RE.match(conversation_id or ""):
             return
@@ -656,6 +751,7 @@ class AgentRuntimeStore:
                     raise StoreError(f"agent-runtime: session {victim} could not be deleted: {e}") from None
                 self._forget(victim)
 
+    @_public
     async def history(self, conversation_id: str) -> list[Item]:
         if not _UUID_RE.match(conversation_id or ""):
             return []
@@ -685,4 +781,4 @@ class AgentRuntimeStore:
         except TimeoutError:
             logger.warning("agent-runtime: background cache writes still running at close")
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
