@@ -435,40 +435,57 @@ class AgentRuntimeStore:
 
         return await self._gather_limited([lambda s=s: get(s) for s in summaries])
 
-    async def _tail(self, sid: str, max_bytes: int, max_items: int,
-                    known: dict[str, Item]) -> tuple[list[Item], int, bool]:
-        """Fallback read: the newest items of the session's log within the budget (oldest first), how
-        many steps the session has, and whether the whole log was read. Steps whose item the (stale)
-        cache already holds (`known`, by step id) are not fetched again."""
-        summaries = await self._list_all(sid)
-        newest_first = sorted(summaries, key=lambda s: s["invocationStepTime"], reverse=True)
+    async def _tail(self, sid: str, summaries: list[dict], max_bytes: int, max_items: int,
+                    known: dict[str, Item]) -> tuple[list[Item], bool]:
+        """Fallback read: the newest items of the session's log within the budget (oldest first), and
+        whether the whole log was read. It reads until the budget is crossed, so the newest item left
+        out is known too. Steps whose item the (stale) cache holds (`known`, by step id) are not fetched;
+        the others are fetched FETCH_CONCURRENCY at a time, planned with their estimated size so that
+        few are read past the budget."""
+        order = sorted(summaries, key=lambda x: x["invocationStepTime"], reverse=True)
         fetched: list[Item] = []
         seen: set[str] = set()
-        used = 0
-        pos = 0
+        got: dict[str, Item | None] = {}
+        used = pos = 0
 
-        def take(item: Item | None) -> None:
-            nonlocal used
-            if item is not None and item.item_id not in seen:
-                seen.add(item.item_id)
-                fetched.append(item)
-                used += item.size
+        def more(u: int, n: int) -> bool:
+            return n <= max_items and u <= max_bytes
 
-        def more() -> bool:  # read until the budget is crossed, so the newest item left out is known too
-            return len(fetched) <= max_items and used <= max_bytes
-
-        while pos < len(newest_first) and more():
+        while pos < len(order) and more(used, len(fetched)):
+            # plan: walk ahead, counting known sizes and an estimate for the rest, to pick what to fetch
+            if fetched:
+                estimate = max(1, used // len(fetched))
+            else:
+                estimate = max(1, sum(i.size for i in known.values()) // len(known)) if known else 256
             batch: list[dict] = []
-            while pos < len(newest_first) and len(batch) < FETCH_CONCURRENCY and more():
-                summary = newest_first[pos]
-                pos += 1
-                if summary["invocationStepId"] in known:
-                    take(known[summary["invocationStepId"]])
+            sim_used, sim_n, p = used, len(fetched), pos
+            while p < len(order) and len(batch) < FETCH_CONCURRENCY and more(sim_used, sim_n):
+                sid_ = order[p]["invocationStepId"]
+                if sid_ in known:
+                    sim_used += known[sid_].size
+                elif sid_ not in got:
+                    batch.append(order[p])
+                    sim_used += estimate
+                sim_n += 1
+                p += 1
+            if batch:
+                for summary, item in zip(batch, await self._fetch(sid, batch), strict=True):
+                    got[summary["invocationStepId"]] = item
+            # take, in order, every item now at hand, until the budget is crossed or a fetch is needed
+            while pos < len(order) and more(used, len(fetched)):
+                sid_ = order[pos]["invocationStepId"]
+                if sid_ in known:
+                    item = known[sid_]
+                elif sid_ in got:
+                    item = got[sid_]
                 else:
-                    batch.append(summary)
-            for item in await self._fetch(sid, batch) if batch else ():
-                take(item)
-        return _sort_items(fetched), len(summaries), pos >= len(newest_first)
+                    break
+                pos += 1
+                if item is not None and item.item_id not in seen:
+                    seen.add(item.item_id)
+                    fetched.append(item)
+                    used += item.size
+        return _sort_items(fetched), pos >= len(order)
 
     def _fresh(self, sid: str, cache: list[Item], own_items: int, newest: list[dict]) -> bool:
         """Whether the cache is current: the newest step listed is one of the newest cached items."""
@@ -503,11 +520,19 @@ class AgentRuntimeStore:
                     and st.sufficient(max_bytes, max_items)):
                 return self._remember(st), st.cache
             known = {step_id(sid, i.item_id): i for i in cache}
+        summaries = await self._list_all(sid)
+        if decoded is not None and len(summaries) == st.total - st.prev_count and st.sufficient(max_bytes, max_items):
+            # the probe could not tell (an oldest-first listing?), but the whole listing can: if its newest
+            # steps are exactly the cached items, the cache is current and nothing needs fetching
+            newest = sorted(summaries, key=lambda x: x["invocationStepTime"], reverse=True)[:len(cache)]
+            if {x["invocationStepId"] for x in newest} == set(known):
+                return self._remember(st), st.cache
         # fallback: the log itself. Read enough to refill the cache when it can be written.
         want_bytes, want_items = max_bytes, max_items
         if status == ACTIVE or base.get("ended_by") != "user":  # it will be cached, or seed a rotation
             want_bytes, want_items = max(max_bytes, CACHE_BYTES), max(max_items, CACHE_ITEMS)
-        items, steps, _ = await self._tail(sid, want_bytes, want_items, known)
+        items, _ = await self._tail(sid, summaries, want_bytes, want_items, known)
+        steps = len(summaries)
         kept, left_out = _trim(items)
         prev_count = int(base.get("prev_count", "0") or 0)
         st = _State(sid, status, base, kept, prev_count + steps, left_out, invocations=invocations)
