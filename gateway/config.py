@@ -22,9 +22,30 @@ class ConfigError(Exception):
 class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
-    engine: str = field(default="local", metadata={"help": "model engine: local", "choices": ("local",)})
-    store: str = field(default="sqlite", metadata={"help": "conversation store: sqlite", "choices": ("sqlite",)})
+    engine: str = field(
+        default="local", metadata={"help": "model engine: local (offline stand-in) | bedrock (Nova Sonic)",
+                                   "choices": ("local", "bedrock")}
+    )
+    store: str = field(
+        default="sqlite", metadata={"help": "conversation store: sqlite | agent-runtime (Bedrock Agent Runtime "
+                                    "sessions)", "choices": ("sqlite", "agent-runtime")}
+    )
     sqlite_path: str = field(default="var/novagate.db", metadata={"help": "SQLite file of the sqlite store"})
+    model_id: str = field(
+        default="amazon.nova-2-sonic-v1:0", metadata={"help": "Nova Sonic model id (engine bedrock); "
+                                                      "amazon.nova-sonic-v1:0 is supported without text input"}
+    )
+    region: str = field(
+        default="", metadata={"help": "AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)"}
+    )
+    bedrock_endpoint: str = field(
+        default="", metadata={"help": "Bedrock Runtime endpoint URL (default: AWS_ENDPOINT_URL_BEDROCK_RUNTIME, "
+                              "else the region's)"}
+    )
+    agent_runtime_endpoint: str = field(
+        default="", metadata={"help": "Bedrock Agent Runtime endpoint URL (default: "
+                              "AWS_ENDPOINT_URL_BEDROCK_AGENT_RUNTIME, else the region's)"}
+    )
     secret: str = field(
         default="", metadata={"help": "server secret that signs resume tokens and receipts (default: generated once "
                               "and kept in var/secret); set the same value on every instance"}
@@ -91,6 +112,15 @@ class Settings:
                 )
         if not 0 < self.port < 65536:
             raise ConfigError(f"NOVAGATE_PORT={self.port} is not a valid port")
+        if (self.engine == "bedrock" or self.store == "agent-runtime") and not self.aws_region:
+            raise ConfigError(
+                f"NOVAGATE_ENGINE={self.engine} / NOVAGATE_STORE={self.store} need an AWS region: set "
+                "NOVAGATE_REGION or AWS_REGION (Nova 2 Sonic: us-east-1, us-west-2, ap-northeast-1)"
+            )
+
+    @property
+    def aws_region(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
 
     @property
     def origins(self) -> tuple[str, ...]:
