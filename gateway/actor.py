@@ -65,6 +65,7 @@ class Closed(Exception):
 @dataclass
 class Started:
     conversation_id: str
+    requested_id: str | None
     owner: str
     resumed: bool
     resume_failed: str | None
@@ -96,6 +97,8 @@ class SessionActor:
         self._flush_estimate = 0
         self._store_degraded_sent = False
         self._ended = False
+        self.owner = ""
+        self._aliases: set[str] = set()
 
     # -- entry -----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -162,17 +165,17 @@ class SessionActor:
                 return None
             if claim.owner.startswith("user:") and claim.owner != principal:
                 return None
-            conv = await store.load(claim.conversation_id)
-            if conv is None or conv.ended or conv.owner != owner_hash(claim.owner):
+            conv = await store.load(claim.conversation_id, owner=owner_hash(claim.owner))
+            if conv is None or conv.ended:
                 return None
-            return conv, claim.owner
+            return conv, claim.owner, claim.conversation_id
         if start.conversation_id:
             if principal is None:
                 return None
-            conv = await store.load(start.conversation_id)
-            if conv is None or conv.ended or conv.owner != owner_hash(principal):
+            conv = await store.load(start.conversation_id, owner=owner_hash(principal))
+            if conv is None or conv.ended:
                 return None
-            return conv, principal
+            return conv, principal, start.conversation_id
         return None
 
     async def _open_conversation(self, start: m.SessionStart) -> Started:
@@ -184,33 +187,37 @@ class SessionActor:
         except StoreError as e:
             log(logger, logging.WARNING, "resume failed: store error", session_id=self.session_id, error=str(e))
             found = None
+        requested = None
         if found is None:
             owner = principal or "anon:" + secrets.token_urlsafe(12)
             cid = await self.s.store.create(owner_hash(owner))
             resumed = False
         else:
-            conv, owner = found
-            cid = conv.conversation_id
+            conv, owner, requested = found
+            cid = conv.conversation_id  # the store may have continued it under a new id
             resumed = True
         self.conversation_id = cid
-        saved = await self._store_receipts(start.pending, cid)
-        conv = await self.s.store.load(cid)
+        self.owner = owner
+        self._aliases = {cid, requested} - {None}
+        saved = await self._store_receipts(start.pending)
+        conv = await self.s.store.load(self.conversation_id)
         metrics.HISTORY_LOAD.observe(time.perf_counter() - t0)
         if asked:
             metrics.RESUMES.labels("resumed" if resumed else "not_found").inc()
-        return Started(cid, owner, resumed, None if resumed or not asked else "not_found",
+        return Started(self.conversation_id, requested, owner, resumed, None if resumed or not asked else "not_found",
                        conv.items if conv else [], conv.total if conv else 0, saved)
 
-    async def _store_receipts(self, pending: tuple[str, ...], cid: str) -> list[str]:
+    async def _store_receipts(self, pending: tuple[str, ...]) -> list[str]:
+        """Receipts of this conversation (under any id it had) are stored, once; others refused."""
         saved = []
         for token in pending:
-            item = self.s.signer.read_receipt(token, cid)
+            item = next((i for cid in self._aliases if (i := self.s.signer.read_receipt(token, cid))), None)
             if item is None:
                 self._outbox.append(m.Error(codes.BAD_RECEIPT, "a pending receipt was not signed by this service "
                                             "for this conversation; it was ignored"))
                 continue
             try:
-                await self.s.store.append(cid, item)
+                self._moved(await self.s.store.append(self.conversation_id, item, connection_id=self.session_id))
                 saved.append(item.item_id)
             except StoreError:
                 self._store_q.put_nowait(item)  # kept and retried by the store writer
@@ -379,7 +386,7 @@ class SessionActor:
         delay = 0.2
         while True:
             try:
-                await self.s.store.append(self.conversation_id, item)
+                self._moved(await self.s.store.append(self.conversation_id, item, connection_id=self.session_id))
                 metrics.ITEMS_SAVED.inc()
                 self._notify(m.ItemSaved(item.item_id))
                 return
@@ -393,6 +400,17 @@ class SessionActor:
                                          "in memory and stored when it is back"))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _moved(self, cid: str) -> None:
+        """The store continued the conversation under a new id: adopt it and tell the client."""
+        if cid == self.conversation_id:
+            return
+        log(logger, logging.INFO, "conversation moved by the store", session_id=self.session_id,
+            old=self.conversation_id, new=cid)
+        self.conversation_id = cid
+        self._aliases.add(cid)
+        if self.conv is not None:  # after the handshake; before it, session.ready carries the new id
+            self._notify(m.SessionUpdated(cid, self.s.signer.resume_token(cid, self.owner)))
 
     # -- actions -----------------------------------------------------------------------------------
     async def _run_actions(self) -> None:

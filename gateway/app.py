@@ -144,16 +144,18 @@ async def _owned(request: Request):
     """The conversation if the caller owns it (bearer token or X-Resume-Token), else None."""
     services: Services = request.app.state.services
     cid = request.path_params["conversation_id"]
-    conv = await services.store.load(cid, max_items=1)
-    if conv is None:
-        return None
+    owners = []
     principal = services.authenticator.principal(_bearer(request.headers))
-    if principal is not None and conv.owner == owner_hash(principal):
-        return conv
+    if principal is not None:
+        owners.append(principal)
     token = request.headers.get("x-resume-token")
     claim = services.signer.read_resume_token(token) if token else None
-    if claim is not None and claim.conversation_id == cid and conv.owner == owner_hash(claim.owner):
+    if claim is not None and claim.conversation_id == cid:
         if not claim.owner.startswith("user:") or principal in (None, claim.owner):
+            owners.append(claim.owner)
+    for owner in dict.fromkeys(owners):
+        conv = await services.store.load(cid, max_items=1, owner=owner_hash(owner))
+        if conv is not None:
             return conv
     return None
 

@@ -207,6 +207,10 @@ class VoiceClient:
             if msg.get("receipt"):
                 self.state.pending[msg["item_id"]] = msg["receipt"]
                 self.state.save()
+        elif t == "session.updated":  # the conversation moved (additive message)
+            self.state.resume_token = msg["resume_token"]
+            self.state.conversation_id = msg["conversation_id"]
+            self.state.save()
         elif t == "item.saved":
             self.saved.add(msg["item_id"])
             if self.state.pending.pop(msg["item_id"], None) is not None:

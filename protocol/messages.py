@@ -288,6 +288,16 @@ class SessionEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionUpdated:
+    """Additive (not in PROTOCOL v1): the store moved the conversation (e.g. an expired Agent Runtime
+    session was continued in a new one). Keep the new resume token; the old one still resumes it."""
+
+    type: ClassVar[str] = "session.updated"
+    conversation_id: str
+    resume_token: str
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     type: ClassVar[str] = "pong"
     id: str | int | float | bool | None
@@ -296,7 +306,7 @@ class Pong:
 
 ServerMessage = (
     SessionReady | Transcript | ResponseAudioStart | ResponseAudioEnd | Interrupted | ItemSaved | SessionReconnect
-    | Status | Usage | Error | SessionEnded | Pong
+    | Status | Usage | Error | SessionEnded | SessionUpdated | Pong
 )
 
 

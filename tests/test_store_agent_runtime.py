@@ -3,7 +3,7 @@ idempotent appends, what a resume costs, the fallback when the cache is cold or 
 expired and ended sessions, and how throttling, 500s and quota errors surface."""
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 
 import boto3
 import pytest
@@ -74,7 +74,8 @@ def write_raw(fake, sid, items, *, connection_id="raw", workers=16):
         pass
 
     def put(it):
-        c.put_invocation_step(sessionIdentifier=sid, invocationIdentifier=inv, invocationStepId=step_id(sid, it.item_id),
+        c.put_invocation_step(sessionIdentifier=sid, invocationIdentifier=inv,
+                              invocationStepId=step_id(sid, it.item_id),
                               invocationStepTime=datetime.fromisoformat(it.at), payload=_payload(it))
 
     with ThreadPoolExecutor(workers) as pool:

@@ -1,6 +1,6 @@
 """The Bedrock Agent Runtime conversation store (production): history in Agent Runtime sessions.
 
-Mapping (docs/reference agent-runtime-sessions.md §5):
+Mapping (the team reference "agent-runtime-sessions.md", §5):
 
 - one **session** per conversation. The session id (a lowercase UUID the service assigns) is the
   conversation id. The owner hash goes in `sessionMetadata["owner"]` and in the tags `owner` and
@@ -12,15 +12,18 @@ Mapping (docs/reference agent-runtime-sessions.md §5):
   `{"v":1,"item_id","role","text","at","interrupted"}`; `invocationStepTime` is the item's `at`.
 - a rolling **history cache** in `sessionMetadata`: the newest items whose text is <= 40 KB,
   zlib-compressed JSON, base64, in chunks `h0..h9` of <= 5000 characters, plus `h_v` (format),
-  `h_n` (chunks), `h_count` (items in the whole conversation) and `h_last` (time of the newest
-  item). Every append rewrites it with UpdateSession. UpdateSession is assumed to *replace* the map,
-  so the full map is sent each time.
+  `h_n` (chunks), `h_count` (items in the whole conversation), `h_last` (time of the newest item)
+  and `h_next` (text size of the newest item left out, so a load can tell that its budget ends at
+  the cache's edge). Every append rewrites it with UpdateSession. UpdateSession is assumed to
+  *replace* the map, so the full map is sent each time.
 
 Resume (`load`) costs 2 calls when the cache is fresh: GetSession (status, owner, cache) and
 ListInvocationSteps(maxResults=1). The cache is fresh when that newest step is one of the cached
-items with the newest time. Otherwise the fallback lists the whole session (1000 per page), sorts on
-the client (the service's order is undocumented), and fetches only the newest steps that fit the
-budget with GetInvocationStep, 8 at a time. It then rewrites the cache in the background.
+items with the newest time. Otherwise the fallback lists the whole session (1000 per page) and sorts
+on the client (the service's order is undocumented). If the newest listed steps are exactly the
+cached items, the cache was current after all (an oldest-first listing defeats the probe): 3 calls.
+Otherwise it fetches, 8 at a time, only the newest steps that fit the budget and that the stale
+cache does not already hold. It then rewrites the cache in the background.
 
 Lifecycle: `end()` records `ended_by=user` and ends the session, and `load()` then reports it as
 ended. A session that is EXPIRED, or ENDED without `ended_by=user`, can no longer be written. `load()`
@@ -30,7 +33,8 @@ seeded with the newest history and returned under the new id. The move is also r
 conversation.
 
 boto3 is synchronous, so it runs in a dedicated thread pool and never on the event loop. Throttling,
-500s and dropped connections are retried by botocore's standard mode (4 attempts). Anything that
+500s and dropped connections are retried by botocore's standard mode (`max_attempts: 4` in a Config
+counts retries: up to 5 attempts). Anything that
 still fails, including ServiceQuotaExceeded (a 400 that botocore does not retry), raises StoreError,
 and the caller's write queue retries later.
 
@@ -42,6 +46,7 @@ always complete.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import base64
 import binascii
 import functools
@@ -630,7 +635,7 @@ class AgentRuntimeStore:
 
     @_public
     async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024,
-                   max_items: int = 500) -> Conversation | None:
+                   max_items: int = 500, owner: str | None = None) -> Conversation | None:
         if not _UUID_RE.match(conversation_id or ""):
             return None
         async with self._conversation(conversation_id) as sid:
@@ -639,6 +644,8 @@ class AgentRuntimeStore:
                 self._forget(sid)
                 return None
             st, view = read
+            if owner is not None and not hmac.compare_digest(st.owner, owner):
+                return None  # someone else's: looks missing, and nothing is rotated on their behalf
             ended = st.user_ended
             if not ended and st.status != ACTIVE:
                 st = await self._rotate(st)

@@ -33,8 +33,10 @@ class ConversationStore(Protocol):
     async def create(self, owner: str) -> str:
         """A new conversation; returns its id."""
 
-    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500) -> Conversation | None:
-        """The conversation with its newest items (text bytes <= max_bytes, at least the newest one), or None."""
+    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500,
+                   owner: str | None = None) -> Conversation | None:
+        """The conversation with its newest items (text bytes <= max_bytes, at least the newest one), or
+        None. With `owner`, another owner's conversation is None too, and loading it changes nothing."""
 
     async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
         """Store an item once (deduplicated by item_id), durably, before returning. Returns the id of
@@ -61,4 +63,8 @@ def open_store(settings) -> ConversationStore:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(settings.sqlite_path)
+    if settings.store == "agent-runtime":
+        from .agent_runtime import AgentRuntimeStore
+
+        return AgentRuntimeStore(region=settings.aws_region, endpoint_url=settings.agent_runtime_endpoint or None)
     raise ValueError(f"unknown store {settings.store!r}")

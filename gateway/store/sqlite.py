@@ -7,6 +7,7 @@ writes are serialised. Several processes may share the file (busy timeout, WAL).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -73,10 +74,11 @@ class SQLiteStore:
         await self._run(lambda db: db.execute("INSERT INTO conversations (id, owner) VALUES (?, ?)", (cid, owner)))
         return cid
 
-    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500):
+    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500,
+                   owner: str | None = None):
         def q(db: sqlite3.Connection):
             row = db.execute("SELECT owner, ended FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            if row is None:
+            if row is None or (owner is not None and not hmac.compare_digest(row[0], owner)):
                 return None
             total = db.execute("SELECT count(*) FROM items WHERE conversation_id = ?", (conversation_id,)).fetchone()[0]
             items: list[Item] = []
