@@ -185,9 +185,13 @@ class SessionActor:
         try:
             found = await self._find(start, principal)
         except StoreError as e:
+            # Not "not_found": the conversation may well exist. The client keeps its token and retries.
             log(logger, logging.WARNING, "resume failed: store error", session_id=self.session_id, error=str(e))
-            found = None
+            raise Closed(CloseCode.TRY_AGAIN_LATER, "history store unavailable",
+                         m.Error(codes.STORE_DEGRADED, "the history store is unavailable; retry shortly with the "
+                                 "same resume token", fatal=True)) from None
         requested = None
+        conv = None
         if found is None:
             owner = principal or "anon:" + secrets.token_urlsafe(12)
             cid = await self.s.store.create(owner_hash(owner))
@@ -200,7 +204,8 @@ class SessionActor:
         self.owner = owner
         self._aliases = {cid, requested} - {None}
         saved = await self._store_receipts(start.pending)
-        conv = await self.s.store.load(self.conversation_id)
+        if saved:  # the history now holds them: read it again (rare: only after a lost connection)
+            conv = await self.s.store.load(self.conversation_id)
         metrics.HISTORY_LOAD.observe(time.perf_counter() - t0)
         if asked:
             metrics.RESUMES.labels("resumed" if resumed else "not_found").inc()

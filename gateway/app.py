@@ -53,6 +53,11 @@ def open_transport(settings: Settings) -> ModelTransport:
             endpoint_ms=settings.local_endpoint_ms,
             trace_path=settings.engine_trace or None,
         ))
+    if settings.engine == "bedrock":
+        from .bedrock import BedrockTransport
+
+        return BedrockTransport(model_id=settings.model_id, region=settings.aws_region,
+                                endpoint_url=settings.bedrock_endpoint or None)
     raise ValueError(f"unknown engine {settings.engine!r}")
 
 

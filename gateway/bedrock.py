@@ -237,6 +237,16 @@ class BedrockTransport:
                      config.endpoint_uri or "(regional)")
             return self._client
 
+    async def _identity(self) -> Any:
+        """Credentials for one stream, from botocore's default chain (env, profile, SSO, web identity
+        as on EKS with IRSA, ECS, IMDS: more than smithy-aws-core 0.12 resolves), read off the event
+        loop. A stream keeps its identity for life (reference §9.3): refreshed credentials go to
+        the next stream, never into a live one."""
+        try:
+            return await asyncio.to_thread(default_identity)
+        except BedrockSetupError as exc:
+            raise ModelError(ACCESS_DENIED, str(exc)) from None
+
     async def open(self) -> BedrockStream:
         """Start a bidirectional stream. Does not wait for the HTTP response (see the module docstring)."""
         if self._closed:
@@ -244,14 +254,15 @@ class BedrockTransport:
         client = await self._ensure_client()
         from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOperationInput
 
+        identity = await self._identity()
+        call = asyncio.ensure_future(client.invoke_model_with_bidirectional_stream(
+            InvokeModelWithBidirectionalStreamOperationInput(model_id=self.model_id),
+            plugins=[_fixed_identity(identity)],
+        ))
         try:
-            sdk_stream = await asyncio.wait_for(
-                asyncio.shield(client.invoke_model_with_bidirectional_stream(
-                    InvokeModelWithBidirectionalStreamOperationInput(model_id=self.model_id)
-                )),
-                self.output_timeout_s,
-            )
+            sdk_stream = await asyncio.wait_for(asyncio.shield(call), self.output_timeout_s)
         except TimeoutError as exc:
+            call.add_done_callback(_consume)
             raise ModelError(CONNECTION, f"could not start a Bedrock stream within {self.output_timeout_s:g}s") from exc
         except Exception as exc:
             raise map_sdk_error(exc) from exc
@@ -476,14 +487,44 @@ def _mask(key: str) -> str:
     return key if len(key) <= 8 else f"{key[:4]}…{key[-4:]}"
 
 
+def default_identity() -> Any:
+    """Frozen credentials from botocore's default chain, as an SDK identity (blocking: may refresh)."""
+    import botocore.session
+    from smithy_aws_core.identity import AWSCredentialsIdentity
+
+    try:
+        creds = botocore.session.get_session().get_credentials()
+        frozen = creds.get_frozen_credentials() if creds is not None else None
+    except Exception as exc:  # botocore raises many kinds here (SSO expired, IMDS down, ...)
+        raise BedrockSetupError(f"resolving AWS credentials failed: {_message(exc)}") from exc
+    if frozen is None or not frozen.access_key:
+        profile = os.environ.get("AWS_PROFILE")
+        raise BedrockSetupError(
+            "no AWS credentials found" + (f" (AWS_PROFILE={profile})" if profile else "")
+            + ": set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_PROFILE, "
+            "~/.aws/credentials, or run with a role (EKS IRSA / Pod Identity, ECS task role, EC2 instance profile)"
+        )
+    expiry = getattr(creds, "_expiry_time", None)
+    return AWSCredentialsIdentity(access_key_id=frozen.access_key, secret_access_key=frozen.secret_key,
+                                  session_token=frozen.token, expiration=expiry)
+
+
+def _fixed_identity(identity: Any):
+    """An operation plugin: sign this stream with exactly this identity."""
+    from smithy_aws_core.identity import StaticCredentialsResolver
+
+    def plugin(config: Any) -> None:
+        config.aws_credentials_identity_resolver = StaticCredentialsResolver(identity)
+
+    return plugin
+
+
 async def check_credentials(region: str | None = None, *, timeout_s: float = 10.0) -> CredentialCheck:
     """Resolve the region and the default credential chain once, so the gateway can fail fast at start.
 
     Raises BedrockSetupError with a message that says what to set."""
     try:
         from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
-        from smithy_aws_core.identity import AWSCredentialsIdentity
-        from smithy_aws_core.identity.chain import IdentityChain
     except ImportError as exc:  # pragma: no cover
         raise BedrockSetupError(f"aws-sdk-bedrock-runtime[awscrt]==0.12.0 is required: {exc}") from exc
     overrides: dict[str, Any] = {"transport": None}
@@ -501,22 +542,10 @@ async def check_credentials(region: str | None = None, *, timeout_s: float = 10.
         raise BedrockSetupError(f"invalid AWS configuration: {_message(exc)}") from exc
     if not config.region:
         raise no_region
-    ctx = config.resolution_context()
     try:
-        config_file = await ctx.parsed_profiles() if ctx is not None else None
-        chain = await IdentityChain.create(AWSCredentialsIdentity, config_file=config_file,
-                                           region_override=config.region)
-        identity = await asyncio.wait_for(chain.get_identity(properties={}), timeout_s)
+        identity = await asyncio.wait_for(asyncio.to_thread(default_identity), timeout_s)
     except TimeoutError as exc:
         raise BedrockSetupError(f"resolving AWS credentials timed out after {timeout_s:g}s") from exc
-    except Exception as exc:
-        profile = os.environ.get("AWS_PROFILE")
-        hint = f" (AWS_PROFILE={profile})" if profile else ""
-        raise BedrockSetupError(
-            "no AWS credentials found" + hint + ": set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-            "(and AWS_SESSION_TOKEN), AWS_PROFILE, or configure ~/.aws/credentials. "
-            f"Details: {_message(exc)}"
-        ) from exc
     return CredentialCheck(
         region=config.region,
         access_key_id=_mask(identity.access_key_id),

@@ -21,6 +21,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"novagate: configuration error: {e}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, show_text=settings.log_transcripts)
+    if settings.engine == "bedrock" or settings.store == "agent-runtime":
+        from .bedrock import BedrockSetupError, check_credentials
+
+        try:  # fail now, with a message, rather than at the first caller
+            found = asyncio.run(check_credentials(settings.aws_region))
+        except BedrockSetupError as e:
+            print(f"novagate: cannot use AWS: {e}", file=sys.stderr)
+            return 2
+        print(f"novagate: AWS region {found.region}, credentials {found.access_key_id}"
+              + (" (temporary)" if found.temporary else ""), file=sys.stderr)
     print(f"novagate: serving on http://{settings.host}:{settings.port}/ (engine {settings.engine}, "
           f"store {settings.store})", file=sys.stderr, flush=True)
     uvicorn.run(
@@ -67,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--output-rate", type=int, default=24000, choices=(8000, 16000, 24000))
     client.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
     client.set_defaults(func=_client)
+
+    emulate = sub.add_parser("emulate", help="run a wire-level stand-in for an AWS service on loopback")
+    services = emulate.add_subparsers(dest="service", required=True)
+    nova = services.add_parser("nova", help="Nova Sonic: HTTP/2 + TLS + AWS event stream, the local engine behind it")
+    agent = services.add_parser("agent-runtime", help="Bedrock Agent Runtime sessions (REST-JSON), in memory")
+    from .emulate import agent_runtime as agent_mod
+    from .emulate import nova as nova_mod
+
+    nova_mod.add_arguments(nova)
+    nova.set_defaults(func=nova_mod.run)
+    agent_mod.add_arguments(agent)
+    agent.set_defaults(func=agent_mod.run)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,8 +1,8 @@
 """The Nova Sonic wire emulator (gateway/emulate/nova.py) driven by the real SDK 0.12.0 on loopback, and
 BedrockTransport (gateway/bedrock.py) on top of it.
 
-TLS: a throwaway CA (trustme) and SSL_CERT_FILE = system CAs + that CA, set once per session before any CRT
-transport is constructed (a wrong trust setup would only fail after ~21 s)."""
+TLS: a throwaway CA (trustme) and SSL_CERT_FILE = system CAs + that CA, set before any CRT transport is
+constructed (a wrong trust setup only fails after 10-20 s, in the TLS negotiation)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,13 @@ PCM = b"\x01\x00" * 512  # 32 ms at 16 kHz
 # fixtures
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    """(cert, key, bundle); SSL_CERT_FILE and static env credentials for the SDK's default chain."""
+    """(cert, key, bundle); SSL_CERT_FILE and static env credentials for the SDK's default chain.
+
+    Set before any CRT transport of this module is built. The CRT reads SSL_CERT_FILE whenever an
+    AWSCRTHTTPClient is constructed (verified), so module scope suffices, and the environment is restored
+    afterwards so the dummy keys do not leak into other modules' gateway subprocesses."""
     _, cert, key, bundle = make_test_tls(tmp_path_factory.mktemp("tls"))
     saved = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_SESSION_TOKEN", "AWS_PROFILE")}
@@ -356,6 +360,27 @@ async def test_backing_transport_errors_become_frames(make_emu, make_bedrock):
         assert sum("audioOutput" in e["event"] for e in out) == 3  # the reply came first
         assert err is not None and err.kind == want_kind and raised.message in err.message
     assert ModelError(VALIDATION, IDLE_TIMEOUT_MESSAGE).recoverable
+
+
+async def test_inject_after_seconds_and_unmodeled_errors(make_emu, make_bedrock):
+    emu = await make_emu()
+    bt = make_bedrock(emu)
+    emu.inject(SERVICE_UNAVAILABLE, "come back later", after_s=0.3)
+    stream = await bt.open()
+    t0 = time.monotonic()
+    for ev in setup_events("p"):
+        await stream.send(ev)
+    _, err = await drain(stream)
+    assert (err.kind, err.message) == (SERVICE_UNAVAILABLE, "come back later") and 0.2 < time.monotonic() - t0 < 2
+    await stream.close()
+    emu.inject("error", "weird failure", code="InternalFailure", after_events=1)  # unmodeled → UnmodeledEventError
+    stream = await bt.open()
+    for ev in setup_events("p"):
+        await stream.send(ev)
+    _, err = await drain(stream)
+    assert err.kind == CONNECTION and err.message == "InternalFailure: weird failure" and err.recoverable
+    await stream.close()
+    assert emu.streams_opened == 2 and [len(e) for e in emu.stream_events][1] >= 1
 
 
 async def test_http_403_access_denied(make_emu, make_bedrock):

@@ -243,7 +243,7 @@ class NovaEmulator:
         self.connections_accepted = 0
         self.http_errors: list[tuple[int, str]] = []
         self.streams: list[StreamRecord] = []
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
         self._active: set[_Stream] = set()
 
@@ -984,6 +984,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--invalid-bytes-after", type=int, help="send corrupt bytes after N output events (first stream)")
     parser.add_argument("--asr", choices=("sphinx", "whisper"), default="sphinx", help="local engine ASR (default sphinx)")
     parser.add_argument("--tts", choices=("espeak", "hibari"), default="espeak", help="local engine TTS (default espeak)")
+    parser.add_argument("--endpoint-ms", type=int, default=700, help="local engine: silence that ends a turn")
+    parser.add_argument("--engine-trace", default="",
+                        help="debug: JSONL file of every input event the engine receives (contains text)")
     parser.add_argument("--grammar", default="", help='sphinx phrase grammar, phrases separated by "|" (default: free-form)')
     parser.add_argument("--no-warm", action="store_true", help="do not load the speech models before listening")
 
@@ -1016,13 +1019,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve_cli(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
     from gateway.local.engine import LocalEngine, LocalEngineConfig
 
     certfile, keyfile, bundle = _tls_files(args)
     grammar = tuple(p.strip() for p in (args.grammar or "").split("|") if p.strip())
     engine = LocalEngine(LocalEngineConfig(
-        asr=args.asr, tts=args.tts, grammar=grammar,
+        asr=args.asr, tts=args.tts, grammar=grammar, endpoint_ms=args.endpoint_ms,
         idle_timeout_s=args.idle_timeout_s + 1.0, max_stream_s=args.max_stream_s + 1.0,
+        trace_path=args.engine_trace or None,
     ))
     if not args.no_warm:
         await engine.warm()
@@ -1057,11 +1067,6 @@ async def _serve_cli(args: argparse.Namespace) -> int:
     lines.append(f"  export AWS_SECRET_ACCESS_KEY={args.secret_access_key if args.verify_signatures else DUMMY_SECRET_ACCESS_KEY}")
     lines.append(f"  export AWS_REGION={args.region}")
     print("\n".join(lines), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
