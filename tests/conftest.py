@@ -113,21 +113,122 @@ class Gateway:
                 self.kill()
 
 
+def _wait(check, what: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start")
+
+
+@dataclass
+class AwsStack:
+    """The project's wire-level stand-ins for AWS, as separate processes: the Nova Sonic emulator
+    (HTTP/2 + TLS + event stream, the local engine behind it) and the Agent Runtime fake."""
+
+    tmp: Path
+    procs: list = field(default_factory=list)
+    nova_port: int = 0
+    fake_port: int = 0
+    bundle: str = ""
+
+    def start(self) -> AwsStack:
+        from gateway.emulate.nova import make_test_tls
+
+        _ca, cert, key, self.bundle = make_test_tls(self.tmp / "tls")
+        self.nova_port, self.fake_port = free_port(), free_port()
+        log = open(self.tmp / "aws-stack.log", "wb")
+        nova = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "emulate", "nova", "--port", str(self.nova_port),
+             "--cert", cert, "--key", key, "--asr", "sphinx", "--tts", "espeak", "--grammar", GRAMMAR,
+             "--endpoint-ms", "600", "--engine-trace", str(self.trace)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+        fake = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "emulate", "agent-runtime", "--port", str(self.fake_port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs = [nova, fake]
+        _wait(lambda: socket.create_connection(("127.0.0.1", self.nova_port), 1).close() or True, "nova emulator", nova)
+        _wait(lambda: httpx.get(self.fake_url + "/_fake/calls", timeout=1).status_code == 200, "agent runtime fake", fake)
+        return self
+
+    @property
+    def trace(self) -> Path:
+        return self.tmp / "engine-trace.jsonl"
+
+    @property
+    def fake_url(self) -> str:
+        return f"http://127.0.0.1:{self.fake_port}"
+
+    def fake(self, path: str, body: dict | None = None):
+        """The fake's admin API (call counts, fault injection, forced expiry)."""
+        url = f"{self.fake_url}/_fake/{path}"
+        r = httpx.post(url, json=body or {}) if body is not None else httpx.get(url)
+        r.raise_for_status()
+        return r.json() if r.content else None
+
+    def gateway_env(self) -> dict:
+        return {
+            "NOVAGATE_ENGINE": "bedrock",
+            "NOVAGATE_STORE": "agent-runtime",
+            "NOVAGATE_ENGINE_TRACE": str(self.trace),  # written by the emulator's engine
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "AKIDNOVAGATETEST",
+            "AWS_SECRET_ACCESS_KEY": "novagate-test-secret",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": f"https://localhost:{self.nova_port}",
+            "AWS_ENDPOINT_URL_BEDROCK_AGENT_RUNTIME": self.fake_url,
+            "SSL_CERT_FILE": self.bundle,
+        }
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="session")
+def aws_stack(tmp_path_factory):
+    stack = AwsStack(tmp_path_factory.mktemp("aws")).start()
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module", params=["local", "aws"])
+def backend(request) -> dict:
+    """Where the gateway's model and history live: the embedded default (local engine, SQLite), or
+    Bedrock over the real SDKs against the project's AWS stand-ins (engine=bedrock, store=agent-runtime)."""
+    if request.param == "aws":
+        return request.getfixturevalue("aws_stack").gateway_env()
+    return {}
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+def gateway(tmp_path_factory, backend):
     """One gateway shared by a test module."""
-    gw = Gateway(tmp_path_factory.mktemp("gw")).start()
+    gw = Gateway(tmp_path_factory.mktemp("gw"), dict(backend)).start()
     yield gw
     gw.stop()
 
 
 @pytest.fixture
-def make_gateway(tmp_path):
+def make_gateway(tmp_path, backend):
     """Gateways a test starts, kills and restarts itself (same store and secret unless told)."""
     started: list[Gateway] = []
 
     def make(**env) -> Gateway:
-        gw = Gateway(tmp_path, {k: str(v) for k, v in env.items()})
+        gw = Gateway(tmp_path, {**backend, **{k: str(v) for k, v in env.items()}})
         started.append(gw)
         return gw.start()
 
