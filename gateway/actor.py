@@ -42,7 +42,7 @@ from .audio import InputResampler
 from .logs import log
 from .store import StoreError
 from .tokens import owner_hash
-from .transport import MODEL_STREAM_ERROR, ModelError
+from .transport import ACCESS_DENIED, MODEL_STREAM_ERROR, THROTTLING, ModelError
 
 logger = logging.getLogger("novagate.session")
 
@@ -50,6 +50,16 @@ MODEL_QUEUE_FRAMES = 256      # about 8 s of 32 ms frames; a full queue slows th
 STORE_QUEUE_ITEMS = 1000
 HISTORY_TO_CLIENT = 50
 SEND_TIMEOUT_S = 10.0
+
+
+def _model_failure(e: Exception) -> str:
+    """What the client is told when the model cannot go on: clear, without internals."""
+    if isinstance(e, ModelError) and e.kind == ACCESS_DENIED:
+        return f"the model refused access ({e.message}); the gateway's AWS identity needs bedrock:InvokeModel " \
+               "and access to the model"
+    if isinstance(e, ModelError) and e.kind == THROTTLING:
+        return "the model is over its quota (throttled); try again shortly"
+    return "the model stream failed and could not be recovered"
 
 
 class Closed(Exception):
@@ -116,8 +126,7 @@ class SessionActor:
             log(logger, logging.ERROR, "model stream failed", session_id=self.session_id, kind=e.kind,
                 error=e.message)
             await self._close(CloseCode.INTERNAL_ERROR, "model unavailable",
-                              m.Error(codes.MODEL_UNAVAILABLE, "the model stream failed and could not be "
-                                      "recovered", fatal=True))
+                              m.Error(codes.MODEL_UNAVAILABLE, _model_failure(e), fatal=True))
         except Exception:
             logger.exception("session failed", extra={"fields": {"session_id": self.session_id}})
             await self._close(CloseCode.INTERNAL_ERROR, "internal error",
@@ -246,7 +255,7 @@ class SessionActor:
             metrics.MODEL_ERRORS.labels(getattr(e, "kind", "timeout")).inc()
             log(logger, logging.ERROR, "model stream failed to open", session_id=self.session_id, error=str(e))
             raise Closed(CloseCode.INTERNAL_ERROR, "model unavailable",
-                         m.Error(codes.MODEL_UNAVAILABLE, "the model could not be reached", fatal=True)) from None
+                         m.Error(codes.MODEL_UNAVAILABLE, _model_failure(e), fatal=True)) from None
 
     # -- steady state ------------------------------------------------------------------------------
     async def _serve(self, started: Started, start: m.SessionStart) -> None:

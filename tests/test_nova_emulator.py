@@ -371,7 +371,7 @@ async def test_inject_after_seconds_and_unmodeled_errors(make_emu, make_bedrock)
     for ev in setup_events("p"):
         await stream.send(ev)
     _, err = await drain(stream)
-    assert (err.kind, err.message) == (SERVICE_UNAVAILABLE, "come back later") and 0.2 < time.monotonic() - t0 < 2
+    assert (err.kind, err.message) == (SERVICE_UNAVAILABLE, "come back later") and 0.2 < time.monotonic() - t0 < 10
     await stream.close()
     emu.inject("error", "weird failure", code="InternalFailure", after_events=1)  # unmodeled → UnmodeledEventError
     stream = await bt.open()
@@ -399,7 +399,7 @@ async def test_http_403_access_denied(make_emu, make_bedrock):
     t0 = time.monotonic()
     _, err = await drain(stream)
     assert err.kind == ACCESS_DENIED and "access to the model" in err.message and not err.recoverable
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10
     with pytest.raises(ModelError) as info:  # later sends fail fast with the same error
         await stream.send(nova.session_start())
     assert info.value is err
@@ -437,7 +437,7 @@ async def test_idle_timeout_531_and_silence_keeps_alive(make_emu, make_bedrock):
     t0 = time.monotonic()
     _, err = await drain(idle)
     assert err.kind == VALIDATION and err.message == IDLE_TIMEOUT_MESSAGE and err.recoverable
-    assert 0.3 < time.monotonic() - t0 < 3
+    assert 0.3 < time.monotonic() - t0 < 10
     await idle.close()
     await alive.close()
 
@@ -539,7 +539,7 @@ async def test_resets_and_corrupt_bytes(make_emu, make_bedrock):
     assert (out, err) == ([], None) and emu.streams[0].reset == "stream"
     t0 = time.monotonic()
     await s1.close()
-    assert time.monotonic() - t0 < 2.5  # bounded even if the SDK's close hangs after a reset
+    assert time.monotonic() - t0 < 10  # bounded even if the SDK's close hangs after a reset
     # a TCP reset of the whole connection; the next stream reconnects on its own
     emu.reset_after_events = 2
     emu.reset_connection = True
