@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
 
-.PHONY: run test venv dev clean
+.PHONY: run test venv dev clean contract-aws bench
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -33,6 +33,14 @@ run: $(VENV)/.runtime
 PYTEST_ARGS ?= -n 4 --dist loadfile
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Against real AWS (skipped without credentials): Agent Runtime assumptions and one Nova Sonic turn.
+# AWS_REGION / NOVAGATE_CONTRACT_REGION pick the region; NOVAGATE_MODEL_ID the model.
+contract-aws: $(VENV)/.dev
+	$(PY) -m pytest contract -v -s -p no:xdist
+
+bench: $(VENV)/.dev
+	$(PY) scripts/bench_resume.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

@@ -110,6 +110,11 @@ class SessionActor:
         self.owner = ""
         self._aliases: set[str] = set()
 
+    @property
+    def capabilities(self):
+        """What the model accepts (None: everything, as the local engine)."""
+        return getattr(self.s.transport, "capabilities", None)
+
     # -- entry -----------------------------------------------------------------------------------
     async def run(self) -> None:
         try:
@@ -241,11 +246,14 @@ class SessionActor:
         self.conv = Conversation(output_sample_rate=start.output_sample_rate)
         self.pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms)
         self.resampler = InputResampler(start.input_sample_rate)
+        caps = self.capabilities
         self.setup = StreamSetup.build(
             system_prompt=self.cfg.system_prompt,
             history=started.items,
             voice=start.voice or self.cfg.voice,
             output_sample_rate=start.output_sample_rate,
+            endpointing_sensitivity=(self.cfg.endpointing_sensitivity or None)
+            if caps is None or caps.endpointing_sensitivity else None,
         )
         try:
             self.stream = await self.s.transport.open()
@@ -320,6 +328,9 @@ class SessionActor:
             return
         conv = self.conv
         match msg:
+            case m.InputText() if self.capabilities is not None and not self.capabilities.text_input:
+                self._notify(m.Error(codes.UNSUPPORTED, "this model does not take typed text (Nova Sonic v1); "
+                                     "speak instead, or use amazon.nova-2-sonic-v1:0"))
             case m.InputText(text=t):
                 conv.input_text(t, self.setup)
             case m.PlaybackTruncate(item_id=item_id, played_ms=ms):

@@ -35,6 +35,10 @@ class Settings:
         default="amazon.nova-2-sonic-v1:0", metadata={"help": "Nova Sonic model id (engine bedrock); "
                                                       "amazon.nova-sonic-v1:0 is supported without text input"}
     )
+    endpointing_sensitivity: str = field(
+        default="", metadata={"help": "Nova 2 turn-taking: HIGH (1.5 s pause) | MEDIUM | LOW (2 s); empty: the "
+                              "model's default", "choices": ("", "HIGH", "MEDIUM", "LOW")}
+    )
     region: str = field(
         default="", metadata={"help": "AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)"}
     )

@@ -12,8 +12,10 @@ NOT_READY = "not_ready"
 BAD_RECEIPT = "bad_receipt"
 STORE_DEGRADED = "store_degraded"
 MODEL_UNAVAILABLE = "model_unavailable"
-# Additive (not in PROTOCOL.md v1): a fatal error that is not the model's fault.
+# Additive (not in PROTOCOL.md v1): a fatal error that is not the model's fault, and a request the
+# configured model cannot serve (typed text on Nova Sonic v1).
 INTERNAL_ERROR = "internal_error"
+UNSUPPORTED = "unsupported"
 
 
 class CloseCode(IntEnum):

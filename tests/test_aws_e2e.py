@@ -169,3 +169,18 @@ async def test_access_denied_by_nova_is_a_clear_fatal_error(make_gateway, aws_st
     finally:
         emu.terminate()
         emu.wait(10)
+
+
+async def test_nova_sonic_v1_refuses_typed_text_but_keeps_the_session(make_gateway):
+    gw = make_gateway(NOVAGATE_MODEL_ID="amazon.nova-sonic-v1:0", NOVAGATE_ENDPOINTING_SENSITIVITY="HIGH")
+    c = VoiceClient(gw.ws, state=ClientState())
+    await c.connect(mic=False)
+    try:
+        await c.send_text("hello there")
+        await c.send({"type": "ping", "id": 1})
+        await c.wait_for(lambda: any(m["type"] == "pong" for m in c.messages), 10)
+        errors = [m for m in c.messages if m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["unsupported"] and not errors[0]["fatal"]
+        assert not c.finals  # nothing was stored for the refused text
+    finally:
+        await c.close()
