@@ -51,6 +51,8 @@ def open_transport(settings: Settings) -> ModelTransport:
             tts=settings.local_tts,
             grammar=settings.grammar,
             endpoint_ms=settings.local_endpoint_ms,
+            idle_timeout_s=settings.local_idle_timeout_s,
+            max_stream_s=settings.local_max_stream_s,
             trace_path=settings.engine_trace or None,
         ))
     if settings.engine == "bedrock":

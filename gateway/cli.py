@@ -33,16 +33,20 @@ def _serve(args: argparse.Namespace) -> int:
               + (" (temporary)" if found.temporary else ""), file=sys.stderr)
     print(f"novagate: serving on http://{settings.host}:{settings.port}/ (engine {settings.engine}, "
           f"store {settings.store})", file=sys.stderr, flush=True)
-    uvicorn.run(
-        create_app(settings),
+    from .server import Server
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         ws_max_size=65536,          # PROTOCOL §2: a bigger message closes 1009
         ws="websockets",
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
     )
+    Server(config, app, grace_s=settings.drain_grace_s).run()
     return 0
 
 

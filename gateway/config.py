@@ -71,6 +71,21 @@ class Settings:
     truncate_wait_ms: int = field(
         default=1000, metadata={"help": "how long to wait for playback.truncate after a barge-in"}
     )
+    rotate_after_s: float = field(
+        default=360.0, metadata={"help": "rotate a model stream from this age (Nova's cap is 480 s), at a quiet moment"}
+    )
+    rotate_force_after_s: float = field(
+        default=450.0, metadata={"help": "stream age at which the hand-over no longer waits for a quiet moment"}
+    )
+    drain_grace_s: float = field(
+        default=25.0, metadata={"help": "on SIGTERM: seconds to drain sessions before the process exits"}
+    )
+    local_idle_timeout_s: float = field(
+        default=175.0, metadata={"help": "local engine: no audio this long ends a stream (as Nova's 531)"}
+    )
+    local_max_stream_s: float = field(
+        default=480.0, metadata={"help": "local engine: stream age cap (as Nova's modelTimeoutException)"}
+    )
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt given to the model"})
     voice: str = field(default="matthew", metadata={"help": "default voice"})
     local_asr: str = field(

@@ -14,3 +14,7 @@ HISTORY_LOAD = Histogram(
 ITEMS_SAVED = Counter("novagate_items_saved_total", "items durably stored")
 STORE_ERRORS = Counter("novagate_store_errors_total", "failed store writes (retried)")
 MODEL_ERRORS = Counter("novagate_model_errors_total", "model stream errors", ["kind"])
+ROTATIONS = Counter("novagate_stream_rotations_total", "model streams handed over before their cap", ["mode"])
+RECOVERIES = Counter("novagate_stream_recoveries_total", "model streams reopened after a failure", ["kind"])
+MODEL_AUDIO = Counter("novagate_model_audio_bytes_total", "16 kHz audio sent to the model", ["source"])
+DRAINS = Counter("novagate_drains_total", "graceful drains (SIGTERM)")

@@ -71,11 +71,13 @@ class ItemFinal:
 
 
 @dataclass(frozen=True, slots=True)
-class SendToModel:
-    events: tuple[dict, ...]
+class SendTextTurn:
+    """Give the model a typed user turn (built for whichever stream is current when it is sent)."""
+
+    text: str
 
 
-Action = SendToClient | StartAudioItem | AudioToClient | EndAudioItem | FlushPlayback | AwaitTruncate | ItemFinal | SendToModel
+Action = SendToClient | StartAudioItem | AudioToClient | EndAudioItem | FlushPlayback | AwaitTruncate | ItemFinal | SendTextTurn
 
 
 # -- model-side session setup ------------------------------------------------------------------
@@ -169,6 +171,7 @@ class Conversation:
         self._targets: dict[str, tuple[str, _Turn, _Sentence]] = {}  # content_id -> (kind, turn, sentence)
         self._barged = False
         self._speaking = False
+        self._thinking: Item | None = None  # a user turn the model has not started answering
         self.usage = (0, 0)
 
     def actions(self) -> list[Action]:
@@ -179,12 +182,12 @@ class Conversation:
         self._actions.extend(actions)
 
     # -- client input ---------------------------------------------------------------------------
-    def input_text(self, text: str, setup: StreamSetup) -> None:
+    def input_text(self, text: str) -> None:
         """A typed turn: the gateway knows the text, so it makes the user item itself."""
         if self._speaking:
             self._barge_in()
         self._user_item(text)
-        self._emit(SendToModel(tuple(setup.text_turn(text))))
+        self._emit(SendTextTurn(text))
 
     def playback_truncate(self, item_id: str, played_ms: int) -> None:
         t = self._turns.get(item_id)
@@ -261,6 +264,32 @@ class Conversation:
             case _:
                 pass
 
+    @property
+    def idle(self) -> bool:
+        """Nobody is speaking and no answer is due: a stream can be swapped without anyone noticing."""
+        return self._turn is None and not self._speaking and self._thinking is None
+
+    @property
+    def unanswered(self) -> Item | None:
+        """The user's last turn, if the model has not finished answering it (a stream that fails
+        mid-answer leaves it owed)."""
+        return self._thinking
+
+    def stream_replaced(self) -> None:
+        """The model stream was replaced: nothing more will come from the old one. The turn it was
+        speaking ends here (what was already sent keeps playing), and FINAL texts it still owed are
+        not waited for (the plan stands in for them)."""
+        self._close_turn()
+        for t in self._turns.values():
+            t.timed_out = True
+        self._awaiting_final.clear()
+        self._blocks.clear()
+        self._targets.clear()
+        self._user_text = []
+        self._barged = False
+        for t in list(self._turns.values()):
+            self._settle(t)
+
     def _open_turn(self) -> _Turn:
         if self._turn is None:
             self._turn = _Turn(new_item_id())
@@ -318,12 +347,14 @@ class Conversation:
                 self._emit(SendToClient(m.Transcript(turn.item_id, "assistant", turn.plan(), False), paced=True))
         elif what == "audio":
             if reason == "END_TURN" and turn is self._turn:
+                self._thinking = None
                 self._close_turn(reason="end_turn")
                 self._emit(SendToClient(m.Status("listening"), paced=True))
                 self._speaking = False
         elif what == "final":
             sentence.has_final = True
             if reason == "END_TURN" and turn is self._turn and not turn.audio_started:
+                self._thinking = None
                 self._close_turn()  # a turn without audio ends with its text
             self._settle(turn)
 
@@ -345,10 +376,13 @@ class Conversation:
         if self._barged:
             return
         self._barged = True
+        self._thinking = None  # the user took the floor: the answer is no longer owed
         self._emit(FlushPlayback())
 
     def _user_item(self, text: str) -> None:
-        self._final(Item(new_item_id(), "user", text, utc_now()))
+        item = Item(new_item_id(), "user", text, utc_now())
+        self._thinking = item
+        self._final(item)
         self._emit(SendToClient(m.Status("thinking")))
 
     # -- settling ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from protocol.conversation import (
     FlushPlayback,
     ItemFinal,
     SendToClient,
-    SendToModel,
+    SendTextTurn,
     StartAudioItem,
     StreamSetup,
 )
@@ -168,15 +168,16 @@ def test_a_turn_the_client_never_heard_is_never_stored():
 def test_typed_text_is_a_user_item_and_an_interactive_block():
     setup = StreamSetup.build(system_prompt="Be brief.", history=[], voice="matthew", output_sample_rate=24000)
     conv = Conversation()
-    conv.input_text("hello there", setup)
+    conv.input_text("hello there")
     acts = conv.actions()
     assert of(acts, ItemFinal)[0].item.text == "hello there"
-    (to_model,) = of(acts, SendToModel)
-    names = [nova.event_name(e) for e in to_model.events]
+    (turn,) = of(acts, SendTextTurn)
+    events = setup.text_turn(turn.text)
+    names = [nova.event_name(e) for e in events]
     assert names == ["contentStart", "textInput", "contentEnd"]
-    assert nova.event_body(to_model.events[0])["interactive"] is True
+    assert nova.event_body(events[0])["interactive"] is True
     v = InputOrderValidator()  # the whole sequence obeys the service's rules
-    for e in setup.events + list(to_model.events) + [setup.audio(bytes(640))] + setup.closing():
+    for e in setup.events + events + [setup.audio(bytes(640))] + setup.closing():
         v.check(e)
 
 

@@ -295,6 +295,30 @@ class NovaEmulator:
         self._faults.append(fault)
         return fault
 
+    # -- faults on the streams open now (tests that fail a conversation mid-way) ----------------
+    def fail_active(self, kind: str, message: str | None = None, *, code: str | None = None) -> int:
+        """Send a `kind` error frame on every open stream now; returns how many."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r} (choose from {sorted(ERROR_KINDS)})")
+        streams = list(self._active)
+        for s in streams:
+            s.fail(kind, message if message is not None else DEFAULT_MESSAGES[kind], code=code)
+        return len(streams)
+
+    def reset_active(self, *, connection: bool = False) -> int:
+        """RST_STREAM (or reset the TCP connection) of every open stream now."""
+        streams = list(self._active)
+        for s in streams:
+            s.reset(connection)
+        return len(streams)
+
+    def corrupt_active(self) -> int:
+        """Corrupt the next output event of every open stream (a bad CRC, then the end)."""
+        streams = list(self._active)
+        for s in streams:
+            s.invalid_after = s.n_out + 1
+        return len(streams)
+
     def clear_faults(self) -> None:
         self._faults.clear()
         self.persistent_faults.clear()
