@@ -65,6 +65,7 @@ class _Link:
     stream: object
     setup: StreamSetup
     history_len: int
+    setup_ms: float = 0.0
     recv: asyncio.Task | None = None
 
 
@@ -300,6 +301,7 @@ class SessionActor:
             if caps is None or caps.endpointing_sensitivity else None,
             drop_trailing_user=drop_trailing_user,
         )
+        t0 = time.monotonic()
         stream = await self.s.transport.open()
         try:
             for event in setup.events:
@@ -310,7 +312,7 @@ class SessionActor:
         except ModelError:
             await stream.close()
             raise
-        return _Link(stream, setup, len(self.history))
+        return _Link(stream, setup, len(self.history), round((time.monotonic() - t0) * 1000, 2))
 
     def _activate(self, link: _Link) -> None:
         self.link = link
@@ -427,7 +429,8 @@ class SessionActor:
         self._retire(old)
         metrics.ROTATIONS.labels("forced" if forced else "quiet").inc()
         log(logger, logging.INFO, "model stream rotated", session_id=self.session_id, forced=forced,
-            switch_ms=round((time.monotonic() - t0) * 1000, 2), history_items=link.history_len)
+            switch_ms=round((time.monotonic() - t0) * 1000, 2), setup_ms=link.setup_ms,
+            history_items=link.history_len)
 
     async def _recover(self) -> None:
         """Reopen the stream with the history after a failure (the ladder in StreamPolicy)."""

@@ -3,6 +3,15 @@
 It behaves like a real voice client: an open microphone that sends silence between utterances,
 audio in real time, a state file holding the resume token and every receipt not yet acknowledged
 by `item.saved`, and a resume with both after any disconnect.
+
+With `reconnect=True` it also survives a lost connection by itself, as the protocol asks (§5, §6):
+on `session.reconnect` or close 1012 it reconnects at once (after a little jitter), on 1001, 1006,
+1011, 1013 or a failed connection attempt it retries with capped exponential backoff, and each time
+it resumes with the resume token and every receipt still unacknowledged. The microphone resumes on
+the new connection; `finals`, `saved` and the received audio keep accumulating across
+connections; every reconnect is recorded in `reconnects` (how long the client had no usable socket).
+A turn whose reply was cut by a lost connection raises `TurnInterrupted` once the client is
+connected again, so the caller can ask again (`turn(..., retry=n)` does it by itself).
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import sys
 import time
 import wave
@@ -21,6 +31,72 @@ import orjson
 import websockets
 
 FRAME_MS = 20
+
+# Close codes after which a reconnecting client tries again (PROTOCOL §6): 1012 at once (the server is
+# restarting or draining), the others with backoff (going away, abnormal closure, internal error, at
+# capacity or draining, bad gateway). Anything else (1000 after session.end, 1009, 4xxx) is final.
+RECONNECT_AT_ONCE = frozenset({1012})
+RECONNECT_WITH_BACKOFF = frozenset({1001, 1006, 1011, 1013, 1014})
+
+
+@dataclass
+class Reconnect:
+    """One recovered connection loss (monotonic clock, seconds)."""
+
+    reason: str                  # "draining" (a session.reconnect notice) or "close <code>"
+    close_code: int              # how the lost socket closed (1006: no close frame)
+    lost_at: float               # the socket was gone (closed by the server, the network or us)
+    ready_at: float              # session.ready on the new connection
+    attempts: int                # connection attempts it took (1: the first one worked)
+    resumed: bool                # session.ready.resumed on the new connection
+    notice_at: float | None = None      # when session.reconnect arrived, if it did
+    failed_codes: list = field(default_factory=list)  # why the attempts before the last one failed
+
+    @property
+    def duration(self) -> float:
+        """From losing the socket to the next session.ready."""
+        return self.ready_at - self.lost_at
+
+    @property
+    def since_notice(self) -> float | None:
+        """From the session.reconnect notice to the next session.ready."""
+        return None if self.notice_at is None else self.ready_at - self.notice_at
+
+
+class TurnInterrupted(ConnectionError):
+    """The connection was lost before the reply to a turn had finished; raised once the client is
+    connected again (a new conversation stream, with the history so far), so the turn can be asked
+    again. `user_heard`: a final user transcript arrived for it, so the user's words are in the
+    history (stored, or held as a receipt that the resume stores). `assistant`: the reply's final
+    items that did arrive (each one stored or held as a receipt too)."""
+
+    def __init__(self, user: list[dict], assistant: list[dict], close_code: int | None):
+        self.user = user
+        self.assistant = assistant
+        self.close_code = close_code
+        super().__init__(f"connection lost during the turn (close {close_code}); "
+                         f"{'the user turn was heard' if user else 'the user turn was not heard'}, "
+                         f"{len(assistant)} reply item(s) arrived")
+
+    @property
+    def user_heard(self) -> bool:
+        return bool(self.user)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, _AttemptFailed):
+        return f"close {e.code}"
+    if isinstance(e, websockets.InvalidStatus):
+        return f"HTTP {e.response.status_code}"
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    return type(e).__name__
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, code: int, detail: str = ""):
+        super().__init__(f"{code} {detail}".strip())
+        self.code = code
 
 
 @dataclass
@@ -63,6 +139,12 @@ class VoiceClient:
         conversation_id: str | None = None,
         resume: bool = True,
         on_message: Callable[[dict], None] | None = None,
+        reconnect: bool = False,
+        reconnect_timeout: float = 60.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 2.0,
+        drain_wait: float = 1.0,
+        rng: random.Random | None = None,
     ):
         self.url = url
         self.state = state or ClientState()
@@ -78,22 +160,66 @@ class VoiceClient:
         self.ready: dict = {}
         self.messages: list[dict] = []
         self.audio = bytearray()
+        self.audio_sent = 0  # bytes of microphone audio handed to the socket (every connection)
         self.audio_by_item: dict[str, bytearray] = {}
         self.audio_end: dict[str, str] = {}
         self.finals: list[dict] = []
         self.saved: set[str] = set()
-        self.close_code: int | None = None
+        self.close_code: int | None = None  # set when the client is closed for good
         self._current_item: str | None = None
         self._speech: asyncio.Queue[bytes] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._changed = asyncio.Event()
         self.speed = 1.0
+        # -- reconnecting mode
+        self.reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout  # give up after this long without a connection
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.drain_wait = drain_wait  # after session.reconnect: how long to let the server close first
+        self.rng = rng or random.Random()
+        self.readies: list[dict] = []          # every session.ready, one per connection
+        self.reconnects: list[Reconnect] = []  # every recovered connection loss
+        self.closes: list[int] = []            # close code of every connection that ended
+        self.failed_attempts: list[int] = []   # why connection attempts failed (1006: refused/reset/HTTP error)
+        self.failure_reasons: list[str] = []   # the same, in words ("close 1013", "HTTP 502", "refused")
+        self.turns_interrupted = 0
+        self.generation = 0                    # connections that reached session.ready
+        self._connected = asyncio.Event()
+        self._notice: dict | None = None       # session.reconnect on the current connection
+        self._notice_at: float | None = None
+        self._notice_event = asyncio.Event()
+        self._reader_task: asyncio.Task | None = None
+        self._mic_on = False
+        self._ending = False
+        self._closing = False
+        self._lost_at = 0.0
+        self._attempts = 0
+        self._failed_now: list[int] = []
 
     # -- connection ------------------------------------------------------------------------------
     async def connect(self, *, mic: bool = True) -> dict:
+        self.close_code = None
+        self._closing = False
+        if self.reconnect:
+            ready = await self._connect_with_retries(first=True)
+            self._tasks.append(asyncio.create_task(self._supervise()))
+        else:
+            ready = await self._open()
+        if mic and not self._mic_on:
+            self._mic_on = True
+            self._tasks.append(asyncio.create_task(self._mic()))
+        return ready
+
+    async def _open(self) -> dict:
+        """One connection: upgrade, session.start (resume token + unsaved receipts), session.ready."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self.ws = await websockets.connect(self.url, subprotocols=["novagate.v1"], additional_headers=headers,
-                                           max_size=2**20)
+        ws = await websockets.connect(self.url, subprotocols=["novagate.v1"], additional_headers=headers,
+                                      max_size=2**20, open_timeout=10)
+        self.ws = ws
+        self._notice, self._notice_at = None, None
+        self._notice_event.clear()
+        self._current_item = None
         start: dict[str, Any] = {
             "type": "session.start", "protocol": 1,
             "audio": {"input_sample_rate": self.input_rate, "output_sample_rate": self.output_rate},
@@ -104,27 +230,152 @@ class VoiceClient:
             start["voice"] = self.voice
         if self.resume and self.state.resume_token:
             start["resume"] = self.state.resume_token
-        if self.raw_conversation_id:
+        if self.raw_conversation_id and not (self.resume and self.state.resume_token):
             start["conversation_id"] = self.raw_conversation_id
         if self.state.pending:
             start["pending"] = list(self.state.pending.values())[:100]
-        await self.ws.send(orjson.dumps(start).decode())
-        self._tasks.append(asyncio.create_task(self._reader()))
-        self.ready = await self.wait_for(lambda: self._first("session.ready"), timeout=30)
-        self.state.resume_token = self.ready["resume_token"]
-        self.state.conversation_id = self.ready["conversation_id"]
+        first = len(self.messages)
+
+        def ready() -> dict | None:
+            return next((x for x in self.messages[first:] if x.get("type") == "session.ready"), None)
+
+        reader = asyncio.create_task(self._reader(ws))
+        self._reader_task = reader
+        self._tasks.append(reader)
+        try:
+            await ws.send(orjson.dumps(start).decode())
+            if self.reconnect:
+                deadline = time.monotonic() + 30
+                while not ready():
+                    if reader.done():
+                        raise _AttemptFailed(int(ws.close_code or 1006), "closed before session.ready")
+                    if time.monotonic() > deadline:
+                        raise _AttemptFailed(1006, "no session.ready in 30 s")
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                msg = ready()
+            else:
+                msg = await self.wait_for(ready, timeout=30)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            raise
+        self.ready = msg
+        self.readies.append(msg)
+        self.generation += 1
+        self.state.resume_token = msg["resume_token"]
+        self.state.conversation_id = msg["conversation_id"]
         self.state.save()
-        if mic:
-            self._tasks.append(asyncio.create_task(self._mic()))
-        return self.ready
+        self._connected.set()
+        self._changed.set()
+        return msg
+
+    def _backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with jitter (half fixed, half random)."""
+        cap = min(self.backoff_max, self.backoff_initial * 2 ** attempt)
+        return cap / 2 + self.rng.uniform(0, cap / 2)
+
+    def _jitter(self, notice: dict | None) -> float:
+        """Reconnect "at once": after the notice's retry_after_ms (the server spreads its clients;
+        capped at 5 s) plus up to 50 ms, or within 100 ms when there was no notice (a bare 1012)."""
+        after = notice.get("retry_after_ms") if notice else None
+        if isinstance(after, (int, float)) and not isinstance(after, bool):
+            return min(max(after, 0), 5000) / 1000 + self.rng.uniform(0, 0.05)
+        return self.rng.uniform(0, 0.1)
+
+    async def _connect_with_retries(self, *, first: bool, delay: float = 0.0) -> dict:
+        """Connect (first time or again) until it works, the failure is final, or reconnect_timeout."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        attempt = 0
+        failed: list[int] = []
+        while True:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                ready = await self._open()
+                self._attempts, self._failed_now = attempt + 1, failed
+                return ready
+            except (_AttemptFailed, OSError, TimeoutError, websockets.InvalidHandshake,
+                    websockets.ConnectionClosed) as e:
+                code = e.code if isinstance(e, _AttemptFailed) else 1006
+                failed.append(code)
+                self.failed_attempts.append(code)
+                self.failure_reasons.append(_describe(e))
+                if code not in RECONNECT_AT_ONCE | RECONNECT_WITH_BACKOFF:
+                    raise ConnectionError(f"connection refused for good ({code})") from e
+                if time.monotonic() + (delay := self._backoff(attempt)) > deadline:
+                    raise ConnectionError(f"could not {'connect' if first else 'reconnect'} within "
+                                          f"{self.reconnect_timeout:.0f} s (last: {e!r})") from e
+                attempt += 1
+
+    async def _supervise(self) -> None:
+        """Reconnecting mode: watch the connection; when it goes, resume on a new one."""
+        while True:
+            reader, ws = self._reader_task, self.ws
+            notice_wait = asyncio.create_task(self._notice_event.wait())
+            try:
+                await asyncio.wait({reader, notice_wait}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                notice_wait.cancel()
+            if not reader.done():  # session.reconnect: let the server close (it flushes first), briefly
+                self._changed.set()
+                done, _ = await asyncio.wait({reader}, timeout=self.drain_wait)
+                if not done:
+                    with contextlib.suppress(Exception):
+                        await ws.close(1001, "reconnecting")
+                    await asyncio.wait({reader}, timeout=2)
+            code = int(ws.close_code or 1006)
+            lost_at = self._lost_at or time.monotonic()
+            notice, notice_at = self._notice, self._notice_at
+            self._connected.clear()
+            self._current_item = None
+            self._drop_speech()  # an utterance cut by the network is not continued on the next stream
+            self.closes.append(code)
+            if self._closing:
+                return
+            final = (code not in RECONNECT_AT_ONCE | RECONNECT_WITH_BACKOFF and notice is None) or self._ending
+            if final:
+                self.close_code = code
+                self._changed.set()
+                return
+            self._changed.set()
+            at_once = notice is not None or code in RECONNECT_AT_ONCE
+            delay = self._jitter(notice) if at_once else self._backoff(0)
+            try:
+                ready = await self._connect_with_retries(first=False, delay=delay)
+            except ConnectionError:
+                self.close_code = code
+                self._changed.set()
+                return
+            self.reconnects.append(Reconnect(
+                reason="draining" if notice is not None and notice.get("reason") == "draining"
+                else (f"notice {notice.get('reason')}" if notice is not None else f"close {code}"),
+                close_code=code, lost_at=lost_at, ready_at=time.monotonic(), attempts=self._attempts,
+                resumed=bool(ready.get("resumed")), notice_at=notice_at, failed_codes=self._failed_now))
+
+    async def wait_connected(self, timeout: float = 60.0) -> None:
+        """Until a connection is up and not being drained (reconnecting mode)."""
+        await self.wait_for(lambda: self._connected.is_set() and self._notice is None, timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set() and self._notice is None
+
+    def _drop_speech(self) -> None:
+        while not self._speech.empty():
+            self._speech.get_nowait()
 
     async def close(self) -> None:
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
         self._tasks.clear()
+        self._mic_on = False
+        self._connected.clear()
         if self.ws is not None:
             with contextlib.suppress(Exception):
                 await self.ws.close()
@@ -138,7 +389,8 @@ class VoiceClient:
 
     # -- sending ---------------------------------------------------------------------------------
     async def say(self, pcm: bytes) -> None:
-        """Queue speech for the microphone; returns when it has all been sent."""
+        """Queue speech for the microphone; returns when it has all been sent (or, reconnecting,
+        when the connection was lost: the rest of the utterance is dropped, not continued)."""
         frame = self.input_rate * 2 * FRAME_MS // 1000
         for i in range(0, len(pcm), frame):
             self._speech.put_nowait(pcm[i : i + frame])
@@ -146,19 +398,28 @@ class VoiceClient:
             await asyncio.sleep(FRAME_MS / 1000)
 
     async def _mic(self) -> None:
-        """An open microphone: speech when there is some, silence otherwise, in real time."""
+        """An open microphone: speech when there is some, silence otherwise, in real time. When
+        reconnecting it pauses while there is no usable connection and starts again on the new one."""
         frame = self.input_rate * 2 * FRAME_MS // 1000
         silence = bytes(frame)
         period = FRAME_MS / 1000 / self.speed
         next_at = time.monotonic()
         while True:
+            if self.reconnect and not self.connected:
+                await self.wait_for(lambda: self.connected or self.close_code is not None, timeout=3600)
+                next_at = time.monotonic()  # no catch-up burst after a gap
             try:
                 data = self._speech.get_nowait()
             except asyncio.QueueEmpty:
                 data = silence
             if len(data) < frame:
                 data = data + bytes(frame - len(data))
-            await self.ws.send(data)
+            try:
+                await self.ws.send(data)
+                self.audio_sent += len(data)
+            except websockets.ConnectionClosed:
+                if not self.reconnect:
+                    raise
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -166,10 +427,13 @@ class VoiceClient:
         await self.send({"type": "input.text", "text": text})
 
     async def send(self, message: dict) -> None:
+        if self.reconnect and not self.connected:
+            await self.wait_connected()
         await self.ws.send(orjson.dumps(message).decode())
 
     async def end(self) -> None:
         """End the conversation for good (its resume token stops working)."""
+        self._ending = True
         await self.send({"type": "session.end"})
         await self.wait_for(lambda: self._first("session.ended"), timeout=10)
         self.state.resume_token = None
@@ -177,9 +441,9 @@ class VoiceClient:
         self.state.save()
 
     # -- receiving -------------------------------------------------------------------------------
-    async def _reader(self) -> None:
+    async def _reader(self, ws) -> None:
         try:
-            async for data in self.ws:
+            async for data in ws:
                 if isinstance(data, bytes):
                     self.audio += data
                     if self._current_item:
@@ -190,7 +454,9 @@ class VoiceClient:
         except websockets.ConnectionClosed:
             pass
         finally:
-            self.close_code = self.ws.close_code or 1006
+            self._lost_at = time.monotonic()
+            if not self.reconnect:
+                self.close_code = ws.close_code or 1006
             self._changed.set()
 
     def _handle(self, msg: dict) -> None:
@@ -215,6 +481,9 @@ class VoiceClient:
             self.saved.add(msg["item_id"])
             if self.state.pending.pop(msg["item_id"], None) is not None:
                 self.state.save()
+        elif t == "session.reconnect":
+            self._notice, self._notice_at = msg, time.monotonic()
+            self._notice_event.set()
         if self.on_message:
             self.on_message(msg)
         self._changed.set()
@@ -240,21 +509,61 @@ class VoiceClient:
     def finals_of(self, role: str) -> list[dict]:
         return [f for f in self.finals if f["role"] == role]
 
-    async def turn(self, pcm: bytes | None = None, *, text: str | None = None, timeout: float = 60.0) -> dict:
+    async def turn(self, pcm: bytes | None = None, *, text: str | None = None, timeout: float = 60.0,
+                   retry: int = 0) -> dict:
         """One user turn (speech or typed text); returns when the assistant's reply has finished
-        playing and been saved: {"user": str, "assistant": str}."""
+        playing and been saved: {"user": str, "assistant": str, "attempts": int, "reconnects": int}.
+
+        Reconnecting mode: a reply that finished before the connection went is still waited for
+        (its items are saved through the receipts the resume hands back). A reply cut by a lost
+        connection raises `TurnInterrupted` once connected again, unless `retry` allows asking again
+        (the turn is then sent again on the new connection: a new user item)."""
+        attempts = 0
+        reconnects_before = len(self.reconnects)
+        while True:
+            attempts += 1
+            try:
+                result = await self._turn_once(pcm, text, timeout)
+            except TurnInterrupted:
+                self.turns_interrupted += 1
+                if attempts > retry:
+                    raise
+                continue
+            result["attempts"] = attempts
+            result["reconnects"] = len(self.reconnects) - reconnects_before
+            return result
+
+    async def _turn_once(self, pcm: bytes | None, text: str | None, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        if self.reconnect:
+            await self.wait_connected(timeout)
+        generation = self.generation
         n_user, n_asst = len(self.finals_of("user")), len(self.finals_of("assistant"))
-        if text is not None:
-            await self.send_text(text)
-        else:
-            await self.say(pcm)
+        try:
+            if text is not None:
+                await self.send_text(text)
+            else:
+                await self.say(pcm)
+        except websockets.ConnectionClosed:
+            if not self.reconnect:
+                raise
+
+        def ended() -> list[dict]:
+            asst = self.finals_of("assistant")[n_asst:]
+            return [a for a in asst if self.audio_end.get(a["item_id"]) in ("end_turn", "interrupted")]
 
         def done():
             asst = self.finals_of("assistant")[n_asst:]
-            ended = [a for a in asst if self.audio_end.get(a["item_id"]) in ("end_turn", "interrupted")]
-            return bool(ended) and all(a["item_id"] in self.saved for a in asst)
+            if ended() and all(a["item_id"] in self.saved for a in asst):
+                return True
+            # Connected again after a loss: a reply that had finished is saved from its receipts (wait
+            # on); one that had not is lost, and so is everything when the conversation did not resume.
+            if (self.reconnect and self.generation != generation and self.connected
+                    and (not ended() or not self.ready.get("resumed"))):
+                raise TurnInterrupted(self.finals_of("user")[n_user:], asst, self.closes[-1] if self.closes else None)
+            return False
 
-        await self.wait_for(done, timeout)
+        await self.wait_for(done, max(0.0, deadline - time.monotonic()))
         users = self.finals_of("user")[n_user:]
         return {
             "user": " ".join(u["text"] for u in users),
