@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
 
-.PHONY: run test venv dev clean contract-aws bench
+.PHONY: run test venv dev clean contract-aws bench bench-rotation nginx browser
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -31,7 +31,10 @@ run: $(VENV)/.runtime
 
 # Real-time audio dominates the suite, not CPU: test files run in parallel worker processes.
 PYTEST_ARGS ?= -n 4 --dist loadfile
-test: $(VENV)/.dev
+nginx: ; ./scripts/install-nginx
+browser: ; ./scripts/install-browser
+
+test: $(VENV)/.dev nginx browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Against real AWS (skipped without credentials): Agent Runtime assumptions and one Nova Sonic turn.
@@ -41,6 +44,9 @@ contract-aws: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench_resume.py
+
+bench-rotation: $(VENV)/.dev
+	$(PY) scripts/bench_rotation.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

@@ -61,8 +61,8 @@ class Gateway:
     def trace(self) -> Path:
         return Path(self.env["NOVAGATE_ENGINE_TRACE"])
 
-    def start(self, timeout: float = 60.0) -> Gateway:
-        self.port = free_port()
+    def start(self, timeout: float = 60.0, port: int | None = None) -> Gateway:
+        self.port = port or free_port()  # a given port: a restart on the same address
         env = {
             **os.environ,
             "NOVAGATE_HOST": "127.0.0.1",

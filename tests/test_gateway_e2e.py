@@ -290,3 +290,17 @@ async def test_barge_in_flushes_and_history_keeps_what_was_heard(gateway):
                                 headers={"X-Resume-Token": c.ready["resume_token"]})).json()["history"]
         (item,) = [h for h in hist if h["item_id"] == item_id]
         assert item["interrupted"] is True and item["text"] == stored["text"]
+
+
+async def test_typing_over_the_assistant_interrupts_it(gateway):
+    async with client(gateway) as c:
+        await c.send_text("tell me a story")
+        await c.wait_for(lambda: any(x["type"] == "response.audio.start" for x in c.messages), 30)
+        await asyncio.sleep(2)
+        turn = await c.turn(text="hello there", timeout=40)
+        assert any(x["type"] == "interrupted" for x in c.messages)
+        assert "once upon a time" not in turn["assistant"].lower() and turn["assistant"]
+        from gateway.local.policy import STORY
+
+        story = next(f for f in c.finals if f["role"] == "assistant")
+        assert len(story["text"]) < len(" ".join(STORY)) / 2  # cut where the typing came in

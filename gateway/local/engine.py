@@ -418,6 +418,9 @@ class LocalStream:
             if text.strip():
                 self._history.append((block.role, text))
         elif block.interactive and block.role == "USER":
+            if not self._interrupt.is_set() and (self._loop.time() < self._speaking_until
+                                                 or not self._responder_idle):
+                self._request_interrupt()  # typing over the reply interrupts it, as speaking does
             self._turns.put_nowait(_Turn(text=text))
 
     def _on_audio(self, body: dict) -> None:

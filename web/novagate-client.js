@@ -1,0 +1,626 @@
+// novagate-client.js — the reusable browser client of novagate's voice protocol (v1).
+//
+// No UI and no Web Audio in here: it speaks the protocol, keeps the conversation across
+// disconnects and reloads, and reports what happens as events. Any front end can use it:
+//
+//   import { NovagateClient } from "./novagate-client.js";
+//   const client = new NovagateClient({ url: "wss://example.com/v1/voice" });
+//   client.addEventListener("transcript", (e) => console.log(e.detail.role, e.detail.text));
+//   client.attachPlayer(player);   // optional: something that plays the assistant's audio
+//   client.connect();
+//   microphone.onframe = (pcm16) => client.sendAudio(pcm16);   // PCM16LE, 16 kHz, 20–32 ms
+//
+// What it does for you:
+// - session.start with the stored resume token and the receipts not yet acknowledged;
+// - resume token, conversation id and unsaved receipts kept in localStorage (or the `storage` you
+//   give) until `item.saved`; a new token from `session.updated` is stored; a token the server no
+//   longer knows (`resume_failed: "not_found"`) is forgotten;
+// - reconnects by itself: at once (with a little jitter) on close 1012 or `session.reconnect`,
+//   with exponential backoff and jitter on a lost connection or 1013; never blindly on 4xxx;
+// - real-time audio up: your microphone frames, or silence while you have no microphone running;
+// - barge-in: on `interrupted` the attached player is flushed and `playback.truncate` is sent with
+//   the milliseconds of that item actually played;
+// - an application-level ping that notices a dead connection.
+//
+// Events (CustomEvent, payload in `detail`):
+//   state        {state, previous}   idle | connecting | ready | reconnecting | closed | ended
+//   ready        the session.ready message (resumed, history, history_length, resume_failed, ...)
+//   notfound     {previousConversationId}  the stored conversation could not be resumed
+//   transcript   the transcript message ({item_id, role, text, final})
+//   status       {state}  the server's listening | thinking | speaking | recovering
+//   audiostart   {itemId}    audio   {itemId, pcm: ArrayBuffer}    audioend {itemId, reason}
+//   interrupted  {itemId, playedMs}   (after the flush and the playback.truncate)
+//   saved        {itemId}    updated {conversation_id}
+//   reconnecting {attempt, delayMs, code, reason, unreachable}
+//   fatal        {code, reason, message}   the server refused us (4xxx): not retried
+//   servererror  the error message ({code, message, fatal})
+//   ended        the conversation was ended (session.end)
+//   message      every text message from the server, parsed
+
+export const PROTOCOL_VERSION = 1;
+export const SUBPROTOCOL = "novagate.v1";
+
+export const CLOSE_REASONS = {
+  1000: "the conversation ended",
+  1009: "a message was too big",
+  1011: "the server had an internal error",
+  1012: "the server is restarting",
+  1013: "the server is busy",
+  4400: "the server did not understand the client (protocol error)",
+  4401: "you are not signed in, or your sign-in expired",
+  4403: "this page's origin is not allowed by the server",
+  4408: "the connection was too slow to start",
+  4429: "too much audio was sent too fast",
+};
+
+const DEFAULTS = {
+  storageKey: "novagate.conversation",
+  inputSampleRate: 16000,
+  outputSampleRate: 24000,
+  frameMs: 20,
+  backoff: { initialMs: 500, maxMs: 15000, factor: 2 },
+  busyInitialMs: 2000, // after 1013
+  restartJitterMs: 1000, // after 1012 / session.reconnect
+  connectTimeoutMs: 10000,
+  readyTimeoutMs: 20000,
+  pingEveryMs: 15000,
+  pongTimeoutMs: 10000,
+  logLimit: 200,
+};
+
+function memoryStorage() {
+  const m = new Map();
+  return { getItem: (k) => (m.has(k) ? m.get(k) : null), setItem: (k, v) => m.set(k, String(v)), removeItem: (k) => m.delete(k) };
+}
+
+function defaultStorage() {
+  try {
+    const s = globalThis.localStorage;
+    const probe = "__novagate_probe__";
+    s.setItem(probe, "1");
+    s.removeItem(probe);
+    return s;
+  } catch {
+    return memoryStorage(); // private mode or no DOM: the conversation lasts as long as the page
+  }
+}
+
+export class NovagateClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.url  ws(s)://host/v1/voice
+   * @param {string|(() => string|Promise<string>)} [options.auth]  bearer token for session.start.auth
+   * @param {string} [options.voice]
+   * @param {number} [options.inputSampleRate=16000]  rate of the PCM you send
+   * @param {number} [options.outputSampleRate=24000] rate of the PCM you receive
+   * @param {Storage} [options.storage=localStorage]   where the token and receipts live
+   * @param {string} [options.storageKey]
+   * @param {typeof WebSocket} [options.WebSocket]
+   */
+  constructor(options = {}) {
+    super();
+    if (!options.url) throw new TypeError("NovagateClient needs a url (ws://host/v1/voice)");
+    this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff || {}) } };
+    this.url = options.url;
+    this.storage = options.storage || defaultStorage();
+    this.WebSocketImpl = options.WebSocket || globalThis.WebSocket;
+    this.state = "idle";
+    this.serverStatus = null;
+    this.session = null; // the last session.ready
+    this.player = null;
+    this.sent = []; // control messages sent (secrets left out), newest last: for debugging and tests
+    this.counters = { framesSent: 0, bytesSent: 0, framesDropped: 0, framesReceived: 0, bytesReceived: 0,
+                      connects: 0, readies: 0, reconnects: 0 };
+    this._ws = null;
+    this._wanted = false;
+    this._attempt = 0;
+    this._retryTimer = null;
+    this._timers = new Set();
+    this._currentItem = null;
+    this._micActive = false;
+    this._filler = null;
+    this._reconnectHint = null;
+    this._ending = null;
+    this._lastFatalError = null;
+    this._everOpened = false;
+    this._failuresBeforeOpen = 0;
+    this.saved = this._load();
+  }
+
+  // -- stored conversation ------------------------------------------------------------------------
+  _load() {
+    try {
+      const raw = this.storage.getItem(this.options.storageKey);
+      const d = raw ? JSON.parse(raw) : {};
+      return { resume_token: d.resume_token || null, conversation_id: d.conversation_id || null,
+               pending: d.pending && typeof d.pending === "object" ? d.pending : {} };
+    } catch {
+      return { resume_token: null, conversation_id: null, pending: {} };
+    }
+  }
+
+  _save() {
+    try {
+      const s = this.saved;
+      if (!s.resume_token && !Object.keys(s.pending).length) this.storage.removeItem(this.options.storageKey);
+      else this.storage.setItem(this.options.storageKey, JSON.stringify(s));
+    } catch {
+      // storage full or unavailable: the session goes on, only reload-survival is lost
+    }
+  }
+
+  /** The stored resume token (null when none). */
+  get resumeToken() {
+    return this.saved.resume_token;
+  }
+
+  get conversationId() {
+    return this.saved.conversation_id;
+  }
+
+  /** Receipts held until the server says `item.saved`: {item_id: receipt}. */
+  get pendingReceipts() {
+    return { ...this.saved.pending };
+  }
+
+  /** Forget the stored conversation (the next connect starts a new one). */
+  forget() {
+    this.saved = { resume_token: null, conversation_id: null, pending: {} };
+    this._save();
+  }
+
+  // -- connection ---------------------------------------------------------------------------------
+  /** Open the session (resuming the stored conversation, if any) and keep it open until disconnect(). */
+  connect() {
+    this._wanted = true;
+    if (this._ws || this._retryTimer) return;
+    this._open();
+  }
+
+  /** Close the connection; the conversation stays resumable. */
+  disconnect() {
+    this._wanted = false;
+    this._clearRetry();
+    this._stopFiller();
+    const ws = this._ws;
+    this._detach();
+    if (ws) {
+      try {
+        ws.close(1000, "client stopped");
+      } catch {}
+    }
+    this._playerReset();
+    this._setState("idle");
+  }
+
+  /**
+   * End the conversation for good: `session.end`, then the stored token is forgotten. When not
+   * connected, the token is just forgotten (the conversation then expires on the server).
+   */
+  async end({ timeoutMs = 4000 } = {}) {
+    const wasWanted = this._wanted;
+    if (this.state === "ready" && this._ws) {
+      const done = new Promise((resolve) => {
+        this._ending = resolve;
+        this._later(resolve, timeoutMs);
+      });
+      this._sendJson({ type: "session.end" });
+      await done;
+    }
+    this._ending = null;
+    this._wanted = false;
+    this._clearRetry();
+    this._stopFiller();
+    const ws = this._ws;
+    this._detach();
+    if (ws) {
+      try {
+        ws.close(1000, "conversation ended");
+      } catch {}
+    }
+    this._playerReset();
+    this.forget();
+    this.session = null;
+    this._setState("ended");
+    this._emit("ended", {});
+    return wasWanted;
+  }
+
+  /** Retry now instead of waiting for the backoff timer (e.g. on the `online` event). */
+  retryNow() {
+    if (this._wanted && this._retryTimer) {
+      this._clearRetry();
+      this._open();
+    }
+  }
+
+  _open() {
+    this._clearRetry();
+    const isRetry = this.state === "reconnecting";
+    this._setState(isRetry ? "reconnecting" : "connecting");
+    let ws;
+    try {
+      ws = new this.WebSocketImpl(this.url, [SUBPROTOCOL]);
+    } catch (e) {
+      this._scheduleReconnect(1006, String(e && e.message || e), false);
+      return;
+    }
+    this.counters.connects++;
+    ws.binaryType = "arraybuffer";
+    this._ws = ws;
+    this._opened = false;
+    this._connectTimer = this._later(() => {
+      if (this._ws === ws && !this._opened) this._abandon(ws, 1006, "connect timeout");
+    }, this.options.connectTimeoutMs);
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (e) => this._onMessage(ws, e);
+    ws.onclose = (e) => this._onClose(ws, e.code, e.reason);
+    ws.onerror = () => {}; // a close event always follows
+  }
+
+  async _onOpen(ws) {
+    if (this._ws !== ws) return;
+    this._opened = true;
+    this._everOpened = true;
+    this._failuresBeforeOpen = 0;
+    this._reconnectHint = null;
+    this._lastFatalError = null;
+    const start = {
+      type: "session.start",
+      protocol: PROTOCOL_VERSION,
+      audio: { input_sample_rate: this.options.inputSampleRate, output_sample_rate: this.options.outputSampleRate },
+    };
+    if (this.options.voice) start.voice = this.options.voice;
+    if (this.saved.resume_token) start.resume = this.saved.resume_token;
+    const pending = Object.values(this.saved.pending).slice(0, 100);
+    if (pending.length) start.pending = pending;
+    const auth = typeof this.options.auth === "function" ? await this.options.auth() : this.options.auth;
+    if (auth) start.auth = auth;
+    if (this._ws !== ws) return;
+    this._sendJson(start);
+    this._startFiller(); // audio sent before session.ready is held by the server, not dropped
+    this._readyTimer = this._later(() => {
+      if (this._ws === ws && this.state !== "ready") this._abandon(ws, 1006, "no session.ready in time");
+    }, this.options.readyTimeoutMs);
+  }
+
+  _onMessage(ws, e) {
+    if (this._ws !== ws) return;
+    if (typeof e.data !== "string") {
+      this.counters.framesReceived++;
+      this.counters.bytesReceived += e.data.byteLength;
+      const itemId = this._currentItem;
+      if (itemId === null) return; // audio of an item that was interrupted: not to be played
+      if (this.player) this.player.push(itemId, e.data);
+      this._emit("audio", { itemId, pcm: e.data });
+      return;
+    }
+    let msg;
+    try {
+      msg = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    this._handle(msg);
+    this._emit("message", msg);
+  }
+
+  _handle(msg) {
+    const s = this.saved;
+    switch (msg.type) {
+      case "session.ready": {
+        const previous = s.conversation_id;
+        s.resume_token = msg.resume_token;
+        s.conversation_id = msg.conversation_id;
+        if (msg.resume_failed) s.pending = {}; // receipts of a conversation that is gone
+        this._save();
+        this.session = msg;
+        this._attempt = 0;
+        this.counters.readies++;
+        this.serverStatus = "listening";
+        this._setState("ready");
+        this._startPing();
+        if (msg.resume_failed) this._emit("notfound", { previousConversationId: previous, reason: msg.resume_failed });
+        this._emit("ready", msg);
+        break;
+      }
+      case "session.updated":
+        s.resume_token = msg.resume_token;
+        s.conversation_id = msg.conversation_id;
+        this._save();
+        this._emit("updated", msg);
+        break;
+      case "transcript":
+        if (msg.final && msg.receipt) {
+          s.pending[msg.item_id] = msg.receipt;
+          this._save();
+        }
+        this._emit("transcript", msg);
+        break;
+      case "item.saved":
+        if (msg.item_id in s.pending) {
+          delete s.pending[msg.item_id];
+          this._save();
+        }
+        this._emit("saved", { itemId: msg.item_id });
+        break;
+      case "response.audio.start":
+        this._currentItem = msg.item_id;
+        if (this.player) this.player.startItem(msg.item_id);
+        this._emit("audiostart", { itemId: msg.item_id });
+        break;
+      case "response.audio.end":
+        if (this.player) this.player.endItem(msg.item_id);
+        if (this._currentItem === msg.item_id) this._currentItem = null;
+        this._emit("audioend", { itemId: msg.item_id, reason: msg.reason });
+        break;
+      case "interrupted":
+        this._currentItem = null;
+        this._onInterrupted(msg.item_id);
+        break;
+      case "status":
+        this.serverStatus = msg.state;
+        this._emit("status", { state: msg.state });
+        break;
+      case "session.reconnect":
+        this._reconnectHint = { retryAfterMs: Number(msg.retry_after_ms) || 0, reason: msg.reason };
+        // the server closes 1012 when it is ready for us to go; if it does not, go anyway
+        this._later(() => {
+          const ws = this._ws;
+          if (ws && this._reconnectHint) this._abandon(ws, 1012, "session.reconnect");
+        }, (this._reconnectHint.retryAfterMs || 0) + 2000);
+        break;
+      case "session.ended":
+        if (this._ending) this._ending();
+        break;
+      case "pong":
+        this._pongDue = null;
+        break;
+      case "error":
+        if (msg.fatal) this._lastFatalError = msg;
+        this._emit("servererror", msg);
+        break;
+      default:
+        break; // additive messages this client does not know
+    }
+  }
+
+  async _onInterrupted(itemId) {
+    let playedMs = 0;
+    if (this.player) {
+      try {
+        playedMs = Math.max(0, Math.round(await this.player.flush(itemId)));
+      } catch {
+        playedMs = 0;
+      }
+      this.truncate(itemId, playedMs);
+    }
+    this._emit("interrupted", { itemId, playedMs });
+  }
+
+  _onClose(ws, code, reason) {
+    if (this._ws !== ws) return;
+    this._detach();
+    if (this._ending) {
+      this._ending();
+      return;
+    }
+    const opened = this._opened;
+    if (!this._wanted) {
+      this._setState("idle");
+      return;
+    }
+    if (code >= 4000 || code === 1009 || code === 1008 || code === 1003) {
+      // refused: retrying the same thing would be refused again
+      this._wanted = false;
+      const message = (this._lastFatalError && this._lastFatalError.message) || CLOSE_REASONS[code] || reason ||
+        `the server closed the connection (${code})`;
+      this._setState("closed");
+      this._emit("fatal", { code, reason, message });
+      return;
+    }
+    this._scheduleReconnect(code, reason, opened);
+  }
+
+  /** Give up on a socket that is not answering: do not wait for its close handshake. */
+  _abandon(ws, code, reason) {
+    if (this._ws !== ws) return;
+    const opened = this._opened;
+    this._detach();
+    try {
+      ws.close(1000, reason);
+    } catch {}
+    if (this._wanted) this._scheduleReconnect(code, reason, opened);
+  }
+
+  _detach() {
+    const ws = this._ws;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    }
+    this._ws = null;
+    this._opened = false;
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+    this._stopPing();
+    this._stopFiller();
+    if (this._currentItem !== null && this.player) this.player.endItem(this._currentItem); // let the tail play
+    this._currentItem = null;
+  }
+
+  _scheduleReconnect(code, reason, opened) {
+    if (!opened) this._failuresBeforeOpen++;
+    let delay;
+    if (this._reconnectHint) {
+      // a drain: the server said when (it spreads its clients itself); a little more jitter of ours
+      delay = this._reconnectHint.retryAfterMs + Math.random() * 250;
+      this._reconnectHint = null;
+      this._attempt = 1;
+    } else if (code === 1012) {
+      // a restart: go now, spread a little so every client does not come at once
+      delay = Math.random() * this.options.restartJitterMs;
+      this._attempt = 1; // if that fails, back off from there
+    } else {
+      const b = this.options.backoff;
+      const initial = code === 1013 ? this.options.busyInitialMs : b.initialMs;
+      const ceiling = Math.min(b.maxMs, initial * b.factor ** this._attempt);
+      delay = ceiling / 2 + Math.random() * (ceiling / 2); // exponential backoff, "equal jitter"
+      this._attempt++;
+    }
+    this.counters.reconnects++;
+    this._setState("reconnecting");
+    this._emit("reconnecting", {
+      attempt: this._attempt, delayMs: Math.round(delay), code, reason,
+      unreachable: !opened && this._failuresBeforeOpen >= 2,
+    });
+    this._retryTimer = setTimeout(() => {
+      this._retryTimer = null;
+      if (this._wanted) this._open();
+    }, delay);
+  }
+
+  _clearRetry() {
+    if (this._retryTimer) clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+  }
+
+  _later(fn, ms) {
+    const t = setTimeout(() => {
+      this._timers.delete(t);
+      fn();
+    }, ms);
+    this._timers.add(t);
+    return t;
+  }
+
+  _setState(state) {
+    if (state === this.state) return;
+    const previous = this.state;
+    this.state = state;
+    if (state !== "ready") this.serverStatus = null;
+    this._emit("state", { state, previous });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  // -- keepalive ----------------------------------------------------------------------------------
+  _startPing() {
+    this._stopPing();
+    let n = 0;
+    this._pingTimer = setInterval(() => {
+      const ws = this._ws;
+      if (!ws || this.state !== "ready") return;
+      if (this._pongDue && Date.now() > this._pongDue) {
+        this._abandon(ws, 1006, "no pong");
+        return;
+      }
+      if (!this._pongDue) {
+        this._pongDue = Date.now() + this.options.pongTimeoutMs;
+        this._sendJson({ type: "ping", id: ++n }, { log: false });
+      }
+    }, Math.min(this.options.pingEveryMs, this.options.pongTimeoutMs));
+  }
+
+  _stopPing() {
+    if (this._pingTimer) clearInterval(this._pingTimer);
+    this._pingTimer = null;
+    this._pongDue = null;
+  }
+
+  // -- sending ------------------------------------------------------------------------------------
+  get canSend() {
+    return !!this._ws && this._opened && this._ws.readyState === 1;
+  }
+
+  _sendJson(msg, { log = true } = {}) {
+    if (!this.canSend) return false;
+    this._ws.send(JSON.stringify(msg));
+    if (log) {
+      const entry = { ...msg, at: Date.now() };
+      if (entry.auth) entry.auth = "(hidden)";
+      if (entry.resume) entry.resume = "(token)";
+      if (entry.pending) entry.pending = entry.pending.length;
+      this.sent.push(entry);
+      if (this.sent.length > this.options.logLimit) this.sent.shift();
+    }
+    return true;
+  }
+
+  /**
+   * Send microphone audio: PCM16LE mono at inputSampleRate (Int16Array or ArrayBuffer), 20–32 ms.
+   * Dropped (and counted) while not connected: nobody would hear it.
+   */
+  sendAudio(pcm) {
+    const buf = pcm instanceof ArrayBuffer ? pcm : pcm.buffer.slice(pcm.byteOffset, pcm.byteOffset + pcm.byteLength);
+    if (!this.canSend) {
+      this.counters.framesDropped++;
+      return false;
+    }
+    this._ws.send(buf);
+    this.counters.framesSent++;
+    this.counters.bytesSent += buf.byteLength;
+    return true;
+  }
+
+  /**
+   * Tell the client whether your microphone is running. While it is not, the client itself sends
+   * silence in real time, so the server always has a live audio stream.
+   */
+  setMicActive(active) {
+    this._micActive = !!active;
+    if (this._micActive) this._stopFiller();
+    else if (this.canSend) this._startFiller();
+  }
+
+  _startFiller() {
+    if (this._micActive || this._filler) return;
+    const frameMs = this.options.frameMs;
+    const frameBytes = Math.round((this.options.inputSampleRate * frameMs) / 1000) * 2;
+    const silence = new ArrayBuffer(frameBytes);
+    const t0 = performance.now();
+    let sent = 0;
+    this._filler = setInterval(() => {
+      if (!this.canSend) return;
+      const due = Math.floor((performance.now() - t0) / frameMs) - sent;
+      const n = Math.min(due, 50); // after a throttled timer, at most 1 s at once
+      for (let i = 0; i < n; i++) this.sendAudio(silence);
+      sent += due; // what could not be sent is skipped, not owed
+    }, frameMs);
+  }
+
+  _stopFiller() {
+    if (this._filler) clearInterval(this._filler);
+    this._filler = null;
+  }
+
+  /** A typed user turn (1–1000 characters). */
+  sendText(text) {
+    const t = String(text).trim();
+    if (!t) return false;
+    return this._sendJson({ type: "input.text", text: t.slice(0, 1000) });
+  }
+
+  /** Tell the server how much of an interrupted assistant item was actually played. */
+  truncate(itemId, playedMs) {
+    return this._sendJson({ type: "playback.truncate", item_id: itemId, played_ms: Math.max(0, Math.round(playedMs)) });
+  }
+
+  // -- player -------------------------------------------------------------------------------------
+  /**
+   * Attach the thing that plays the assistant's audio. It needs:
+   *   startItem(itemId), push(itemId, ArrayBuffer PCM16LE), endItem(itemId),
+   *   flush(itemId) -> Promise<number>  (drop all queued audio now; resolve with the ms of
+   *                                      itemId that were actually played),
+   *   reset()                            (optional: drop everything, no report)
+   */
+  attachPlayer(player) {
+    this.player = player;
+  }
+
+  _playerReset() {
+    this._currentItem = null;
+    if (this.player && this.player.reset) this.player.reset();
+  }
+}
