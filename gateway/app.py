@@ -167,31 +167,33 @@ async def _owned(request: Request):
     return None
 
 
-async def history_v1(request: Request) -> Response:
-    conv = await _owned(request)
-    if conv is None:
-        return JSONResponse(_NOT_FOUND, status_code=404)
-    items = await request.app.state.services.store.history(conv.conversation_id)
-    return JSONResponse({
-        "conversation_id": conv.conversation_id,
-        "ended": conv.ended,
-        "history_length": len(items),
-        "history": [i.to_dict() for i in items],
-    })
+def _history_endpoint(shape):
+    """A history endpoint: the owner's full history in `shape`, else a 404 like a missing one."""
+
+    async def endpoint(request: Request) -> Response:
+        conv = await _owned(request)
+        if conv is None:
+            return JSONResponse(_NOT_FOUND, status_code=404)
+        items = await request.app.state.services.store.history(conv.conversation_id)
+        return JSONResponse(shape(conv, items))
+
+    return endpoint
 
 
-async def history_guide(request: Request) -> Response:
-    """The original guide's shape: {sessionId, bedrockSessionId, historyLength, history:[{role,text,timestamp}]}."""
-    conv = await _owned(request)
-    if conv is None:
-        return JSONResponse(_NOT_FOUND, status_code=404)
-    items = await request.app.state.services.store.history(conv.conversation_id)
-    return JSONResponse({
-        "sessionId": conv.conversation_id,
-        "bedrockSessionId": conv.conversation_id,
-        "historyLength": len(items),
-        "history": [{"role": i.role, "text": i.text, "timestamp": i.at} for i in items],
-    })
+history_v1 = _history_endpoint(lambda conv, items: {
+    "conversation_id": conv.conversation_id,
+    "ended": conv.ended,
+    "history_length": len(items),
+    "history": [i.to_dict() for i in items],
+})
+
+# The original guide's shape: {sessionId, bedrockSessionId, historyLength, history:[{role,text,timestamp}]}.
+history_guide = _history_endpoint(lambda conv, items: {
+    "sessionId": conv.conversation_id,
+    "bedrockSessionId": conv.conversation_id,
+    "historyLength": len(items),
+    "history": [{"role": i.role, "text": i.text, "timestamp": i.at} for i in items],
+})
 
 
 async def delete_conversation(request: Request) -> Response:

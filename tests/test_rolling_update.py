@@ -302,7 +302,7 @@ async def roll(victim: PinnedGateway, clients: list[VoiceClient], n: int, stats:
 @pytest.fixture
 def nginx_bin():
     if find_nginx() is None:
-        pytest.skip("nginx is not installed: run `make nginx` (scripts/install-nginx)")
+        pytest.fail("nginx is not installed: run `make nginx` (scripts/install-nginx)")
 
 
 async def test_rolling_update_through_nginx_loses_nothing(nginx_bin, backend, tmp_path):
