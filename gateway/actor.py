@@ -394,7 +394,7 @@ class SessionActor:
             raise ModelError(CONNECTION, "send timed out") from None
         if audio:
             self._last_model_audio = time.monotonic()
-            metrics.MODEL_AUDIO.labels(source).inc(audio)
+            metrics.MODEL_AUDIO_BY_SOURCE[source].inc(audio)
 
     async def _maybe_hand_over(self, now: float) -> None:
         """Rotation: prepare the next stream at a quiet moment once the current one is old enough,

@@ -17,4 +17,5 @@ MODEL_ERRORS = Counter("novagate_model_errors_total", "model stream errors", ["k
 ROTATIONS = Counter("novagate_stream_rotations_total", "model streams handed over before their cap", ["mode"])
 RECOVERIES = Counter("novagate_stream_recoveries_total", "model streams reopened after a failure", ["kind"])
 MODEL_AUDIO = Counter("novagate_model_audio_bytes_total", "16 kHz audio sent to the model", ["source"])
+MODEL_AUDIO_BY_SOURCE = {s: MODEL_AUDIO.labels(s) for s in ("client", "keepalive", "replay")}  # per frame: no lookup
 DRAINS = Counter("novagate_drains_total", "graceful drains (SIGTERM)")

@@ -177,8 +177,8 @@ export class NovagateClient extends EventTarget {
     this._open();
   }
 
-  /** Close the connection; the conversation stays resumable. */
-  disconnect() {
+  /** Stop wanting a connection: no retries, no filler, close the socket (1000), reset playback. */
+  _stop(reason) {
     this._wanted = false;
     this._clearRetry();
     this._stopFiller();
@@ -186,10 +186,15 @@ export class NovagateClient extends EventTarget {
     this._detach();
     if (ws) {
       try {
-        ws.close(1000, "client stopped");
+        ws.close(1000, reason);
       } catch {}
     }
     this._playerReset();
+  }
+
+  /** Close the connection; the conversation stays resumable. */
+  disconnect() {
+    this._stop("client stopped");
     this._setState("idle");
   }
 
@@ -208,17 +213,7 @@ export class NovagateClient extends EventTarget {
       await done;
     }
     this._ending = null;
-    this._wanted = false;
-    this._clearRetry();
-    this._stopFiller();
-    const ws = this._ws;
-    this._detach();
-    if (ws) {
-      try {
-        ws.close(1000, "conversation ended");
-      } catch {}
-    }
-    this._playerReset();
+    this._stop("conversation ended");
     this.forget();
     this.session = null;
     this._setState("ended");
