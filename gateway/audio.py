@@ -23,34 +23,27 @@ class InputResampler:
 
 
 class SpeechActivity:
-    """Is the user speaking now? webrtcvad over the 16 kHz input, with a hangover so the pauses
-    inside a sentence do not count as silence. Used to pick a quiet moment for a stream hand-over."""
+    """Has the user been silent lately? webrtcvad over the 16 kHz input: any voiced 30 ms frame in
+    the last `hangover_ms` counts as speaking. No onset delay on purpose: a stream hand-over must not
+    fall in the first frames of an utterance, which would split it between two streams."""
 
     FRAME = 960  # 30 ms at 16 kHz
 
-    def __init__(self, *, hangover_ms: int = 800, onset_frames: int = 3):
+    def __init__(self, *, hangover_ms: int = 800):
         import webrtcvad
 
         self._vad = webrtcvad.Vad(2)
         self._buf = bytearray()
-        self._run = 0
-        self._onset = onset_frames
         self._hangover = hangover_ms // 30
         self._quiet = self._hangover
-        self.speaking = False
+
+    @property
+    def speaking(self) -> bool:
+        return self._quiet < self._hangover
 
     def feed(self, pcm16k: bytes) -> None:
         self._buf += pcm16k
         while len(self._buf) >= self.FRAME:
             frame = bytes(self._buf[: self.FRAME])
             del self._buf[: self.FRAME]
-            if self._vad.is_speech(frame, MODEL_RATE):
-                self._run += 1
-                self._quiet = 0
-                if self._run >= self._onset:
-                    self.speaking = True
-            else:
-                self._run = 0
-                self._quiet += 1
-                if self._quiet >= self._hangover:
-                    self.speaking = False
+            self._quiet = 0 if self._vad.is_speech(frame, MODEL_RATE) else self._quiet + 1
