@@ -4,9 +4,10 @@
 * One `AsyncBedrockRuntimeClient` per transport, built lazily on the first `open()` with
   `AsyncBedrockRuntimeConfig.resolve(region=..., endpoint_uri=..., transport=AWSCRTHTTPClient(force_http_2))`.
   The endpoint is the explicit `endpoint_url`, else what the SDK resolves: `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`,
-  `AWS_ENDPOINT_URL`, the profile's `endpoint_url`, else the regional endpoint. Credentials come from the SDK's
-  default identity chain (no resolver is passed). Custom CAs: set `SSL_CERT_FILE` before the first `open()`
-  (the CRT transport reads it when it is constructed).
+  `AWS_ENDPOINT_URL`, the profile's `endpoint_url`, else the regional endpoint. Credentials come from
+  botocore's default chain (`default_identity`), resolved off the event loop for each `open()` and fixed for
+  the life of that stream. Custom CAs: set `SSL_CERT_FILE` before the first `open()` (the CRT transport reads
+  it when it is constructed).
 * `open()` starts the request and returns at once: it does **not** wait for the HTTP response, because the
   service may answer only once events flow. HTTP-level failures (403 AccessDenied, 404, 400 ...) therefore
   surface as ModelError from the first `receive()` — and from `send()` as soon as the stream's pump has seen
@@ -42,10 +43,12 @@ from gateway.transport import (
     VALIDATION,
     ModelError,
 )
+from protocol.nova_events import DEFAULT_MODEL_ID
 
-log = logging.getLogger("novagate.bedrock")
+from .logs import log
 
-DEFAULT_MODEL_ID = "amazon.nova-2-sonic-v1:0"
+logger = logging.getLogger("novagate.bedrock")
+
 NOVA_2_MARKER = "nova-2-sonic"
 QUEUE_SIZE = 256
 
@@ -233,8 +236,8 @@ class BedrockTransport:
                 raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's region)")
             self._config = config
             self._client = AsyncBedrockRuntimeClient(config=config)
-            log.info("bedrock client: model %s region %s endpoint %s", self.model_id, config.region,
-                     config.endpoint_uri or "(regional)")
+            log(logger, logging.INFO, "bedrock client created", model_id=self.model_id, region=config.region,
+                endpoint=str(config.endpoint_uri) if config.endpoint_uri else "(regional)")
             return self._client
 
     async def _identity(self) -> Any:
@@ -327,7 +330,8 @@ class BedrockStream:
                 if ev is None:
                     break
                 if not isinstance(ev, InvokeModelWithBidirectionalStreamOutputChunk):
-                    log.warning("%s: ignoring unknown output member %r", self.stream_id, ev)
+                    log(logger, logging.WARNING, "bedrock stream: unknown output member ignored",
+                        stream_id=self.stream_id, member=type(ev).__name__)
                     continue
                 try:
                     event = orjson.loads(ev.value.bytes_)
@@ -342,7 +346,8 @@ class BedrockStream:
         except Exception as exc:  # noqa: BLE001 - every failure becomes the stream's ModelError
             self._error = map_sdk_error(exc)
             if not self._closing:
-                log.info("%s: %s", self.stream_id, self._error)
+                log(logger, logging.INFO, "bedrock stream failed", stream_id=self.stream_id, kind=self._error.kind,
+                    error=self._error.message)
         finally:
             self._pump_done = True
             if not self._failed.done():
@@ -412,15 +417,17 @@ class BedrockStream:
             closer.add_done_callback(_consume)
             await asyncio.wait({closer}, timeout=timeout)
             if not closer.done():
-                log.info("%s: closing the input stream timed out after %gs", self.stream_id, timeout)
+                log(logger, logging.INFO, "bedrock stream: closing the input timed out", stream_id=self.stream_id,
+                    timeout_s=timeout)
             if not self._pump.done():
                 self._drain_queue()
                 await asyncio.wait({self._pump}, timeout=timeout)
             if not self._pump.done():
                 # never cancel a pump blocked in the SDK's receive(); closing the client releases it
-                log.info("%s: output did not end within %gs after close", self.stream_id, timeout)
+                log(logger, logging.INFO, "bedrock stream: output did not end after close", stream_id=self.stream_id,
+                    timeout_s=timeout)
         except Exception as exc:  # noqa: BLE001
-            log.info("%s: close: %r", self.stream_id, exc)
+            log(logger, logging.INFO, "bedrock stream: close failed", stream_id=self.stream_id, error=repr(exc))
         finally:
             self._drain_queue()
             _adopt_crt_writers()
@@ -460,9 +467,9 @@ def _crt_writer_done(task: asyncio.Task) -> None:
     if exc is None:
         return
     if "HTTP_STREAM_HAS_COMPLETED" in str(exc) or "HTTP_STREAM_HAS_COMPLETED" in str(getattr(exc, "name", "")):
-        log.debug("CRT request writer ended after the response: %s", exc)
+        log(logger, logging.DEBUG, "CRT request writer ended after the response", error=str(exc))
     else:
-        log.warning("CRT request writer failed: %r", exc)
+        log(logger, logging.WARNING, "CRT request writer failed", error=repr(exc))
 
 
 def _adopt_crt_writers() -> None:

@@ -1,10 +1,12 @@
-"""`novagate` command line: serve, client."""
+"""`novagate` command line: serve, client, emulate."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+
+from protocol import messages
 
 from .config import ConfigError, add_arguments, settings_from_args
 
@@ -40,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        ws_max_size=65536,          # PROTOCOL §2: a bigger message closes 1009
+        ws_max_size=messages.MAX_TEXT_MESSAGE_BYTES,  # PROTOCOL §2: a bigger message closes 1009
         ws="websockets",
         log_config=None,
         lifespan="on",
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--new", action="store_true", help="start a new conversation even if --state has a token")
     client.add_argument("--token", help="bearer token (JWT) for an authenticated user")
     client.add_argument("--voice")
-    client.add_argument("--output-rate", type=int, default=24000, choices=(8000, 16000, 24000))
+    client.add_argument("--output-rate", type=int, default=messages.DEFAULT_CLIENT_OUTPUT_RATE,
+                        choices=messages.CLIENT_OUTPUT_RATES)
     client.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
     client.set_defaults(func=_client)
 

@@ -44,6 +44,9 @@ def setup(level: str = "info", *, show_text: bool = False) -> None:
     logging.getLogger("uvicorn.access").setLevel("WARNING")
 
 
-def log(logger: logging.Logger, level: int, msg: str, **fields) -> None:
+def log(logger: logging.Logger, level: int, msg: str, *, exc_info: bool = False, **fields) -> None:
+    """The gateway's one way to log: a fixed `msg` (no transcripts or tokens in it) and the details as
+    `fields`, which become keys of the JSON line (redacted when their key says they hold text or a
+    token). `exc_info=True` adds the traceback of the exception being handled."""
     if logger.isEnabledFor(level):
-        logger.log(level, msg, extra={"fields": fields})
+        logger.log(level, msg, exc_info=exc_info, extra={"fields": fields})

@@ -12,7 +12,7 @@ message reads like the service's `ValidationException` text when the event break
 * `audioInput` needs the open AUDIO block and is rejected while any TEXT/TOOL block is open.
   `textInput` only inside its open TEXT block (≤ 1 KB each in non-interactive blocks; history ≤ 40 KB in
   total). `toolResult` only inside its open TOOL block. `contentEnd` closes an open block.
-* `promptEnd` only when no block is open; `sessionEnd` after the prompt has ended; nothing after `sessionEnd`.
+* `promptEnd` only when no block is open; `sessionEnd` only when no prompt is open; nothing after `sessionEnd`.
 
 Pure: no I/O, no clocks.
 """
@@ -21,16 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MAX_TEXT_INPUT_BYTES = 1024
-MAX_HISTORY_BYTES = 40 * 1024
+from protocol.nova_events import (
+    MAX_HISTORY_BYTES,
+    MAX_TEXT_INPUT_BYTES,
+    MODEL_INPUT_RATE,
+    MODEL_INPUT_RATES,
+    MODEL_OUTPUT_RATES,
+)
+
 INPUT_EVENTS = frozenset(
     {"sessionStart", "promptStart", "contentStart", "textInput", "audioInput", "toolResult", "contentEnd",
      "promptEnd", "sessionEnd"}
 )
 CONTENT_TYPES = frozenset({"TEXT", "AUDIO", "TOOL"})
 TEXT_ROLES = frozenset({"SYSTEM", "USER", "ASSISTANT"})
-OUTPUT_SAMPLE_RATES = frozenset({8000, 16000, 24000})
-AUDIO_INPUT_SAMPLE_RATES = frozenset({8000, 16000, 24000})
 
 _PREFIX = "Invalid input request: "
 
@@ -200,10 +204,10 @@ class InputOrderValidator:
             if not isinstance(audio_cfg, dict):
                 raise _fail("promptStart audioOutputConfiguration must be an object")
             rate = audio_cfg.get("sampleRateHertz")
-            if rate is not None and rate not in OUTPUT_SAMPLE_RATES:
+            if rate is not None and rate not in MODEL_OUTPUT_RATES:
                 raise _fail(
                     f"promptStart audioOutputConfiguration.sampleRateHertz {rate} is not supported "
-                    f"(use one of {sorted(OUTPUT_SAMPLE_RATES)})"
+                    f"(use one of {sorted(MODEL_OUTPUT_RATES)})"
                 )
         s.prompt_name = prompt
 
@@ -263,11 +267,11 @@ class InputOrderValidator:
             cfg = body.get("audioInputConfiguration")
             if cfg is not None and not isinstance(cfg, dict):
                 raise _fail(f"AUDIO contentStart {_q(cname)} audioInputConfiguration must be an object")
-            rate = (cfg or {}).get("sampleRateHertz", 16000)
-            if rate not in AUDIO_INPUT_SAMPLE_RATES:
+            rate = (cfg or {}).get("sampleRateHertz", MODEL_INPUT_RATE)
+            if rate not in MODEL_INPUT_RATES:
                 raise _fail(
                     f"AUDIO contentStart {_q(cname)} sampleRateHertz {rate} is not supported "
-                    f"(use one of {sorted(AUDIO_INPUT_SAMPLE_RATES)})"
+                    f"(use one of {sorted(MODEL_INPUT_RATES)})"
                 )
             block.sample_rate = int(rate)
         else:  # TOOL

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 from protocol import nova_events
 from protocol.items import Item
-
-MAX_HISTORY_BYTES = 40 * 1024
-MAX_CHUNK_BYTES = 1024
+from protocol.nova_events import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES
 
 _ROLES = {"user": "USER", "assistant": "ASSISTANT"}
 
@@ -50,7 +48,7 @@ def _tail(text: str, budget: int) -> str:
     return tail.lstrip()
 
 
-def split_chunks(text: str, limit: int = MAX_CHUNK_BYTES) -> tuple[str, ...]:
+def split_chunks(text: str, limit: int = MAX_TEXT_INPUT_BYTES) -> tuple[str, ...]:
     """Chunks of at most `limit` UTF-8 bytes. A split at a space consumes that one space; a split at
     other whitespace keeps it at the end of the chunk; with no whitespace, split at a character."""
     chunks: list[str] = []
@@ -96,7 +94,7 @@ def shape_history(
     items: Sequence[Item],
     *,
     max_bytes: int = MAX_HISTORY_BYTES,
-    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    max_chunk_bytes: int = MAX_TEXT_INPUT_BYTES,
     drop_trailing_user: bool = False,
 ) -> list[HistoryTurn]:
     """Alternating USER-first turns of the newest items, within Nova's size limits.

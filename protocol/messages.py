@@ -3,7 +3,8 @@
 Decoding is the only place where untrusted client JSON becomes typed values, so every check lives
 here and fails with a `ProtocolError` carrying the wire error code. Unknown fields are ignored and an
 explicit JSON `null` counts as an absent optional field, so clients may add fields or send nulls.
-Size limits of whole frames (close 1009, `max_frame_bytes`) belong to the connection, not here.
+Size limits of whole frames (close 1009) are stated here (`MAX_TEXT_MESSAGE_BYTES`,
+`MAX_FRAME_BYTES`) and enforced by the connection.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from typing import Any, ClassVar
 import orjson
 
 from protocol import codes
+from protocol.nova_events import MODEL_OUTPUT_RATES
 
-INPUT_SAMPLE_RATES = (8000, 16000, 24000, 48000)
-OUTPUT_SAMPLE_RATES = (8000, 16000, 24000)
+# Facts of client protocol v1: the one place they are stated.
+CLIENT_INPUT_RATES = (8000, 16000, 24000, 48000)  # audio.input_sample_rate; the gateway resamples to the model's
+CLIENT_OUTPUT_RATES = MODEL_OUTPUT_RATES  # audio.output_sample_rate; passed to the model, not resampled
+DEFAULT_CLIENT_INPUT_RATE = 16000
+DEFAULT_CLIENT_OUTPUT_RATE = 24000
 MAX_TEXT_CHARS = 1000
 MAX_PENDING = 100
 MAX_TEXT_MESSAGE_BYTES = 65536
@@ -51,8 +56,8 @@ class SessionStart:
     auth: str | None = None
     resume: str | None = None
     conversation_id: str | None = None
-    input_sample_rate: int = 16000
-    output_sample_rate: int = 24000
+    input_sample_rate: int = DEFAULT_CLIENT_INPUT_RATE
+    output_sample_rate: int = DEFAULT_CLIENT_OUTPUT_RATE
     voice: str | None = None
     pending: tuple[str, ...] = ()
 
@@ -136,8 +141,8 @@ def _session_start(obj: dict) -> SessionStart:
         auth=_opt_str(obj, "auth"),
         resume=_opt_str(obj, "resume"),
         conversation_id=_opt_str(obj, "conversation_id"),
-        input_sample_rate=_rate(audio, "input_sample_rate", INPUT_SAMPLE_RATES, 16000),
-        output_sample_rate=_rate(audio, "output_sample_rate", OUTPUT_SAMPLE_RATES, 24000),
+        input_sample_rate=_rate(audio, "input_sample_rate", CLIENT_INPUT_RATES, DEFAULT_CLIENT_INPUT_RATE),
+        output_sample_rate=_rate(audio, "output_sample_rate", CLIENT_OUTPUT_RATES, DEFAULT_CLIENT_OUTPUT_RATE),
         voice=voice,
         pending=tuple(pending),
     )

@@ -14,10 +14,19 @@ from typing import Any, Literal
 
 import orjson
 
-INTERRUPTED_SIGNAL = '{ "interrupted" : true }'
-DEFAULT_MODEL_ID = "amazon.nova-2-sonic-v1:0"
-OUTPUT_SAMPLE_RATES = (8000, 16000, 24000)
-INPUT_SAMPLE_RATE = 16000
+# Facts of the Nova Sonic service (reference/nova-sonic.md §2, §4, §9): the one place the gateway
+# states them; everything else imports them from here.
+DEFAULT_MODEL_ID = "amazon.nova-2-sonic-v1:0"  # Nova 2 Sonic
+NOVA_SONIC_V1_MODEL_ID = "amazon.nova-sonic-v1:0"  # legacy Nova Sonic 1: no typed text input
+MODEL_INPUT_RATE = 16000  # the rate of the audio the gateway sends to the model
+MODEL_INPUT_RATES = (8000, 16000, 24000)  # audioInputConfiguration.sampleRateHertz the service accepts
+MODEL_OUTPUT_RATES = (8000, 16000, 24000)  # audioOutputConfiguration.sampleRateHertz the service accepts
+DEFAULT_MODEL_OUTPUT_RATE = 24000  # what the builders and the local engine use when no output rate is given
+MAX_HISTORY_BYTES = 40 * 1024  # history text (non-interactive USER/ASSISTANT blocks) in total
+MAX_TEXT_INPUT_BYTES = 1024  # one textInput of a non-interactive block
+MAX_STREAM_AGE_S = 480.0  # a stream this old ends with modelTimeoutException
+IDLE_TIMEOUT_S = 175.0  # this long without audioInput ends a stream (ValidationException, InternalErrorCode=531)
+INTERRUPTED_SIGNAL = '{ "interrupted" : true }'  # the textOutput content that marks a barge-in
 
 
 def new_name() -> str:
@@ -63,7 +72,7 @@ def prompt_start(
     prompt_name: str,
     *,
     voice_id: str = "matthew",
-    output_sample_rate: int = 24000,
+    output_sample_rate: int = DEFAULT_MODEL_OUTPUT_RATE,
     tools: list[dict] | None = None,
 ) -> dict:
     body: dict[str, Any] = {
@@ -103,7 +112,7 @@ def text_input(prompt_name: str, content_name: str, content: str) -> dict:
     return _ev("textInput", {"promptName": prompt_name, "contentName": content_name, "content": content})
 
 
-def audio_content_start(prompt_name: str, content_name: str, *, sample_rate: int = INPUT_SAMPLE_RATE) -> dict:
+def audio_content_start(prompt_name: str, content_name: str, *, sample_rate: int = MODEL_INPUT_RATE) -> dict:
     return _ev(
         "contentStart",
         {
@@ -188,7 +197,8 @@ def completion_start(ids: dict) -> dict:
 
 
 def output_content_start(
-    ids: dict, content_id: str, *, type: str, role: str, stage: str | None = None, sample_rate: int = 24000
+    ids: dict, content_id: str, *, type: str, role: str, stage: str | None = None,
+    sample_rate: int = DEFAULT_MODEL_OUTPUT_RATE,
 ) -> dict:
     body = _out_ids(ids, contentId=content_id, type=type, role=role)
     if stage:

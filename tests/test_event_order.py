@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protocol import nova_events as nv
-from protocol.event_order import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES, EventOrderError, InputOrderValidator
+from protocol.event_order import EventOrderError, InputOrderValidator
+from protocol.nova_events import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES
 
 P = "prompt-1"
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from protocol.history import HistoryTurn, history_events, shape_history, trim_to_played
 from protocol.items import Item
-from protocol.nova_events import event_body, event_name
+from protocol.nova_events import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES, event_body, event_name
 
 KB = 1024
 
@@ -330,7 +330,7 @@ def test_property_small_limits(pairs, max_bytes, max_chunk, drop):
 def test_property_default_limits_with_long_texts(pairs, drop):
     items = items_from(pairs)
     turns = shape_history(items, drop_trailing_user=drop)
-    check_invariants(items, turns, max_bytes=40 * KB, max_chunk=1024, drop=drop)
+    check_invariants(items, turns, max_bytes=MAX_HISTORY_BYTES, max_chunk=MAX_TEXT_INPUT_BYTES, drop=drop)
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,10 +7,10 @@ import pytest
 
 from protocol import codes
 from protocol.messages import (
-    INPUT_SAMPLE_RATES,
+    CLIENT_INPUT_RATES,
+    CLIENT_OUTPUT_RATES,
     MAX_PENDING,
     MAX_TEXT_CHARS,
-    OUTPUT_SAMPLE_RATES,
     Error,
     InputText,
     Interrupted,
@@ -141,12 +141,12 @@ def test_session_start_protocol_must_be_1(protocol):
     assert "'protocol'" in e.message
 
 
-@pytest.mark.parametrize("rate", INPUT_SAMPLE_RATES)
+@pytest.mark.parametrize("rate", CLIENT_INPUT_RATES)
 def test_session_start_every_input_rate_accepted(rate):
     assert dec({"type": "session.start", "audio": {"input_sample_rate": rate}}).input_sample_rate == rate
 
 
-@pytest.mark.parametrize("rate", OUTPUT_SAMPLE_RATES)
+@pytest.mark.parametrize("rate", CLIENT_OUTPUT_RATES)
 def test_session_start_every_output_rate_accepted(rate):
     assert dec({"type": "session.start", "audio": {"output_sample_rate": rate}}).output_sample_rate == rate
 

@@ -198,7 +198,7 @@ def test_round_trip_text_content_start_stage(stage):
     assert ne.parse_output_event(ev) == ne.ContentStart("c1", "TEXT", "ASSISTANT", stage, None)
 
 
-@pytest.mark.parametrize("rate", [8000, 16000, 24000])
+@pytest.mark.parametrize("rate", ne.MODEL_OUTPUT_RATES)
 def test_round_trip_audio_content_start(rate):
     ev = ne.output_content_start(IDS, "c2", type="AUDIO", role="ASSISTANT", sample_rate=rate)
     assert ne.event_body(ev)["audioOutputConfiguration"]["sampleRateHertz"] == rate

@@ -13,8 +13,9 @@ from gateway.emulate.agent_runtime import AgentRuntimeFake
 from gateway.store.agent_runtime import (
     CACHE_BYTES, FETCH_CONCURRENCY, AgentRuntimeStore, _payload, invocation_id, step_id,
 )
-from gateway.store.base import StoreError
+from gateway.store.base import StoreError, StoredConversation
 from protocol.items import Item
+from protocol.nova_events import MAX_HISTORY_BYTES
 
 OWNER = "3f" * 32  # an owner hash
 
@@ -99,6 +100,7 @@ async def test_create_append_load_history(fake, store):
     assert await store.append(cid, item(1, interrupted=True)) == cid  # an older receipt replayed later
     assert await store.append(cid, item(3, text="héllo wörld ✓")) == cid
     conv = await store.load(cid)
+    assert isinstance(conv, StoredConversation)
     assert conv.conversation_id == cid and conv.owner == OWNER and not conv.ended and conv.total == 3
     assert [i.item_id for i in conv.items] == ["i0001", "i0002", "i0003"]  # by time, not arrival
     assert conv.items[0].interrupted and conv.items[2].text == "héllo wörld ✓"
@@ -239,7 +241,7 @@ async def test_500_item_conversation_loads_only_40_kb(fake, store, new_store):
     fake.reset_calls()
     conv = await reader.load(cid)
     assert conv.total == 500
-    assert sum(i.size for i in conv.items) <= 40 * 1024
+    assert sum(i.size for i in conv.items) <= MAX_HISTORY_BYTES
     assert conv.items[-1].item_id == "i0500" and conv.items == items[-len(conv.items):]
     assert fake.calls["ListInvocationSteps"] == 2  # the freshness probe, then 500 summaries in one page
     assert fake.calls["GetInvocationStep"] <= len(conv.items) + FETCH_CONCURRENCY  # never all 500

@@ -2,6 +2,7 @@
 
 import asyncio
 
+from gateway.store import StoredConversation
 from gateway.store.sqlite import SQLiteStore
 from protocol.items import Item
 
@@ -17,6 +18,7 @@ async def test_append_is_idempotent_and_ordered(tmp_path):
     assert await store.append(cid, item(1)) == cid  # an older receipt replayed later
     assert await store.append(cid, item(2)) == cid  # a duplicate: ignored
     conv = await store.load(cid)
+    assert isinstance(conv, StoredConversation)
     assert conv.owner == "owner-hash" and not conv.ended and conv.total == 2
     assert [i.item_id for i in conv.items] == ["i0001", "i0002"]  # by time, not arrival
     await store.aclose()

@@ -76,7 +76,6 @@ MESSAGE_OVERHEAD = 16  # prelude (12) + message crc (4)
 MAX_HEADERS_LEN = 128 * 1024
 MAX_PAYLOAD_LEN = 16 * 1024 * 1024
 MAX_HEADER_VALUE_LEN = 32 * 1024 - 1
-MAX_MESSAGE_LEN = MESSAGE_OVERHEAD + MAX_HEADERS_LEN + MAX_PAYLOAD_LEN
 
 EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _MS = _dt.timedelta(milliseconds=1)
@@ -108,9 +107,6 @@ class Timestamp:
 
     def to_datetime(self) -> _dt.datetime:
         return EPOCH + _dt.timedelta(milliseconds=self.ms)
-
-
-HeaderValue = bool | int | bytes | str | _dt.datetime | Timestamp | uuid.UUID
 
 
 def _typed(value: Any) -> tuple[int, Any]:

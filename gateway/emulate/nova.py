@@ -62,10 +62,11 @@ from gateway.transport import (
     ModelTransport,
 )
 from protocol.event_order import EventOrderError, InputOrderValidator
+from protocol.nova_events import DEFAULT_MODEL_ID, IDLE_TIMEOUT_S, MAX_STREAM_AGE_S, NOVA_SONIC_V1_MODEL_ID
 
 log = logging.getLogger("novagate.emulate.nova")
 
-DEFAULT_MODELS = ("amazon.nova-2-sonic-v1:0", "amazon.nova-sonic-v1:0")
+DEFAULT_MODELS = (DEFAULT_MODEL_ID, NOVA_SONIC_V1_MODEL_ID)
 DEFAULT_PORT = 8443
 DUMMY_ACCESS_KEY_ID = "AKIDNOVAGATEEMULATOR"
 DUMMY_SECRET_ACCESS_KEY = "novagate-emulator-secret"
@@ -209,8 +210,8 @@ class NovaEmulator:
         keyfile: str,
         credentials: tuple[str, str] | None = None,
         region: str = "us-east-1",
-        idle_timeout_s: float = 175.0,
-        max_stream_s: float = 480.0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_stream_s: float = MAX_STREAM_AGE_S,
         models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
         reject_403: bool = False,
         validate_order: bool = True,
@@ -338,17 +339,6 @@ class NovaEmulator:
     def stream_events(self) -> list[list[str]]:
         """The input event names each stream received, in stream order."""
         return [r.events for r in self.streams]
-
-    @property
-    def active_streams(self) -> int:
-        return len(self._active)
-
-    async def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until no stream is active (tests)."""
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return not self._active
 
     # -- connections ------------------------------------------------------------------------------
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -989,10 +979,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-key-id", default=DUMMY_ACCESS_KEY_ID, help="key id accepted with --verify-signatures")
     parser.add_argument("--secret-access-key", default=DUMMY_SECRET_ACCESS_KEY,
                         help="secret used to verify signatures with --verify-signatures")
-    parser.add_argument("--idle-timeout-s", type=float, default=175.0,
-                        help="seconds without audioInput before the 531 ValidationException (default 175)")
-    parser.add_argument("--max-stream-s", type=float, default=480.0,
-                        help="stream age that ends with ModelTimeoutException (default 480)")
+    parser.add_argument("--idle-timeout-s", type=float, default=IDLE_TIMEOUT_S,
+                        help="seconds without audioInput before the 531 ValidationException "
+                        f"(default {IDLE_TIMEOUT_S:g})")
+    parser.add_argument("--max-stream-s", type=float, default=MAX_STREAM_AGE_S,
+                        help=f"stream age that ends with ModelTimeoutException (default {MAX_STREAM_AGE_S:g})")
     parser.add_argument("--model", action="append", dest="models", metavar="MODEL_ID",
                         help="accepted model id (repeatable; default: both Nova Sonic ids)")
     parser.add_argument("--no-order-check", action="store_true", help="do not enforce the input event order")

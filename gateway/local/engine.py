@@ -38,6 +38,7 @@ import orjson
 import soxr
 
 from gateway.local import policy, speech
+from gateway.logs import log
 from gateway.transport import (
     CONNECTION,
     IDLE_TIMEOUT_MESSAGE,
@@ -50,7 +51,7 @@ from gateway.transport import (
 from protocol import nova_events as nova
 from protocol.event_order import EventOrderError, InputOrderValidator
 
-log = logging.getLogger("novagate.local")
+logger = logging.getLogger("novagate.local")
 
 FRAME_MS = speech.VAD_FRAME_MS  # 30 ms VAD frames at 16 kHz
 FRAME_BYTES = speech.VAD_FRAME_BYTES
@@ -78,8 +79,8 @@ class LocalEngineConfig:
     tts: str = "hibari"  # "hibari" | "espeak"
     grammar: tuple[str, ...] = ()  # sphinx phrase grammar; () = free-form language model
     endpoint_ms: int = 700  # silence that ends an utterance
-    idle_timeout_s: float = 175.0  # no audioInput for this long -> ValidationException 531
-    max_stream_s: float = 480.0  # stream age cap -> ModelTimeoutException
+    idle_timeout_s: float = nova.IDLE_TIMEOUT_S  # no audioInput for this long -> ValidationException 531
+    max_stream_s: float = nova.MAX_STREAM_AGE_S  # stream age cap -> ModelTimeoutException
     lookahead_s: float = 1.5  # max unplayed audio before the next sentence is produced
     trace_path: str | None = None  # JSON lines of every input event received
 
@@ -122,7 +123,7 @@ class _Trace:
             self._f.write(orjson.dumps(record) + b"\n")
             self._f.flush()
         except OSError as exc:  # tracing must never break the stream
-            log.warning("local engine trace write failed: %s", exc)
+            log(logger, logging.WARNING, "local engine trace write failed", path=self.path, error=str(exc))
 
     def close(self) -> None:
         if self._f is not None:
@@ -168,7 +169,7 @@ class LocalStream:
         self._last_audio_at = self._opened_at
         # session, set by promptStart
         self._ids: dict[str, str] | None = None
-        self._out_rate = 24000
+        self._out_rate = nova.DEFAULT_MODEL_OUTPUT_RATE
         self._voice: str | None = None
         self._blocks: dict[str, _InBlock] = {}
         self._trace_blocks: dict[str, tuple[Any, Any, Any]] = {}
@@ -294,7 +295,8 @@ class LocalStream:
     def _fail(self, error: ModelError) -> None:
         if self._error is not None or self._closed:
             return
-        log.info("local stream %s failed: %s", self.stream_id, error)
+        log(logger, logging.INFO, "local stream failed", stream_id=self.stream_id, kind=error.kind,
+            error=error.message)
         self._error = error
         self._wake()
         current = asyncio.current_task()
@@ -358,7 +360,7 @@ class LocalStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a speech-library failure: fail like the service would
-            log.exception("local engine task failed")
+            log(logger, logging.ERROR, "local engine task failed", exc_info=True, stream_id=self.stream_id)
             self._fail(ModelError(MODEL_STREAM_ERROR, f"local engine failure: {exc!r}"))
 
     async def _handle(self, event: dict) -> bool:
@@ -367,7 +369,7 @@ class LocalStream:
         body = nova.event_body(event)
         if name == "promptStart":
             cfg = body.get("audioOutputConfiguration") or {}
-            self._out_rate = int(cfg.get("sampleRateHertz") or 24000)
+            self._out_rate = int(cfg.get("sampleRateHertz") or nova.DEFAULT_MODEL_OUTPUT_RATE)
             self._voice = cfg.get("voiceId")
             self._ids = {
                 "sessionId": self.session_id, "promptName": body["promptName"], "completionId": str(uuid.uuid4())
@@ -376,7 +378,7 @@ class LocalStream:
             block = _InBlock(body.get("type", ""), body.get("role", ""), bool(body.get("interactive", False)), [])
             self._blocks[body["contentName"]] = block
             if block.type == "AUDIO":
-                rate = int((body.get("audioInputConfiguration") or {}).get("sampleRateHertz") or 16000)
+                rate = int((body.get("audioInputConfiguration") or {}).get("sampleRateHertz") or nova.MODEL_INPUT_RATE)
                 self._resampler = (
                     soxr.ResampleStream(rate, speech.ASR_SAMPLE_RATE, 1, dtype="int16")
                     if rate != speech.ASR_SAMPLE_RATE else None
@@ -558,7 +560,7 @@ class LocalStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("local responder failed")
+            log(logger, logging.ERROR, "local responder failed", exc_info=True, stream_id=self.stream_id)
             self._fail(ModelError(MODEL_STREAM_ERROR, f"local engine failure: {exc!r}"))
 
     async def _wait_unplayed(self) -> bool:

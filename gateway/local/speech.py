@@ -27,7 +27,7 @@ import soxr
 
 ASR_BACKENDS = ("sphinx", "whisper")
 TTS_BACKENDS = ("espeak", "hibari")
-ASR_SAMPLE_RATE = 16000
+ASR_SAMPLE_RATE = 16000  # what the recognisers and the VAD take (whatever rate the model is sent)
 MAX_CONCURRENCY = 2
 VAD_FRAME_MS = 30
 VAD_FRAME_BYTES = ASR_SAMPLE_RATE * VAD_FRAME_MS // 1000 * 2  # 960
@@ -213,7 +213,6 @@ def transcribe(pcm16k: bytes, backend: str = "sphinx", grammar: tuple[str, ...] 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
-_ESPEAK_RATE = 1
 _SYNTH_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 # voiceId (Nova) -> espeak voice name; the female Nova voices get a female espeak variant.
@@ -239,7 +238,6 @@ class _Espeak:
             ctypes.c_void_p, ctypes.c_void_p,
         ]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
         if rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise")

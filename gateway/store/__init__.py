@@ -1,5 +1,5 @@
 """Conversation stores: where history lives outside the process."""
 
-from .base import Conversation, ConversationStore, StoreError, open_store
+from .base import ConversationStore, StoreError, StoredConversation, open_store
 
-__all__ = ["Conversation", "ConversationStore", "StoreError", "open_store"]
+__all__ = ["ConversationStore", "StoreError", "StoredConversation", "open_store"]

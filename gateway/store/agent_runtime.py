@@ -34,9 +34,8 @@ conversation.
 
 boto3 is synchronous, so it runs in a dedicated thread pool and never on the event loop. Throttling,
 500s and dropped connections are retried by botocore's standard mode (`max_attempts: 4` in a Config
-counts retries: up to 5 attempts). Anything that
-still fails, including ServiceQuotaExceeded (a 400 that botocore does not retry), raises StoreError,
-and the caller's write queue retries later.
+counts retries: up to 5 attempts). Anything that still fails, including ServiceQuotaExceeded (a 400
+that botocore does not retry), raises StoreError, and the caller's write queue retries later.
 
 The store assumes one writer per conversation, as the gateway has. Two processes appending to the
 same conversation at once could leave the metadata cache missing an item; the log of steps is
@@ -46,11 +45,11 @@ always complete.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import base64
 import binascii
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -66,15 +65,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from protocol.items import Item
+from protocol.nova_events import MAX_HISTORY_BYTES
 
-from .base import Conversation, StoreError
+from ..logs import log
+from .base import LOAD_MAX_ITEMS, StoredConversation, StoreError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("novagate.store")
 
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/novagate/store/agent-runtime")
 APP = "novagate"
-CACHE_BYTES = 40 * 1024          # text bytes the metadata cache keeps (Nova's history limit)
-CACHE_ITEMS = 500                # and at most this many items
+CACHE_BYTES = MAX_HISTORY_BYTES  # text bytes the metadata cache keeps: a default load's budget
+CACHE_ITEMS = LOAD_MAX_ITEMS     # and at most this many items
 CACHE_CHUNK = 5000               # a metadata value's maximum length
 CACHE_CHUNKS = 10                # h0..h9
 CACHE_FORMAT = "1"               # h_v: zlib-compressed JSON rows, base64, chunked
@@ -545,8 +546,8 @@ class AgentRuntimeStore:
         # defeat the one-step probe while the cache is current)
         st.dirty = decoded is None or (decoded[0], decoded[1], decoded[2]) != (kept, st.total, left_out)
         if st.dirty:
-            logger.info("agent-runtime: history cache of %s was cold or stale; rebuilt from %d of %d steps",
-                        sid, len(items), steps)
+            log(logger, logging.INFO, "agent-runtime history cache was cold or stale: rebuilt",
+                conversation_id=sid, items=len(items), steps=steps)
         return self._remember(st), items
 
     # -- writing ---------------------------------------------------------------------------------
@@ -563,7 +564,8 @@ class AgentRuntimeStore:
                     if now == sid and st is not None and st.dirty and st.status == ACTIVE:
                         await self._write_cache(st)
             except (StoreError, _Conflict, _NotFound) as e:
-                logger.warning("agent-runtime: history cache of %s not rewritten: %s", sid, e)
+                log(logger, logging.WARNING, "agent-runtime history cache not rewritten", conversation_id=sid,
+                    error=str(e))
 
         task = asyncio.get_running_loop().create_task(flush())
         self._background.add(task)
@@ -619,8 +621,8 @@ class AgentRuntimeStore:
         while len(self._moved) > STATE_LRU * 4:
             self._moved.popitem(last=False)
         self._states.pop(old.sid, None)
-        logger.info("agent-runtime: session %s is %s; conversation continues in %s with %d items",
-                    old.sid, old.status, st.sid, len(seed))
+        log(logger, logging.INFO, "agent-runtime session rotated", conversation_id=old.sid, status=old.status,
+            new_conversation_id=st.sid, items=len(seed))
         return self._remember(st)
 
     # -- the ConversationStore interface ---------------------------------------------------------
@@ -634,8 +636,8 @@ class AgentRuntimeStore:
         return st.sid
 
     @_public
-    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024,
-                   max_items: int = 500, owner: str | None = None) -> Conversation | None:
+    async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
+                   max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         if not _UUID_RE.match(conversation_id or ""):
             return None
         async with self._conversation(conversation_id) as sid:
@@ -653,7 +655,7 @@ class AgentRuntimeStore:
             elif st.dirty and st.status == ACTIVE:
                 self._schedule_cache_write(st.sid)
             items = _select(view, max_bytes, max_items)[0] if view else []
-            return Conversation(st.sid, st.owner, ended, items, st.total)
+            return StoredConversation(st.sid, st.owner, ended, items, st.total)
 
     @_public
     async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
@@ -667,11 +669,13 @@ class AgentRuntimeStore:
                     st = read[0] if read else None
                     if st is None:
                         self._forget(sid)
-                        logger.warning("agent-runtime: append %s to missing session %s dropped", item.item_id, sid)
+                        log(logger, logging.WARNING, "agent-runtime append dropped: session missing",
+                            conversation_id=sid, item_id=item.item_id)
                         return sid
                 if st.user_ended:
                     # the user ended it: never resurrect it (a late write after session.end)
-                    logger.warning("agent-runtime: append %s to user-ended session %s dropped", item.item_id, sid)
+                    log(logger, logging.WARNING, "agent-runtime append dropped: ended by the user",
+                        conversation_id=sid, item_id=item.item_id)
                     return sid
                 if st.status != ACTIVE:
                     await self._rotate(st)
@@ -694,7 +698,8 @@ class AgentRuntimeStore:
                     st.invocations.discard(invocation_id(sid, connection_id))
                     if await self._get_session(sid) is None:
                         self._forget(sid)
-                        logger.warning("agent-runtime: append %s to deleted session %s dropped", item.item_id, sid)
+                        log(logger, logging.WARNING, "agent-runtime append dropped: session deleted",
+                            conversation_id=sid, item_id=item.item_id)
                         return sid
                     continue
                 # A step that already existed is new to the conversation when it is as new as the cached
@@ -811,6 +816,7 @@ class AgentRuntimeStore:
         try:
             await asyncio.wait_for(self.flush(), timeout=5)
         except TimeoutError:
-            logger.warning("agent-runtime: background cache writes still running at close")
+            log(logger, logging.WARNING, "agent-runtime background cache writes still running at close",
+                pending=len(self._background))
         self._closed = True
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protocol.items import Item
+from protocol.nova_events import MAX_HISTORY_BYTES
+
+LOAD_MAX_ITEMS = 500  # the most items `load` returns by default
 
 
 class StoreError(Exception):
@@ -19,7 +22,9 @@ class StoreError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Conversation:
+class StoredConversation:
+    """What `ConversationStore.load` returns."""
+
     conversation_id: str
     owner: str
     ended: bool
@@ -33,8 +38,8 @@ class ConversationStore(Protocol):
     async def create(self, owner: str) -> str:
         """A new conversation; returns its id."""
 
-    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500,
-                   owner: str | None = None) -> Conversation | None:
+    async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
+                   max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         """The conversation with its newest items (text bytes <= max_bytes, at least the newest one), or
         None. With `owner`, another owner's conversation is None too, and loading it changes nothing."""
 

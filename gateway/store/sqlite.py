@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from protocol.items import Item
+from protocol.nova_events import MAX_HISTORY_BYTES
 
-from .base import Conversation, StoreError
+from .base import LOAD_MAX_ITEMS, StoredConversation, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -74,8 +75,8 @@ class SQLiteStore:
         await self._run(lambda db: db.execute("INSERT INTO conversations (id, owner) VALUES (?, ?)", (cid, owner)))
         return cid
 
-    async def load(self, conversation_id: str, *, max_bytes: int = 40 * 1024, max_items: int = 500,
-                   owner: str | None = None):
+    async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
+                   max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         def q(db: sqlite3.Connection):
             row = db.execute("SELECT owner, ended FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             if row is None or (owner is not None and not hmac.compare_digest(row[0], owner)):
@@ -94,7 +95,7 @@ class SQLiteStore:
                 used += size
                 items.append(Item(item_id, role, text, at, bool(interrupted)))
             items.reverse()
-            return Conversation(conversation_id, row[0], bool(row[1]), items, total)
+            return StoredConversation(conversation_id, row[0], bool(row[1]), items, total)
 
         return await self._run(q)
 
