@@ -121,13 +121,14 @@ def test_text_block_size(ar, session):
 
 async def test_store_round_trip_and_warm_resume():
     from gateway.store.agent_runtime import AgentRuntimeStore
-    from protocol.items import Item, new_item_id, utc_now
+    from gateway.clock import new_id, utc_now
+    from protocol.items import Item
 
     store = AgentRuntimeStore(region=REGION)
     cid = await store.create("contract-owner")
     try:
         for role, text in (("user", "I met with Doctor Smith"), ("assistant", "Noted.")):
-            await store.append(cid, Item(new_item_id(), role, text, utc_now()), connection_id="contract")
+            await store.append(cid, Item(new_id("item"), role, text, utc_now()), connection_id="contract")
         await store.flush()
         conv = await store.load(cid, owner="contract-owner")
         assert [i.text for i in conv.items] == ["I met with Doctor Smith", "Noted."] and conv.total == 2
@@ -143,7 +144,7 @@ async def test_one_nova_sonic_turn():
     from gateway.bedrock import BedrockTransport
     from gateway.local.speech import synthesize
     from protocol import nova_events as nova
-    from protocol.conversation import StreamSetup
+    from protocol.continuity import StreamSetup
 
     model = os.environ.get("NOVAGATE_MODEL_ID", nova.DEFAULT_MODEL_ID)
     transport = BedrockTransport(model_id=model, region=REGION)

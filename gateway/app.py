@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from protocol.codes import CloseCode
+from protocol.session import may_use
 
 from . import metrics
 from .actor import SessionActor
@@ -40,6 +42,7 @@ class Services:
     authenticator: Authenticator
     sessions: set = field(default_factory=set)
     draining: bool = False
+    no_sessions: asyncio.Event = field(default_factory=asyncio.Event)  # set while `sessions` is empty
 
 
 def open_transport(settings: Settings) -> ModelTransport:
@@ -134,12 +137,15 @@ async def voice(ws: WebSocket) -> None:
         return
     actor = SessionActor(ws, services, _bearer(ws.headers))
     services.sessions.add(actor)
+    services.no_sessions.clear()
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
     try:
         await actor.run()
     finally:
         services.sessions.discard(actor)
+        if not services.sessions:
+            services.no_sessions.set()
         metrics.SESSIONS_ACTIVE.dec()
 
 
@@ -148,7 +154,8 @@ _NOT_FOUND = {"error": "not_found", "message": "no such conversation"}
 
 
 async def _owned(request: Request):
-    """The conversation if the caller owns it (bearer token or X-Resume-Token), else None."""
+    """The conversation if the caller may use it (bearer token, or X-Resume-Token under the same
+    rule as the socket: protocol.session.may_use), else None."""
     services: Services = request.app.state.services
     cid = request.path_params["conversation_id"]
     owners = []
@@ -157,9 +164,8 @@ async def _owned(request: Request):
         owners.append(principal)
     token = request.headers.get("x-resume-token")
     claim = services.signer.read_resume_token(token) if token else None
-    if claim is not None and claim.conversation_id == cid:
-        if not claim.owner.startswith("user:") or principal in (None, claim.owner):
-            owners.append(claim.owner)
+    if claim is not None and claim.conversation_id == cid and may_use(claim.owner, principal):
+        owners.append(claim.owner)
     for owner in dict.fromkeys(owners):
         conv = await services.store.load(cid, max_items=1, owner=owner_hash(owner))
         if conv is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
-MODEL_RATE = 16000
+from protocol.nova_events import MODEL_INPUT_RATE as MODEL_RATE
 
 
 class InputResampler:
@@ -23,27 +23,22 @@ class InputResampler:
 
 
 class SpeechActivity:
-    """Has the user been silent lately? webrtcvad over the 16 kHz input: any voiced 30 ms frame in
-    the last `hangover_ms` counts as speaking. No onset delay on purpose: a stream hand-over must not
-    fall in the first frames of an utterance, which would split it between two streams."""
+    """Voice activity (webrtcvad, 30 ms frames) over the 16 kHz input. It only says whether audio
+    holds a voiced frame; the session decides what pauses and utterances are."""
 
     FRAME = 960  # 30 ms at 16 kHz
 
-    def __init__(self, *, hangover_ms: int = 800):
+    def __init__(self):
         import webrtcvad
 
         self._vad = webrtcvad.Vad(2)
         self._buf = bytearray()
-        self._hangover = hangover_ms // 30
-        self._quiet = self._hangover
 
-    @property
-    def speaking(self) -> bool:
-        return self._quiet < self._hangover
-
-    def feed(self, pcm16k: bytes) -> None:
+    def feed(self, pcm16k: bytes) -> bool:
         self._buf += pcm16k
-        while len(self._buf) >= self.FRAME:
-            frame = bytes(self._buf[: self.FRAME])
-            del self._buf[: self.FRAME]
-            self._quiet = 0 if self._vad.is_speech(frame, MODEL_RATE) else self._quiet + 1
+        voiced = False
+        frame = self.FRAME
+        while len(self._buf) >= frame:
+            voiced = self._vad.is_speech(bytes(self._buf[:frame]), MODEL_RATE) or voiced
+            del self._buf[:frame]
+        return voiced

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.nova_events import DEFAULT_MODEL_ID, IDLE_TIMEOUT_S, MAX_STREAM_AGE_S, NOVA_SONIC_V1_MODEL_ID
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise voice assistant. Keep answers short and conversational; "
     "remember what the user told you earlier in the conversation."
@@ -32,8 +34,8 @@ class Settings:
     )
     sqlite_path: str = field(default="var/novagate.db", metadata={"help": "SQLite file of the sqlite store"})
     model_id: str = field(
-        default="amazon.nova-2-sonic-v1:0", metadata={"help": "Nova Sonic model id (engine bedrock); "
-                                                      "amazon.nova-sonic-v1:0 is supported without text input"}
+        default=DEFAULT_MODEL_ID, metadata={"help": f"Nova Sonic model id (engine bedrock); {NOVA_SONIC_V1_MODEL_ID} "
+                                            "is supported without text input"}
     )
     endpointing_sensitivity: str = field(
         default="", metadata={"help": "Nova 2 turn-taking: HIGH (1.5 s pause) | MEDIUM | LOW (2 s); empty: the "
@@ -72,19 +74,24 @@ class Settings:
         default=1000, metadata={"help": "how long to wait for playback.truncate after a barge-in"}
     )
     rotate_after_s: float = field(
-        default=360.0, metadata={"help": "rotate a model stream from this age (Nova's cap is 480 s), at a quiet moment"}
+        default=360.0, metadata={"help": f"rotate a model stream from this age (Nova's cap is {MAX_STREAM_AGE_S:g} s), "
+                                 "at a quiet moment"}
     )
     rotate_force_after_s: float = field(
         default=450.0, metadata={"help": "stream age at which the hand-over no longer waits for a quiet moment"}
+    )
+    deaf_stream_s: float = field(
+        default=6.0, metadata={"help": "a new model stream that says nothing this long after user speech is "
+                               "replaced (and the speech replayed to the next one)"}
     )
     drain_grace_s: float = field(
         default=25.0, metadata={"help": "on SIGTERM: seconds to drain sessions before the process exits"}
     )
     local_idle_timeout_s: float = field(
-        default=175.0, metadata={"help": "local engine: no audio this long ends a stream (as Nova's 531)"}
+        default=IDLE_TIMEOUT_S, metadata={"help": "local engine: no audio this long ends a stream (as Nova's 531)"}
     )
     local_max_stream_s: float = field(
-        default=480.0, metadata={"help": "local engine: stream age cap (as Nova's modelTimeoutException)"}
+        default=MAX_STREAM_AGE_S, metadata={"help": "local engine: stream age cap (as Nova's modelTimeoutException)"}
     )
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt given to the model"})
     voice: str = field(default="matthew", metadata={"help": "default voice"})

@@ -18,4 +18,18 @@ ROTATIONS = Counter("novagate_stream_rotations_total", "model streams handed ove
 RECOVERIES = Counter("novagate_stream_recoveries_total", "model streams reopened after a failure", ["kind"])
 MODEL_AUDIO = Counter("novagate_model_audio_bytes_total", "16 kHz audio sent to the model", ["source"])
 MODEL_AUDIO_BY_SOURCE = {s: MODEL_AUDIO.labels(s) for s in ("client", "keepalive", "replay")}  # per frame: no lookup
+DEAF_STREAMS = Counter("novagate_deaf_streams_total", "model streams replaced because they said nothing after user "
+                       "speech")
 DRAINS = Counter("novagate_drains_total", "graceful drains (SIGTERM)")
+
+# What protocol.session.Session counts (its Count / Observe effects name these).
+SESSION_COUNTERS = {
+    "resumes": RESUMES,
+    "items_saved": ITEMS_SAVED,
+    "store_errors": STORE_ERRORS,
+    "model_errors": MODEL_ERRORS,
+    "rotations": ROTATIONS,
+    "recoveries": RECOVERIES,
+    "deaf_streams": DEAF_STREAMS,
+}
+SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD}

@@ -4,6 +4,7 @@ elsewhere, stores what they said, and only then lets uvicorn shut down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -48,10 +49,12 @@ class Server(uvicorn.Server):
             metrics.DRAINS.inc()
             sessions = list(services.sessions)
             log(logger, logging.INFO, "draining", sessions=len(sessions), grace_s=self.grace_s)
-            await asyncio.gather(*(s.drain() for s in sessions), return_exceptions=True)
-            deadline = t0 + max(1.0, self.grace_s - 2.0)  # keep 2 s for uvicorn and the lifespan
-            while services.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            for session in sessions:
+                session.drain()
+            wait_s = t0 + max(1.0, self.grace_s - 2.0) - time.monotonic()  # keep 2 s for uvicorn and the lifespan
+            if services.sessions:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(services.no_sessions.wait(), wait_s)
             log(logger, logging.INFO, "drained", left=len(services.sessions),
                 seconds=round(time.monotonic() - t0, 3))
         self.config.timeout_graceful_shutdown = max(1, int(self.grace_s - (time.monotonic() - t0)))

@@ -90,10 +90,6 @@ class Authenticator:
     def __init__(self, key: str):
         self._key = key
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._key)
-
     def principal(self, token: str | None) -> str | None:
         if not token or not self._key:
             return None
@@ -102,6 +98,17 @@ class Authenticator:
         except jwt.PyJWTError:
             return None
         return "user:" + str(claims["sub"])
+
+
+class Credentials:
+    """What the session core may ask of the keys (protocol.session.Credentials): sign and verify."""
+
+    def __init__(self, signer: Signer, authenticator: Authenticator):
+        self.principal = authenticator.principal
+        self.read_resume_token = signer.read_resume_token
+        self.resume_token = signer.resume_token
+        self.receipt = signer.receipt
+        self.read_receipt = signer.read_receipt
 
 
 def owner_hash(owner: str) -> str:

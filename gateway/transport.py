@@ -9,19 +9,21 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Kinds of model errors, named after the service's exception union members.
-VALIDATION = "validationException"
-MODEL_TIMEOUT = "modelTimeoutException"
-THROTTLING = "throttlingException"
-MODEL_STREAM_ERROR = "modelStreamErrorException"
-INTERNAL_SERVER = "internalServerException"
-SERVICE_UNAVAILABLE = "serviceUnavailableException"
-ACCESS_DENIED = "accessDeniedException"
-CONNECTION = "connectionError"  # the stream broke below the event protocol (reset, TLS, timeout)
-
-IDLE_TIMEOUT_MESSAGE = "InternalErrorCode=531::RST_STREAM closed stream. HTTP/2 error code: NO_ERROR"
-INSTABILITY_MESSAGE = "System instability detected. Please retry your request."
-MODEL_TIMEOUT_MESSAGE = "Model has timed out in processing the request. Try your request again."
+# The service's error kinds and messages, defined once in the core (which classifies them).
+from protocol.continuity import (  # noqa: E402,F401  (re-exported for transports and emulators)
+    ACCESS_DENIED,
+    CONNECTION,
+    IDLE_TIMEOUT_MESSAGE,
+    INSTABILITY_MESSAGE,
+    INTERNAL_SERVER,
+    MODEL_STREAM_ERROR,
+    MODEL_TIMEOUT,
+    MODEL_TIMEOUT_MESSAGE,
+    SERVICE_UNAVAILABLE,
+    THROTTLING,
+    VALIDATION,
+    classify,
+)
 
 
 class ModelError(Exception):
@@ -34,14 +36,8 @@ class ModelError(Exception):
 
     @property
     def recoverable(self) -> bool:
-        """Whether reopening the stream with the history is worth trying (reference §6.1)."""
-        if self.kind == VALIDATION:
-            return IDLE_TIMEOUT_MESSAGE in self.message or "System instability" in self.message or (
-                "Tool Response parsing error" in self.message
-            ) or "Invalid event bytes" in self.message
-        return self.kind in (
-            MODEL_TIMEOUT, THROTTLING, MODEL_STREAM_ERROR, INTERNAL_SERVER, SERVICE_UNAVAILABLE, CONNECTION
-        )
+        """Whether reopening the stream with the history is worth trying (protocol.continuity.classify)."""
+        return classify(self.kind, self.message).recoverable
 
 
 class ModelStream(Protocol):

@@ -1,18 +1,99 @@
-"""Keeping one conversation going across many model streams: when to rotate, how to recover.
+"""Keeping one conversation going across many model streams: what a stream is opened with, what a
+failure means, when to try again, and what the new stream must hear.
 
 Nova Sonic closes a stream at 8 minutes and after about 3 minutes of silence, and fails now and
-then. `StreamPolicy` decides, from times and states passed in, when to open the next stream, when
-to hand over to it, and whether an error is worth a new stream (and after what backoff).
-`ReplayBuffer` keeps the last seconds of user audio so that an utterance cut by a failure or a
-forced hand-over reaches the new stream from its start. No clocks, no I/O.
+then. These pieces hold the facts and the arithmetic; `protocol.session.Session` makes the
+decisions with them. No clocks, no I/O: every time is passed in.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import nova_events as nova
+from .history import history_events, shape_history, split_chunks
+from .items import Item
 
+# The service's exception kinds (the members of its error union), as transports report them.
+VALIDATION = "validationException"
+MODEL_TIMEOUT = "modelTimeoutException"
+THROTTLING = "throttlingException"
+MODEL_STREAM_ERROR = "modelStreamErrorException"
+INTERNAL_SERVER = "internalServerException"
+SERVICE_UNAVAILABLE = "serviceUnavailableException"
+ACCESS_DENIED = "accessDeniedException"
+CONNECTION = "connectionError"  # the stream broke below the event protocol (reset, TLS, timeout)
+DEAF = "deafStream"             # ours: the stream heard speech and said nothing
+
+IDLE_TIMEOUT_MESSAGE = "InternalErrorCode=531::RST_STREAM closed stream. HTTP/2 error code: NO_ERROR"
+INSTABILITY_MESSAGE = "System instability detected. Please retry your request."
+MODEL_TIMEOUT_MESSAGE = "Model has timed out in processing the request. Try your request again."
+
+
+class Failure(enum.Enum):
+    """What a model-stream failure means for the conversation: classified once, here."""
+
+    IDLE_TIMEOUT = "idle_timeout"          # 531: a rotation the service forced, not a fault
+    INSTABILITY = "instability"
+    TOOL_RESPONSE = "tool_response"
+    INVALID_EVENT_BYTES = "invalid_event_bytes"
+    MODEL_TIMEOUT = "model_timeout"
+    THROTTLED = "throttled"
+    STREAM_ERROR = "stream_error"
+    SERVER_ERROR = "server_error"
+    CONNECTION = "connection"
+    DEAF = "deaf"
+    ACCESS_DENIED = "access_denied"
+    INVALID_INPUT = "invalid_input"        # our request was wrong: a new stream would fail the same way
+    UNKNOWN = "unknown"
+
+    @property
+    def recoverable(self) -> bool:
+        """Whether reopening the stream with the history is worth trying (reference §6.1)."""
+        return self not in (Failure.ACCESS_DENIED, Failure.INVALID_INPUT, Failure.UNKNOWN)
+
+
+_BY_KIND = {
+    MODEL_TIMEOUT: Failure.MODEL_TIMEOUT,
+    THROTTLING: Failure.THROTTLED,
+    MODEL_STREAM_ERROR: Failure.STREAM_ERROR,
+    INTERNAL_SERVER: Failure.SERVER_ERROR,
+    SERVICE_UNAVAILABLE: Failure.SERVER_ERROR,
+    CONNECTION: Failure.CONNECTION,
+    ACCESS_DENIED: Failure.ACCESS_DENIED,
+    DEAF: Failure.DEAF,
+}
+
+
+def classify(kind: str, message: str) -> Failure:
+    """The one place that reads a failure's kind and message."""
+    if kind == VALIDATION:
+        if IDLE_TIMEOUT_MESSAGE in message:
+            return Failure.IDLE_TIMEOUT
+        if "System instability" in message:
+            return Failure.INSTABILITY
+        if "Tool Response parsing error" in message:
+            return Failure.TOOL_RESPONSE
+        if "Invalid event bytes" in message:
+            return Failure.INVALID_EVENT_BYTES
+        return Failure.INVALID_INPUT
+    return _BY_KIND.get(kind, Failure.UNKNOWN)
+
+
+def failure_message(failure: Failure, detail: str) -> str:
+    """What the client is told when the model cannot go on: clear, without internals."""
+    if failure is Failure.ACCESS_DENIED:
+        return (f"the model refused access ({detail}); the gateway's AWS identity needs bedrock:InvokeModel "
+                "and access to the model")
+    if failure is Failure.THROTTLED:
+        return "the model is over its quota (throttled); try again shortly"
+    return "the model stream failed and could not be recovered"
+
+
+# -- recovery ladder -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Recover:
     delay_s: float
@@ -23,47 +104,25 @@ class GiveUp:
     reason: str
 
 
-class StreamPolicy:
-    """Rotation and recovery decisions for one session's model streams.
+class RecoveryLadder:
+    """Whether, and after what backoff, a failed stream is reopened.
 
-    Rotation: from `rotate_after_s` of stream age, the next stream is prepared when the conversation
-    is idle (nobody speaking, the assistant not answering) and handed over at once if it still is
-    and the history has not changed meanwhile. From `force_after_s` the hand-over happens whatever
-    is going on (the utterance in progress is replayed to the new stream).
-
-    Recovery (LiveKit's ladder): a recoverable error reopens the stream with the history after
-    2^(n-1)-1 s (0, 1, 3 s, capped at 10), at most `max_recoveries` times per user turn; the idle
-    timeout (531) is a rotation, not a failure, and does not count.
+    A recoverable failure reopens the stream with the history after 2^(n-1)-1 s (0, 1, 3 s, capped
+    at 10), at most `max_recoveries` times per user turn (LiveKit's ladder). The idle timeout (531)
+    is a rotation the service forced: it reopens at once and does not count.
     """
 
-    def __init__(self, *, rotate_after_s: float = 360.0, force_after_s: float = 450.0, max_recoveries: int = 3):
-        self.rotate_after_s = rotate_after_s
-        self.force_after_s = max(force_after_s, rotate_after_s)
+    def __init__(self, *, max_recoveries: int = 3):
         self.max_recoveries = max_recoveries
-        self.opened_at = 0.0
         self.failures = 0  # since the last completed user turn
-
-    def stream_opened(self, now: float) -> None:
-        self.opened_at = now
-
-    def age(self, now: float) -> float:
-        return now - self.opened_at
-
-    def due(self, now: float) -> bool:
-        """Time to rotate (at an idle moment)."""
-        return self.age(now) >= self.rotate_after_s
-
-    def forced(self, now: float) -> bool:
-        """Past waiting for an idle moment: hand over now."""
-        return self.age(now) >= self.force_after_s
 
     def turn_completed(self) -> None:
         self.failures = 0
 
-    def on_error(self, recoverable: bool, *, idle_timeout: bool = False) -> Recover | GiveUp:
-        if not recoverable:
-            return GiveUp("not recoverable")
-        if idle_timeout:
+    def on_failure(self, failure: Failure) -> Recover | GiveUp:
+        if not failure.recoverable:
+            return GiveUp(failure.value)
+        if failure is Failure.IDLE_TIMEOUT:
             return Recover(0.0)
         self.failures += 1
         if self.failures > self.max_recoveries:
@@ -71,24 +130,69 @@ class StreamPolicy:
         return Recover(min(10.0, 2 ** (self.failures - 1) - 1))
 
 
+# -- what a new stream must hear ---------------------------------------------------------------------
 class ReplayBuffer:
-    """The last `seconds` of user audio (16 kHz PCM16) with the time each piece was sent."""
+    """The last `seconds` of user audio (16 kHz PCM16), each piece with the time it arrived; bounded
+    in bytes. A new stream hears the utterance it missed from here, from the utterance's start."""
 
-    def __init__(self, *, seconds: float = 3.0, rate: int = 16000):
+    def __init__(self, *, seconds: float = 10.0, rate: int = nova.MODEL_INPUT_RATE):
         self.max_bytes = int(seconds * rate) * 2
         self._chunks: deque[tuple[float, bytes]] = deque()
-        self._size = 0
+        self.size = 0
 
     def add(self, at: float, pcm: bytes) -> None:
         self._chunks.append((at, pcm))
-        self._size += len(pcm)
-        while self._size - len(self._chunks[0][1]) >= self.max_bytes:
-            self._size -= len(self._chunks.popleft()[1])
+        self.size += len(pcm)
+        while self.size - len(self._chunks[0][1]) >= self.max_bytes:
+            self.size -= len(self._chunks.popleft()[1])
 
     def since(self, at: float) -> list[bytes]:
-        """Audio sent after `at` (at most `seconds` of it): what a new stream has not heard yet."""
-        return [pcm for t, pcm in self._chunks if t > at]
+        """Audio that arrived at `at` or later (as much of it as is kept)."""
+        return [pcm for t, pcm in self._chunks if t >= at]
 
-    def clear(self) -> None:
-        self._chunks.clear()
-        self._size = 0
+
+@dataclass(slots=True)
+class StreamSetup:
+    """Names and opening events of one Nova stream (new conversation, resume, rotation, recovery)."""
+
+    prompt_name: str
+    audio_content: str
+    events: list[dict]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        system_prompt: str,
+        history: list[Item],
+        voice: str,
+        output_sample_rate: int,
+        endpointing_sensitivity: str | None = None,
+        drop_trailing_user: bool = False,
+        new_name: Callable[[], str] = nova.new_name,
+    ) -> StreamSetup:
+        prompt = new_name()
+        audio = new_name()
+        events = [
+            nova.session_start(endpointing_sensitivity=endpointing_sensitivity),
+            nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate),
+            *nova.text_block(prompt, "SYSTEM", split_chunks(system_prompt.strip() or "You are a helpful assistant.")),
+            *history_events(prompt, shape_history(history, drop_trailing_user=drop_trailing_user)),
+            nova.audio_content_start(prompt, audio),
+        ]
+        return cls(prompt, audio, events)
+
+    def audio(self, pcm: bytes) -> dict:
+        return nova.audio_input(self.prompt_name, self.audio_content, pcm)
+
+    def text_turn(self, text: str) -> list[dict]:
+        """A typed user turn: an interactive USER text block (Nova 2 cross-modal input)."""
+        return nova.text_block(self.prompt_name, "USER", split_chunks(text), interactive=True)
+
+    def closing(self) -> list[dict]:
+        """The service's shutdown order: audio contentEnd, promptEnd, sessionEnd."""
+        return [
+            nova.content_end(self.prompt_name, self.audio_content),
+            nova.prompt_end(self.prompt_name),
+            nova.session_end(),
+        ]

@@ -1,9 +1,9 @@
-"""The conversation state machine: Nova output events and client input in, actions out.
+"""The dialogue: Nova output events and client playback in, conversation items and actions out.
 
 It decides which item is speaking, what was heard, what to store and what to tell the client.
-Like websockets' `Protocol`, it does no I/O: the session actor feeds it (`model_event`,
-`input_text`, `playback_truncate`, `playback_flushed`, `played_out`, `truncate_timeout`) and
-performs the actions it returns from `actions()`.
+`protocol.session.Session` feeds it (`model_event`, `input_text`, `playback_truncate`,
+`playback_flushed`, `played_out`, `truncate_timeout`) and carries out the actions it returns
+from `actions()`. Ids and timestamps come from the callables it is given.
 
 Item mapping. A user item is one recognised utterance. An assistant item is one assistant turn,
 which Nova speaks sentence by sentence: per sentence an ASSISTANT TEXT block SPECULATIVE (the plan),
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from . import messages as m
 from . import nova_events as nova
-from .history import history_events, shape_history, split_chunks, trim_to_played
-from .items import Item, new_item_id, utc_now
+from .history import trim_to_played
+from .items import Item
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -80,53 +81,6 @@ class SendTextTurn:
 Action = SendToClient | StartAudioItem | AudioToClient | EndAudioItem | FlushPlayback | AwaitTruncate | ItemFinal | SendTextTurn
 
 
-# -- model-side session setup ------------------------------------------------------------------
-@dataclass(slots=True)
-class StreamSetup:
-    """Names and opening events of one Nova stream (new conversation, resume, rotation, recovery)."""
-
-    prompt_name: str
-    audio_content: str
-    events: list[dict]
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        system_prompt: str,
-        history: list[Item],
-        voice: str,
-        output_sample_rate: int,
-        endpointing_sensitivity: str | None = None,
-        drop_trailing_user: bool = False,
-    ) -> StreamSetup:
-        prompt = nova.new_name()
-        audio = nova.new_name()
-        events = [
-            nova.session_start(endpointing_sensitivity=endpointing_sensitivity),
-            nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate),
-            *nova.text_block(prompt, "SYSTEM", split_chunks(system_prompt.strip() or "You are a helpful assistant.")),
-            *history_events(prompt, shape_history(history, drop_trailing_user=drop_trailing_user)),
-            nova.audio_content_start(prompt, audio),
-        ]
-        return cls(prompt, audio, events)
-
-    def audio(self, pcm: bytes) -> dict:
-        return nova.audio_input(self.prompt_name, self.audio_content, pcm)
-
-    def text_turn(self, text: str) -> list[dict]:
-        """A typed user turn: an interactive USER text block (Nova 2 cross-modal input)."""
-        return nova.text_block(self.prompt_name, "USER", split_chunks(text), interactive=True)
-
-    def closing(self) -> list[dict]:
-        """The service's shutdown order: audio contentEnd, promptEnd, sessionEnd."""
-        return [
-            nova.content_end(self.prompt_name, self.audio_content),
-            nova.prompt_end(self.prompt_name),
-            nova.session_end(),
-        ]
-
-
 # -- items -------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Sentence:
@@ -157,10 +111,12 @@ class _Turn:
         return " ".join(t for s in self.sentences if (t := "".join(s.planned).strip()))
 
 
-class Conversation:
-    """One connection's conversation logic, independent of transports and sockets."""
+class Dialogue:
+    """One connection's items, independent of transports, sockets and clocks."""
 
-    def __init__(self, *, output_sample_rate: int = 24000):
+    def __init__(self, *, new_id: Callable[[], str], utc_now: Callable[[], str], output_sample_rate: int = 24000):
+        self._new_id = new_id
+        self._utc_now = utc_now
         self.output_bytes_per_ms = output_sample_rate * 2 / 1000
         self._actions: list[Action] = []
         self._blocks: dict[str, tuple[str, str, str | None]] = {}  # content_id -> (type, role, stage)
@@ -182,9 +138,10 @@ class Conversation:
         self._actions.extend(actions)
 
     # -- client input ---------------------------------------------------------------------------
-    def input_text(self, text: str) -> None:
-        """A typed turn: the gateway knows the text, so it makes the user item itself."""
-        if self._speaking:
+    def input_text(self, text: str, *, playing: bool = False) -> None:
+        """A typed turn: the gateway knows the text, so it makes the user item itself. It interrupts
+        the assistant while the model speaks or the client still plays what it said (`playing`)."""
+        if self._speaking or playing:
             self._barge_in()
         self._user_item(text)
         self._emit(SendTextTurn(text))
@@ -266,8 +223,9 @@ class Conversation:
 
     @property
     def idle(self) -> bool:
-        """Nobody is speaking and no answer is due: a stream can be swapped without anyone noticing."""
-        return self._turn is None and not self._speaking and self._thinking is None
+        """Nobody is speaking, no answer is due and every assistant item is settled (so the history a
+        new stream opens with has the last answer in it): a stream can be swapped unnoticed."""
+        return self._turn is None and not self._speaking and self._thinking is None and not self._turns
 
     @property
     def unanswered(self) -> Item | None:
@@ -292,7 +250,7 @@ class Conversation:
 
     def _open_turn(self) -> _Turn:
         if self._turn is None:
-            self._turn = _Turn(new_item_id())
+            self._turn = _Turn(self._new_id())
             self._turns[self._turn.item_id] = self._turn
             self._barged = False  # a new response: a later barge-in concerns it
         return self._turn
@@ -380,7 +338,7 @@ class Conversation:
         self._emit(FlushPlayback())
 
     def _user_item(self, text: str) -> None:
-        item = Item(new_item_id(), "user", text, utc_now())
+        item = Item(self._new_id(), "user", text, self._utc_now())
         self._thinking = item
         self._final(item)
         self._emit(SendToClient(m.Status("thinking")))
@@ -406,7 +364,7 @@ class Conversation:
             text = " ".join(x for s in spoken if (x := s.text()))
         self._drop(t)
         if text:
-            self._final(Item(t.item_id, "assistant", text, utc_now(), t.cut))
+            self._final(Item(t.item_id, "assistant", text, self._utc_now(), t.cut))
 
     def _heard(self, spoken: list[_Sentence], played_ms: int) -> str:
         """The text of what played: whole sentences, then the heard share of the cut one."""
@@ -437,7 +395,7 @@ class Conversation:
             spoken = [s for s in t.sentences if s.has_audio] if t.audio_started else t.sentences
             text = " ".join(x for s in spoken if (x := s.text()))
             if text and not t.unheard:
-                out.append(Item(t.item_id, "assistant", text, utc_now(), interrupted=not t.played))
+                out.append(Item(t.item_id, "assistant", text, self._utc_now(), interrupted=not t.played))
         self._turns.clear()
         self._awaiting_final.clear()
         self._turn = None

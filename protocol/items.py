@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Literal
 
 Role = Literal["user", "assistant"]
-
-
-def new_item_id() -> str:
-    return "item_" + uuid.uuid4().hex
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC with microseconds, so items sort by time as strings."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)

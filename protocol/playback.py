@@ -81,6 +81,10 @@ class PlaybackPacer:
     def full(self) -> bool:
         return self.queued_ms >= self.max_queue_ms
 
+    def playing(self, now: float) -> bool:
+        """The client has assistant audio to play: queued here, or released and not yet played."""
+        return bool(self._queue) or self._client_end > now
+
     # -- output -----------------------------------------------------------------------------
     def poll(self, now: float) -> list[Any]:
         """Everything that may be sent now: messages, and `Audio` frames while the lead allows."""
@@ -151,21 +155,24 @@ class PlaybackPacer:
 class AudioRateLimiter:
     """A client may not send audio faster than `max_speed` x real time, sustained over `window_s`.
 
-    A leaky bucket of audio seconds that drains at max_speed per wall second and holds window_s:
-    a burst of buffered audio (after a reconnect, say) passes; a client streaming at 3x is
-    stopped after about 5 s.
+    Measured on the client's own audio timeline: the seconds of audio it has sent, against
+    `max_speed` times the seconds since its first frame, may run ahead by at most `window_s`. A frame
+    the server reads late (its loop was busy) carries no more audio than it did on time, so lag is
+    never charged to a real-time client. Credit for pauses is capped at `credit_s`, so a long silence
+    does not bank a long burst: after one, a client may send `credit_s + window_s` at once.
     """
 
-    def __init__(self, *, max_speed: float = 2.0, window_s: float = 5.0):
+    def __init__(self, *, max_speed: float = 2.0, window_s: float = 5.0, credit_s: float = 10.0):
         self.max_speed = max_speed
-        self.capacity = window_s
-        self.level = 0.0
-        self._last: float | None = None
+        self.window_s = window_s
+        self.credit_s = credit_s
+        self.sent_s = 0.0
+        self._t0: float | None = None
 
     def add(self, audio_s: float, now: float) -> bool:
-        """Account for audio_s seconds received at `now`; False when the client is over the limit."""
-        if self._last is not None:
-            self.level = max(0.0, self.level - (now - self._last) * self.max_speed)
-        self._last = now
-        self.level += audio_s
-        return self.level <= self.capacity
+        """Charge audio_s seconds of audio read at `now`; False when the client is over the limit."""
+        if self._t0 is None:
+            self._t0 = now
+        self._t0 = max(self._t0, now - (self.sent_s + self.credit_s) / self.max_speed)
+        self.sent_s += audio_s
+        return self.sent_s - self.max_speed * (now - self._t0) <= self.window_s

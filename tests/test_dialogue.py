@@ -1,21 +1,31 @@
-"""The conversation state machine, driven with Nova output events: no sockets, tasks or clocks."""
+"""The dialogue (item machine), driven with Nova output events: no sockets, tasks or clocks."""
+
+import itertools
 
 from protocol import messages as m
 from protocol import nova_events as nova
-from protocol.conversation import (
+from protocol.continuity import StreamSetup
+from protocol.dialogue import (
     AudioToClient,
     AwaitTruncate,
-    Conversation,
+    Dialogue,
     EndAudioItem,
     FlushPlayback,
     ItemFinal,
     SendToClient,
     SendTextTurn,
     StartAudioItem,
-    StreamSetup,
 )
 from protocol.event_order import InputOrderValidator
 from protocol.items import Item
+
+_n = itertools.count()
+
+
+def make_dialogue(**kw):
+    """A dialogue with counting ids and a fixed clock."""
+    return Dialogue(new_id=lambda: f"item_{next(_n)}", utc_now=lambda: "2026-01-01T00:00:00.000000Z", **kw)
+
 
 IDS = {"sessionId": "s", "promptName": "p", "completionId": "c"}
 MS = 48  # bytes per ms at 24 kHz
@@ -55,7 +65,7 @@ def of(actions, kind):
 
 
 def test_user_transcript_becomes_a_final_item_at_once():
-    conv = Conversation()
+    conv = make_dialogue()
     acts = feed(conv, user_turn("I met with Doctor Smith"))
     (final,) = of(acts, ItemFinal)
     assert final.item.role == "user" and final.item.text == "I met with Doctor Smith"
@@ -63,7 +73,7 @@ def test_user_transcript_becomes_a_final_item_at_once():
 
 
 def test_assistant_sentence_plan_audio_then_final_after_playout():
-    conv = Conversation()
+    conv = make_dialogue()
     acts = feed(conv, sentence("Hello there.", 1, last=True))
     plans = [a.message for a in of(acts, SendToClient) if isinstance(a.message, m.Transcript)]
     assert plans and plans[0].final is False and plans[0].text == "Hello there."
@@ -79,7 +89,7 @@ def test_assistant_sentence_plan_audio_then_final_after_playout():
 
 
 def test_a_turn_of_several_sentences_is_one_item_with_finals_matched_in_order():
-    conv = Conversation()
+    conv = make_dialogue()
     events = sentence("One.", 1)[:6] + sentence("Two.", 2, last=True)[:6]  # plans and audio first
     acts = feed(conv, events)
     (start,) = of(acts, StartAudioItem)  # one audio item for the turn
@@ -101,7 +111,7 @@ def test_a_turn_of_several_sentences_is_one_item_with_finals_matched_in_order():
 
 
 def test_cut_turn_keeps_whole_sentences_then_part_of_the_cut_one():
-    conv = Conversation()
+    conv = make_dialogue()
     events = sentence("First sentence here.", 1, audio_ms=1000) + sentence("alpha beta gamma delta", 2)[:5]
     item_id = of(feed(conv, events), StartAudioItem)[0].item_id
     feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
@@ -115,7 +125,7 @@ def test_cut_turn_keeps_whole_sentences_then_part_of_the_cut_one():
 
 
 def test_barge_in_flushes_and_trims_to_what_the_client_played():
-    conv = Conversation()
+    conv = make_dialogue()
     long_text = "one two three four five six seven eight nine ten"
     acts = feed(conv, sentence(long_text, 1, audio_ms=1000)[:5])  # audio still streaming
     item_id = of(acts, StartAudioItem)[0].item_id
@@ -141,7 +151,7 @@ def test_barge_in_flushes_and_trims_to_what_the_client_played():
 
 
 def test_truncate_timeout_uses_the_gateway_estimate():
-    conv = Conversation()
+    conv = make_dialogue()
     acts = feed(conv, sentence("alpha beta gamma delta", 1, audio_ms=1000))
     item_id = of(acts, StartAudioItem)[0].item_id
     feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
@@ -153,7 +163,7 @@ def test_truncate_timeout_uses_the_gateway_estimate():
 
 
 def test_a_turn_the_client_never_heard_is_never_stored():
-    conv = Conversation()
+    conv = make_dialogue()
     acts = feed(conv, sentence("First.", 1) + sentence("Second.", 2, last=True))
     (item_id,) = (a.item_id for a in of(acts, StartAudioItem))
     feed(conv, [nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL)])
@@ -167,7 +177,7 @@ def test_a_turn_the_client_never_heard_is_never_stored():
 
 def test_typed_text_is_a_user_item_and_an_interactive_block():
     setup = StreamSetup.build(system_prompt="Be brief.", history=[], voice="matthew", output_sample_rate=24000)
-    conv = Conversation()
+    conv = make_dialogue()
     conv.input_text("hello there")
     acts = conv.actions()
     assert of(acts, ItemFinal)[0].item.text == "hello there"
@@ -193,13 +203,13 @@ def test_stream_setup_sends_history_before_audio():
 
 
 def test_close_keeps_spoken_but_unsettled_items():
-    conv = Conversation()
+    conv = make_dialogue()
     feed(conv, sentence("Said but not played out.", 1, last=True))
     kept = conv.close()
     assert [i.text for i in kept] == ["Said but not played out."] and kept[0].interrupted
 
 
 def test_usage_is_forwarded():
-    conv = Conversation()
+    conv = make_dialogue()
     acts = feed(conv, [nova.usage_event(IDS, input_speech=10, input_text=5, output_speech=7, output_text=3)])
     assert SendToClient(m.Usage(15, 10)) in acts

@@ -101,3 +101,24 @@ def test_rate_limiter_allows_bursts_and_real_time_but_not_3x():
         t += 0.02
         ok = lim.add(0.06, t)  # 3x real time
     assert not ok and 4.5 < t < 6.0
+
+
+def test_rate_limiter_does_not_charge_a_real_time_client_for_server_lag():
+    lim = AudioRateLimiter(max_speed=2.0, window_s=5.0)
+    t = 0.0
+    for _ in range(500):  # 10 s of real time
+        t += 0.02
+        assert lim.add(0.02, t)
+    t += 8.0  # the server was stalled for 8 s; now it reads 8 s of frames at once
+    for _ in range(400):
+        assert lim.add(0.02, t)
+
+
+def test_rate_limiter_caps_the_credit_of_a_pause():
+    lim = AudioRateLimiter(max_speed=2.0, window_s=5.0, credit_s=10.0)
+    assert lim.add(0.02, 0.0)
+    sent, ok = 0.0, True
+    while ok:  # after an hour of silence, a burst
+        sent += 0.5
+        ok = lim.add(0.5, 3600.0)
+    assert 14.0 <= sent <= 15.5

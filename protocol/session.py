@@ -1,0 +1,1097 @@
+"""One connection's decisions: the sans-I/O session core.
+
+In the manner of python-websockets' `Protocol` and h11's `Connection`, the gateway tells a
+`Session` what happened (a client frame, a model event, a store result, the passing of time) and
+carries out the effects it drains with `effects()`, reporting each result back as another input.
+Everything that decides what a connection does lives in this file: the handshake and who may resume
+what, frame rules and the rate limit, keepalive, when to hand over to a new model stream and what it
+must hear, recovery, the order of store writes, what the client is told, and how the session
+closes. Time is always an argument (`now`: seconds on any monotonic clock) and `next_deadline()`
+says when the gateway must call `tick()`; ids, timestamps and signatures come from the `SessionEnv`
+the gateway passes in. No asyncio, no sockets, no clocks.
+
+    HANDSHAKE --session.start--> LOADING --conversation known--> OPENING --stream open--> LIVE
+    LIVE --rotation due, quiet (or forced)--> HANDING_OVER --next stream open, switch--> LIVE
+    LIVE | HANDING_OVER --stream failed, or deaf--> RECOVERING --stream open--> LIVE
+    any --session.end | drain | disconnect | fatal--> CLOSING --writes stored or timed out--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import codes
+from . import messages as m
+from . import nova_events as nova
+from .codes import CloseCode
+from .continuity import (
+    DEAF,
+    Failure,
+    GiveUp,
+    RecoveryLadder,
+    ReplayBuffer,
+    StreamSetup,
+    classify,
+    failure_message,
+)
+from .dialogue import (
+    AudioToClient,
+    AwaitTruncate,
+    Dialogue,
+    EndAudioItem,
+    FlushPlayback,
+    ItemFinal,
+    SendTextTurn,
+    SendToClient,
+    StartAudioItem,
+)
+from .items import Item
+from .playback import Audio, AudioRateLimiter, PlaybackPacer
+
+MODEL_FRAME = 2048                # bytes of 16 kHz audio per audioInput event (64 ms)
+MODEL_BYTES_PER_S = nova.MODEL_INPUT_RATE * 2
+HISTORY_TO_CLIENT = 50            # items in session.ready
+PRE_READY_AUDIO_S = 3.0           # audio kept between session.start and session.ready (PROTOCOL §3)
+KEEPALIVE_AFTER_S = 1.0           # the client sent no audio this long: the model is fed silence
+KEEPALIVE_EVERY_S = 0.5
+LAG_TOLERANCE_S = 0.25            # a keepalive this late means the loop lagged: client audio may be unread
+REPLAY_PREROLL_S = 0.3            # replay starts this long before the first voiced frame
+QUIET_AFTER_S = 0.8               # no voiced frame for this long: nobody speaks
+UTTERANCE_GAP_S = 0.3             # voice after a pause this long starts a new utterance (a model's
+                                  # end-of-speech wait is longer: Nova 1.5-2 s)
+UNHEARD_GIVE_UP_S = 10.0          # speech the model has not transcribed this long after it ended was noise
+HANDOVER_RETRY_S = 1.0            # after a prepared stream went stale, wait this long before another
+STORE_QUEUE_ITEMS = 1000          # unsaved items kept while the store is down ...
+STORE_QUEUE_BYTES = 4 * 1024 * 1024  # ... and their text bytes; past either the session ends (1013)
+STORE_RETRY_FIRST_S = 0.2
+STORE_RETRY_MAX_S = 5.0
+CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its store writes
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"        # waiting for session.start
+    LOADING = "loading"            # finding the conversation in the store
+    OPENING = "opening"            # the first model stream is being opened
+    LIVE = "live"
+    HANDING_OVER = "handing_over"  # the next stream is being prepared; the current one still serves
+    RECOVERING = "recovering"      # no usable stream: one is being reopened
+    CLOSING = "closing"            # storing what is left before the socket closes
+    CLOSED = "closed"
+
+
+# -- effects ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SendAudio:
+    pcm: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSocket:
+    code: int
+    reason: str = ""
+    discard: bool = False  # drop what is still queued for the client (it is not reading)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """Open a model stream and send it `events`; answer stream_opened or stream_failed."""
+
+    stream_id: int
+    events: list[dict] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SendToStream:
+    stream_id: int
+    events: list[dict] = field(repr=False)
+    audio_bytes: int = 0
+    source: str = ""  # client | keepalive | replay, for audio
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStream:
+    """Send `events` (the closing order; none for a failed stream), then release the stream."""
+
+    stream_id: int
+    events: list[dict] = field(repr=False, default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadConversation:
+    conversation_id: str
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateConversation:
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreItem:
+    conversation_id: str
+    item: Item
+
+
+@dataclass(frozen=True, slots=True)
+class EndConversation:
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str  # debug | info | warning | error
+    message: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    metric: str
+    label: str = ""
+    amount: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Observe:
+    metric: str
+    value: float
+
+
+Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | LoadConversation
+          | CreateConversation | StoreItem | EndConversation | Log | Count | Observe)
+
+
+# -- what the gateway passes in --------------------------------------------------------------------
+class ResumeClaim(Protocol):
+    conversation_id: str
+    owner: str
+
+
+class Credentials(Protocol):
+    """Signing and verification (the gateway's keys): resume tokens, receipts, bearer tokens."""
+
+    def principal(self, token: str) -> str | None: ...
+    def read_resume_token(self, token: str) -> ResumeClaim | None: ...
+    def resume_token(self, conversation_id: str, owner: str) -> str: ...
+    def receipt(self, conversation_id: str, item: Item) -> str: ...
+    def read_receipt(self, token: str, conversation_id: str) -> Item | None: ...
+
+
+class SpeechDetector(Protocol):
+    """Voice activity over 16 kHz PCM."""
+
+    def feed(self, pcm16k: bytes) -> bool:
+        """Whether this audio (with what came before it) holds a voiced frame."""
+
+
+class StoredHistory(Protocol):
+    conversation_id: str
+    ended: bool
+    items: list[Item]
+    total: int
+
+
+@dataclass(frozen=True)
+class SessionEnv:
+    credentials: Credentials
+    new_id: Callable[[str], str]                          # new_id("item") -> "item_<unguessable>"
+    utc_now: Callable[[], str]                            # RFC 3339 UTC, for items
+    wall_time: Callable[[], float]                        # seconds since the epoch, for pong
+    resampler: Callable[[int], Callable[[bytes], bytes]]  # client rate -> converter to 16 kHz
+    speech_detector: Callable[[], SpeechDetector]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    system_prompt: str = "You are a helpful assistant."
+    voice: str = "matthew"
+    engine: str = "local"
+    text_input: bool = True                  # the model takes typed turns (Nova 2; not Nova Sonic v1)
+    endpointing_sensitivity: str | None = None
+    auth_required: bool = False
+    handshake_timeout_s: float = 5.0
+    playback_lead_ms: int = 200
+    truncate_wait_ms: int = 1000
+    rotate_after_s: float = 360.0
+    rotate_force_after_s: float = 450.0
+    drain_flush_s: float = 10.0
+    deaf_after_s: float = 6.0
+
+
+def may_use(owner: str, principal: str | None) -> bool:
+    """The one access rule, for the socket and the HTTP endpoints alike: a conversation owned by a
+    user is that user's alone; an anonymous one belongs to whoever holds its resume token."""
+    return not owner.startswith("user:") or owner == principal
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    id: int
+    setup: StreamSetup
+    history_len: int          # items in the history it was opened with
+    owed: Item | None         # the user turn it is to be asked again (dropped from its history)
+    opened: bool = False
+    current_since: float = 0.0
+    heard: bool = False       # it has said something since it became current
+
+
+@dataclass(slots=True)
+class _Closing:
+    code: int
+    reason: str
+    deadline: float
+    end_conversation: bool = False
+    end_sent: bool = False
+
+
+class Session:
+    """Every decision of one client connection. Feed it inputs; drain `effects()`."""
+
+    def __init__(self, config: SessionConfig, env: SessionEnv, *, now: float, bearer: str | None = None,
+                 session_id: str | None = None):
+        self.cfg = config
+        self.env = env
+        self.session_id = session_id or env.new_id("sess")
+        self.state = State.HANDSHAKE
+        self.conversation_id = ""
+        self.owner = ""
+        self.history: list[Item] = []
+        self._bearer = bearer
+        self._effects: list[Effect] = []
+        self._now = now
+        self._handshake_deadline = now + config.handshake_timeout_s
+        self._client_open = True
+        self._start: m.SessionStart | None = None
+        self._principal: str | None = None
+        self._asked = False                 # the client asked to resume a conversation
+        self._requested: str | None = None  # ... and this is the one it may have
+        self._resumed = False
+        self._loaded_at = now
+        self._aliases: set[str] = set()
+        self._total = 0
+        self._before_ready: list[Any] = []          # messages held until session.ready
+        self._pre_ready_audio: deque[bytes] = deque()
+        self._pre_ready_bytes = 0
+        # audio in
+        self._limiter = AudioRateLimiter()
+        self._resample: Callable[[bytes], bytes] = bytes
+        self._input_rate = m.DEFAULT_CLIENT_INPUT_RATE
+        self._vad = env.speech_detector()
+        self._replay = ReplayBuffer()
+        self._last_voiced = -1e9                    # when the last voiced frame arrived
+        self._utterance_start = -1e9                # the first voiced frame of the latest utterance
+        self._unheard_since: float | None = None    # voice no stream has transcribed yet, since
+        self._typing = False
+        self._last_client_audio = now
+        self._last_model_audio = now
+        self._keepalive_at: float | None = None
+        # dialogue and playback
+        self._dialogue: Dialogue | None = None
+        self._pacer: PlaybackPacer | None = None
+        self._truncates: dict[str, tuple[float, int]] = {}  # item_id -> (deadline, estimate)
+        self._flush_estimate = 0
+        # model streams
+        self._stream_ids = 0
+        self._current: _Stream | None = None
+        self._next: _Stream | None = None           # prepared for a hand-over, or reopening
+        self._ladder = RecoveryLadder()
+        self._reopen_at: float | None = None
+        self._failure_kind = ""
+        self._handover_retry_at = 0.0
+        self._deaf_at: float | None = None
+        self._deaf_utterance = -1.0                 # the utterance a deaf stream was replaced for
+        # store
+        self._writes: deque[Item] = deque()
+        self._writes_bytes = 0
+        self._store_op: str | None = None           # load | create | write | end: one at a time
+        self._store_retry_at: float | None = None
+        self._store_delay = STORE_RETRY_FIRST_S
+        self._store_degraded_told = False
+        self._closing: _Closing | None = None
+
+    # -- draining ------------------------------------------------------------------------------------
+    def effects(self) -> list[Effect]:
+        out, self._effects = self._effects, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When `tick()` is next due (None: only an input can change anything)."""
+        now = self._now
+        times: list[float] = []
+        if self.state is State.HANDSHAKE:
+            times.append(self._handshake_deadline)
+        if self._pacer is not None and (t := self._pacer.next_wakeup(now)) is not None:
+            times.append(t)
+        times.extend(d for d, _ in self._truncates.values())
+        if self._store_retry_at is not None:
+            times.append(self._store_retry_at)
+        if self._closing is not None:
+            times.append(self._closing.deadline)
+        if self._reopen_at is not None:
+            times.append(self._reopen_at)
+        if self.state in (State.LIVE, State.HANDING_OVER):
+            for t in (self._keepalive_at, self._deaf_at):
+                if t is not None:
+                    times.append(t)
+            cur = self._current
+            # checks that only time can make true (each also runs on every input)
+            for t in (cur.current_since + self.cfg.rotate_after_s, cur.current_since + self.cfg.rotate_force_after_s,
+                      self._handover_retry_at, self._last_voiced + QUIET_AFTER_S,
+                      self._last_voiced + UNHEARD_GIVE_UP_S):
+                if t > now:
+                    times.append(t)
+        return min(times) if times else None
+
+    @property
+    def model_paused(self) -> bool:
+        """Stop reading model events: the client's playback queue is full (it catches up in real time)."""
+        return self._pacer is not None and self._pacer.full
+
+    # -- inputs: the client --------------------------------------------------------------------------
+    def receive_text(self, text: str | bytes, now: float) -> None:
+        self._now = now
+        if not self._accepting_client():
+            return
+        if len(text) > m.MAX_TEXT_MESSAGE_BYTES:
+            self._fail_client(CloseCode.MESSAGE_TOO_BIG, f"text message over {m.MAX_TEXT_MESSAGE_BYTES} bytes")
+            return
+        try:
+            msg = m.decode_client_message(text)
+        except m.ProtocolError as e:
+            if self.state is State.HANDSHAKE:
+                self._fail_client(CloseCode.PROTOCOL_ERROR, "bad session.start", m.Error(e.code, e.message, True))
+            else:
+                self._send(m.Error(e.code, e.message))
+            return
+        if self.state is State.HANDSHAKE:
+            if not isinstance(msg, m.SessionStart):
+                self._fail_client(CloseCode.PROTOCOL_ERROR, "first message must be session.start",
+                                  m.Error(codes.INVALID_FIELD, "the first message must be session.start", True))
+                return
+            self._on_start(msg, now)
+        else:
+            self._on_message(msg, now)
+        self._advance(now)
+
+    def receive_audio(self, data: bytes, now: float) -> None:
+        self._now = now
+        if not self._accepting_client():
+            return
+        if self.state is State.HANDSHAKE:
+            self._fail_client(CloseCode.PROTOCOL_ERROR, "audio before session.start")
+            return
+        if len(data) > m.MAX_FRAME_BYTES:
+            self._fail_client(CloseCode.MESSAGE_TOO_BIG, f"audio frame over {m.MAX_FRAME_BYTES} bytes")
+            return
+        if not self._limiter.add(len(data) / (2 * self._input_rate), now):  # every frame is charged
+            self._fail_client(CloseCode.RATE_LIMITED, "audio faster than 2x real time")
+            return
+        if len(data) % 2:
+            self._send(m.Error(codes.INVALID_FIELD, "audio frames must hold whole 16-bit samples (an even number "
+                               "of bytes); frame dropped"))
+            return
+        if self.state is State.CLOSING:
+            return
+        pcm = self._resample(data)
+        if not pcm:
+            return
+        self._last_client_audio = now
+        self._hear(pcm, now)
+        if self.state in (State.LOADING, State.OPENING):
+            self._pre_ready_audio.append(pcm)
+            self._pre_ready_bytes += len(pcm)
+            while self._pre_ready_bytes > PRE_READY_AUDIO_S * MODEL_BYTES_PER_S:
+                self._pre_ready_bytes -= len(self._pre_ready_audio.popleft())
+        elif self._current is not None and self.state is not State.RECOVERING:
+            self._to_model(self._current, pcm, now, "client")
+            self._keepalive_at = now + KEEPALIVE_AFTER_S
+        self._advance(now)
+
+    def client_gone(self, now: float) -> None:
+        """The socket closed (or broke). What is final is still stored."""
+        self._now = now
+        self._client_open = False
+        if self.state in (State.HANDSHAKE, State.LOADING):
+            self._closed()
+        elif self.state is not State.CLOSED and self._closing is None:
+            self._begin_closing(now, CloseCode.NORMAL, "client gone", CLOSE_FLUSH_S)
+        self._advance(now)
+
+    def client_backlog_full(self, now: float) -> None:
+        """What the session owes the client passed its byte budget: the client is not reading."""
+        self._now = now
+        if not self._client_open:
+            return
+        self._log("warning", "client not reading: closing")
+        self._emit(CloseSocket(CloseCode.RATE_LIMITED, "client not reading", discard=True))
+        self._client_open = False
+        if self.state in (State.HANDSHAKE, State.LOADING):
+            self._closed()
+        elif self._closing is None:
+            self._begin_closing(now, CloseCode.RATE_LIMITED, "client not reading", CLOSE_FLUSH_S)
+        self._advance(now)
+
+    def drain(self, now: float, retry_after_ms: int) -> None:
+        """The server is going away (SIGTERM): send the client elsewhere, store what is final, close 1012."""
+        self._now = now
+        if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
+            self._fail_client(CloseCode.SERVICE_RESTART, "server draining")
+            return
+        if self._closing is not None or self.state is State.CLOSED:
+            return
+        self._send(m.SessionReconnect("draining", retry_after_ms))
+        self._begin_closing(now, CloseCode.SERVICE_RESTART, "server draining", self.cfg.drain_flush_s)
+        self._advance(now)
+
+    def tick(self, now: float) -> None:
+        """Time has passed: do what is due."""
+        self._now = now
+        if self.state is State.HANDSHAKE and now >= self._handshake_deadline:
+            self._fail_client(CloseCode.HANDSHAKE_TIMEOUT, "no session.start in time")
+            return
+        if (self._keepalive_at is not None and now >= self._keepalive_at
+                and self.state in (State.LIVE, State.HANDING_OVER)):
+            self._keepalive(now)
+        self._advance(now)
+
+    # -- inputs: the store ----------------------------------------------------------------------------
+    def conversation_loaded(self, conv: StoredHistory | None, now: float) -> None:
+        self._now = now
+        if self._store_op != "load":
+            return
+        self._store_op = None
+        if self.state is not State.LOADING:
+            return
+        if conv is None or conv.ended:
+            self._create(now)
+            return
+        self._resumed = True
+        self.history = list(conv.items)
+        self._total = conv.total
+        self._known(conv.conversation_id, now)
+
+    def conversation_created(self, conversation_id: str, now: float) -> None:
+        self._now = now
+        if self._store_op != "create":
+            return
+        self._store_op = None
+        if self.state is State.LOADING:
+            self._known(conversation_id, now)
+
+    def item_stored(self, conversation_id: str, now: float) -> None:
+        """The head write is durable; `conversation_id` is where the store put it."""
+        self._now = now
+        if self._store_op != "write":
+            return
+        self._store_op = None
+        item = self._writes.popleft()
+        self._writes_bytes -= item.size
+        self._store_delay = STORE_RETRY_FIRST_S
+        self._moved(conversation_id)
+        self._emit(Count("items_saved"))
+        self._send(m.ItemSaved(item.item_id))
+        self._advance(now)
+
+    def conversation_ended(self, now: float) -> None:
+        self._now = now
+        if self._store_op != "end":
+            return
+        self._store_op = None
+        self._log("info", "conversation ended by client", conversation_id=self.conversation_id)
+        self._send(m.SessionEnded())
+        self._finish()
+
+    def store_failed(self, error: str, now: float) -> None:
+        """The store operation in flight failed (it may be retried)."""
+        self._now = now
+        op, self._store_op = self._store_op, None
+        self._emit(Count("store_errors"))
+        if op in ("load", "create"):
+            # Not "not_found": the conversation may well exist. The client keeps its token and retries.
+            self._log("warning", "conversation lookup failed: store error", error=error)
+            self._fail_client(CloseCode.TRY_AGAIN_LATER, "history store unavailable", m.Error(
+                codes.STORE_DEGRADED, "the history store is unavailable; retry shortly with the same resume token",
+                True))
+            return
+        if op is None:
+            return
+        self._log("warning", "store write failed; will retry", error=error, op=op)
+        if op == "write" and not self._store_degraded_told:
+            self._store_degraded_told = True
+            self._send(m.Error(codes.STORE_DEGRADED, "the history store is unavailable; turns are kept in memory "
+                               "and stored when it is back"))
+        self._store_retry_at = now + self._store_delay
+        self._store_delay = min(self._store_delay * 2, STORE_RETRY_MAX_S)
+        if op == "end":
+            self._closing.end_sent = False
+        self._advance(now)
+
+    # -- inputs: the model ---------------------------------------------------------------------------
+    def stream_opened(self, stream_id: int, now: float) -> None:
+        """The stream is open and its setup (system prompt, history, audio block) sent."""
+        self._now = now
+        s = self._next
+        if s is None or s.id != stream_id or self._closing is not None:
+            return
+        s.opened = True
+        if self.state is State.OPENING:
+            self._next = None
+            self._make_current(s, now)
+            self._ready(now)
+        elif self.state is State.RECOVERING:
+            if not self._fresh(s):  # the conversation moved on while it opened
+                self._retire(s)
+                self._next = None
+                self._reopen_at = now
+            else:
+                self._next = None
+                self._make_current(s, now)
+                self._hear_again(s, now)
+                self.state = State.LIVE
+                self._send(m.Status("listening"))
+                self._emit(Count("recoveries", self._failure_kind))
+                self._log("info", "model stream recovered", kind=self._failure_kind)
+        self._advance(now)
+
+    def stream_failed(self, stream_id: int, kind: str, message: str, now: float) -> None:
+        """A stream failed to open, or failed while open."""
+        self._now = now
+        failure = classify(kind, message)
+        if self._next is not None and self._next.id == stream_id:
+            s, self._next = self._next, None
+            self._emit(CloseStream(s.id))
+            if self.state is State.OPENING:
+                self._emit(Count("model_errors", kind))
+                self._log("error", "model stream failed to open", kind=kind, error=message)
+                self._fatal_model(failure, message, now)
+            elif self.state is State.HANDING_OVER:
+                self._log("warning", "rotation: next stream failed to open", kind=kind, error=message)
+                self.state = State.LIVE
+                self._handover_retry_at = now + HANDOVER_RETRY_S
+            elif self.state is State.RECOVERING:
+                self._recover(failure, kind, message, now)
+        elif self._current is not None and self._current.id == stream_id:
+            self._recover(failure, kind, message, now)
+        self._advance(now)
+
+    def stream_ended(self, stream_id: int, now: float) -> None:
+        """A stream's output ended without an error: for the current one, a failure like any other."""
+        self.stream_failed(stream_id, "connectionError", "the model stream ended", now)
+
+    def model_event(self, stream_id: int, event: dict | bytes, now: float) -> None:
+        self._now = now
+        cur = self._current
+        if cur is None or cur.id != stream_id or self.state not in (State.LIVE, State.HANDING_OVER):
+            return  # a retired or preparing stream: what it says is not part of the conversation
+        try:
+            ev = nova.parse_output_event(event)
+        except nova.MalformedEvent as e:
+            self.stream_failed(stream_id, "validationException", f"Invalid event bytes: {e}", now)
+            return
+        cur.heard = True
+        self._deaf_at = None
+        self._dialogue.model_event(ev)
+        self._run_dialogue(now)
+        self._advance(now)
+
+    # -- the handshake ---------------------------------------------------------------------------------
+    def _on_start(self, start: m.SessionStart, now: float) -> None:
+        token = self._bearer or start.auth
+        principal = None
+        if token is not None:
+            principal = self.env.credentials.principal(token)
+            if principal is None:
+                self._fail_client(CloseCode.UNAUTHORIZED, "invalid credentials")
+                return
+        elif self.cfg.auth_required:
+            self._fail_client(CloseCode.UNAUTHORIZED, "credentials required")
+            return
+        self._start = start
+        self._input_rate = start.input_sample_rate
+        self._resample = self.env.resampler(start.input_sample_rate)
+        self._dialogue = Dialogue(new_id=lambda: self.env.new_id("item"), utc_now=self.env.utc_now,
+                                  output_sample_rate=start.output_sample_rate)
+        self._pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms)
+        self.state = State.LOADING
+        self._loaded_at = now
+        self._principal = principal
+        self._asked = bool(start.resume or start.conversation_id)
+        target = self._resume_target(start, principal)
+        if target is None:
+            self._create(now)
+            return
+        self._requested, self.owner = target
+        self._store_op = "load"
+        self._emit(LoadConversation(self._requested, self.owner))
+
+    def _resume_target(self, start: m.SessionStart, principal: str | None) -> tuple[str, str] | None:
+        """(conversation id, owner) the client may try to resume, or None. A missing, ended, expired or
+        foreign conversation reads the same as none at all: a new one, `resume_failed: not_found`."""
+        if start.resume:
+            claim = self.env.credentials.read_resume_token(start.resume)
+            if claim is None or not may_use(claim.owner, principal):
+                return None
+            return claim.conversation_id, claim.owner
+        if start.conversation_id and principal is not None:
+            return start.conversation_id, principal
+        return None
+
+    def _create(self, now: float) -> None:
+        self.owner = self._principal or "anon:" + self.env.new_id("anon")
+        self._store_op = "create"
+        self._emit(CreateConversation(self.owner))
+
+    def _known(self, conversation_id: str, now: float) -> None:
+        """The conversation is found or made: store the client's pending receipts, open the model."""
+        self.conversation_id = conversation_id
+        self._aliases = {conversation_id, self._requested} - {None}
+        stored = {i.item_id for i in self.history}
+        queued: set[str] = set()
+        for token in self._start.pending:
+            item = next((i for cid in self._aliases if (i := self.env.credentials.read_receipt(token, cid))), None)
+            if item is None:
+                self._before_ready.append(m.Error(codes.BAD_RECEIPT, "a pending receipt was not signed by this "
+                                                  "service for this conversation; it was ignored"))
+                continue
+            if item.item_id in stored:  # it made it after all: the client may forget it
+                self._before_ready.append(m.ItemSaved(item.item_id))
+                continue
+            if item.item_id in queued:
+                continue
+            queued.add(item.item_id)
+            self.history.append(item)
+            self._total += 1
+            self._queue_write(item, now)
+        if self._asked:
+            self._emit(Count("resumes", "resumed" if self._resumed else "not_found"))
+        self._emit(Observe("history_load_seconds", now - self._loaded_at))
+        self.state = State.OPENING
+        self._prepare(now)
+
+    def _ready(self, now: float) -> None:
+        start = self._start
+        self._send(m.SessionReady(
+            protocol=m.PROTOCOL_VERSION,
+            session_id=self.session_id,
+            conversation_id=self.conversation_id,
+            resume_token=self.env.credentials.resume_token(self.conversation_id, self.owner),
+            resumed=self._resumed,
+            history=[i.to_dict() for i in self.history[-HISTORY_TO_CLIENT:]],
+            history_length=self._total,
+            input_sample_rate=start.input_sample_rate,
+            output_sample_rate=start.output_sample_rate,
+            voice=start.voice or self.cfg.voice,
+            engine=self.cfg.engine,
+            resume_failed="not_found" if self._asked and not self._resumed else None,
+        ))
+        for msg in self._before_ready:
+            self._send(msg)
+        self._before_ready.clear()
+        self._send(m.Status("listening"))
+        self.state = State.LIVE
+        self._log("info", "session ready", conversation_id=self.conversation_id, resumed=self._resumed,
+                  history_items=self._total)
+        while self._pre_ready_audio:  # said between session.start and session.ready
+            self._to_model(self._current, self._pre_ready_audio.popleft(), now, "client")
+        self._pre_ready_bytes = 0
+        self._keepalive_at = now + KEEPALIVE_AFTER_S
+
+    # -- client messages -----------------------------------------------------------------------------
+    def _on_message(self, msg: m.ClientMessage, now: float) -> None:
+        live = self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)
+        match msg:
+            case m.Ping(id=ping_id):
+                self._send(m.Pong(ping_id, self.env.wall_time()))
+            case m.SessionStart():
+                self._send(m.Error(codes.INVALID_FIELD, "session.start was already received"))
+            case _ if self.state is State.CLOSING:
+                pass
+            case _ if not live:
+                self._send(m.Error(codes.NOT_READY, f"'{msg.type}' before session.ready"))
+            case m.InputText() if not self.cfg.text_input:
+                self._send(m.Error(codes.UNSUPPORTED, "this model does not take typed text (Nova Sonic v1); speak "
+                                   f"instead, or use {nova.DEFAULT_MODEL_ID}"))
+            case m.InputText(text=t):
+                self._typing = True
+                self._dialogue.input_text(t, playing=self._pacer.playing(now))
+                self._run_dialogue(now)
+                self._typing = False
+            case m.PlaybackTruncate(item_id=item_id, played_ms=ms):
+                self._dialogue.playback_truncate(item_id, ms)
+                self._truncates.pop(item_id, None)
+                self._run_dialogue(now)
+            case m.SessionEnd():
+                self._begin_closing(now, CloseCode.NORMAL, "session ended", CLOSE_FLUSH_S, end_conversation=True)
+
+    # -- user audio ----------------------------------------------------------------------------------
+    def _hear(self, pcm: bytes, now: float) -> None:
+        """Voice activity and the replay buffer: what a new stream would have to hear again."""
+        self._replay.add(now, pcm)
+        if not self._vad.feed(pcm):
+            return
+        if now - self._last_voiced > UTTERANCE_GAP_S:
+            self._utterance_start = now - len(pcm) / MODEL_BYTES_PER_S
+            if self._unheard_since is None:
+                self._unheard_since = self._utterance_start
+        self._last_voiced = now
+        cur = self._current
+        if (cur is not None and not cur.heard and self._deaf_utterance != self._utterance_start
+                and self.state in (State.LIVE, State.HANDING_OVER)):
+            self._deaf_at = now + self.cfg.deaf_after_s  # counted from the end of speech
+
+    def _speaking(self, now: float) -> bool:
+        return now - self._last_voiced < QUIET_AFTER_S
+
+    def _to_model(self, stream: _Stream, pcm: bytes, now: float, source: str) -> None:
+        setup = stream.setup
+        for i in range(0, len(pcm), MODEL_FRAME):
+            piece = pcm[i : i + MODEL_FRAME]
+            self._emit(SendToStream(stream.id, [setup.audio(piece)], len(piece), source))
+        self._last_model_audio = now
+
+    def _keepalive(self, now: float) -> None:
+        """Silence while the client sends none, so the model's idle timeout (531) never fires. A
+        keepalive handled late means the loop lagged and the client's audio may be waiting unread:
+        that is not the client's silence, so it waits another moment."""
+        if now - self._keepalive_at > LAG_TOLERANCE_S:
+            self._keepalive_at = now + LAG_TOLERANCE_S
+            return
+        gap = min(now - self._last_model_audio, 2 * KEEPALIVE_EVERY_S)
+        silence = bytes(int(gap * MODEL_BYTES_PER_S) // 2 * 2)
+        if silence:
+            self._hear(silence, now)
+            self._to_model(self._current, silence, now, "keepalive")
+        self._keepalive_at = now + KEEPALIVE_EVERY_S
+
+    # -- the dialogue's actions ------------------------------------------------------------------------
+    def _run_dialogue(self, now: float) -> None:
+        d, pacer = self._dialogue, self._pacer
+        while actions := d.actions():
+            for a in actions:
+                match a:
+                    case AudioToClient(item_id=item_id, pcm=pcm):
+                        pacer.push_audio(item_id, pcm)
+                    case SendToClient(message=msg, paced=True):
+                        pacer.push_message(msg)
+                    case SendToClient(message=msg):
+                        self._send(msg)
+                    case StartAudioItem(item_id=item_id):
+                        pacer.start_item(item_id, m.ResponseAudioStart(item_id))
+                    case EndAudioItem(item_id=item_id, reason=reason):
+                        pacer.end_item(item_id, m.ResponseAudioEnd(item_id, reason))
+                    case FlushPlayback():
+                        r = pacer.flush(now)
+                        self._flush_estimate = r.played_ms
+                        d.playback_flushed(r.current, r.played_ms, r.open_items, r.unheard)
+                    case AwaitTruncate(item_id=item_id):
+                        self._truncates[item_id] = (now + self.cfg.truncate_wait_ms / 1000, self._flush_estimate)
+                    case ItemFinal(item=item):
+                        self._item_final(item, now)
+                    case SendTextTurn(text=text):
+                        if self._current is not None and self.state in (State.LIVE, State.HANDING_OVER):
+                            self._emit(SendToStream(self._current.id, self._current.setup.text_turn(text)))
+                        # else: no stream now; the one being opened is asked it again (`owed`)
+
+    def _item_final(self, item: Item, now: float) -> None:
+        receipt = self.env.credentials.receipt(self.conversation_id, item)
+        self._send(m.Transcript(item.item_id, item.role, item.text, True, receipt))
+        self.history.append(item)
+        self._total += 1
+        if item.role == "user":
+            self._ladder.turn_completed()
+            if not self._typing:  # the model transcribed speech: what is unheard now is a later utterance
+                voice_now = now - self._last_voiced < UTTERANCE_GAP_S
+                self._unheard_since = self._utterance_start if voice_now else None
+        self._queue_write(item, now)
+
+    def _release(self, now: float) -> None:
+        """Assistant audio and the messages ordered with it, as playback allows; items played out."""
+        pacer = self._pacer
+        if pacer is None:
+            return
+        for out in pacer.poll(now):
+            if isinstance(out, Audio):
+                if self._client_open:
+                    self._emit(SendAudio(out.pcm))
+            else:
+                self._send(out)
+        done = pacer.played_out(now)
+        if done:
+            for item_id in done:
+                self._dialogue.played_out(item_id)
+            self._run_dialogue(now)
+
+    # -- time-driven decisions -------------------------------------------------------------------------
+    def _advance(self, now: float) -> None:
+        """Everything that may have become due, in one place (runs after every input)."""
+        if self.state is State.CLOSED:
+            return
+        if self._dialogue is not None:
+            for item_id, (deadline, estimate) in list(self._truncates.items()):
+                if now >= deadline:
+                    del self._truncates[item_id]
+                    self._dialogue.truncate_timeout(item_id, estimate)
+                    self._run_dialogue(now)
+            self._release(now)
+        if self._unheard_since is not None and now - self._last_voiced >= UNHEARD_GIVE_UP_S:
+            self._unheard_since = None  # never transcribed: it was not speech
+        if self.state in (State.LIVE, State.HANDING_OVER):
+            if self._deaf_at is not None and now >= self._deaf_at:
+                self._deaf(now)
+            else:
+                self._rotate(now)
+        if self.state is State.RECOVERING and self._reopen_at is not None and now >= self._reopen_at:
+            self._reopen_at = None
+            self._prepare(now)
+        if self._store_retry_at is not None and now >= self._store_retry_at:
+            self._store_retry_at = None
+        self._pump_store(now)
+        if self._closing is not None:
+            self._check_closing(now)
+
+    # -- model streams: open, hand over, recover ---------------------------------------------------------
+    def _owed(self) -> Item | None:
+        """The user turn the model owes an answer to, if a new stream can be asked it again."""
+        return self._dialogue.unanswered if self.cfg.text_input else None
+
+    def _prepare(self, now: float) -> None:
+        """Open a stream with the system prompt and the history as it is now."""
+        owed = self._owed()
+        self._stream_ids += 1
+        setup = StreamSetup.build(
+            system_prompt=self.cfg.system_prompt,
+            history=self.history,
+            voice=self._start.voice or self.cfg.voice,
+            output_sample_rate=self._start.output_sample_rate,
+            endpointing_sensitivity=self.cfg.endpointing_sensitivity,
+            drop_trailing_user=owed is not None,
+        )
+        self._next = _Stream(self._stream_ids, setup, len(self.history), owed)
+        self._emit(OpenStream(self._next.id, setup.events))
+
+    def _fresh(self, s: _Stream) -> bool:
+        """The stream was opened with the history and owed turn as they are now."""
+        return s.history_len == len(self.history) and s.owed is self._owed()
+
+    def _make_current(self, s: _Stream, now: float) -> None:
+        self._current = s
+        s.current_since = now
+        s.heard = False
+        self._deaf_at = None
+
+    def _quiet(self) -> bool:
+        """Nobody speaks, nothing said is still untranscribed, no answer is due and every item is
+        settled: a hand-over now loses nothing and needs no replay."""
+        return not self._speaking(self._now) and self._unheard_since is None and self._dialogue.idle
+
+    def _rotate(self, now: float) -> None:
+        """Rotation: from `rotate_after_s` of stream age, prepare the next stream at a quiet moment and
+        switch to it if the moment lasted; from `rotate_force_after_s`, whatever is going on."""
+        cur = self._current
+        age = now - cur.current_since
+        if age < self.cfg.rotate_after_s:
+            return
+        forced = age >= self.cfg.rotate_force_after_s
+        nxt = self._next
+        if nxt is None:
+            if now >= self._handover_retry_at and (forced or self._quiet()):
+                self.state = State.HANDING_OVER
+                self._prepare(now)
+            return
+        if not nxt.opened:
+            return
+        if not self._fresh(nxt) or not (forced or self._quiet()):
+            self._retire(nxt)  # the moment passed or the history moved on: try again later
+            self._next = None
+            self.state = State.LIVE
+            self._handover_retry_at = now + (0.0 if forced else HANDOVER_RETRY_S)
+            return
+        old = cur
+        self._next = None
+        self._make_current(nxt, now)
+        self._dialogue.stream_replaced()
+        self._run_dialogue(now)
+        self._hear_again(nxt, now)  # forced: the owed answer and the utterance under way
+        self._retire(old)
+        self.state = State.LIVE
+        self._emit(Count("rotations", "forced" if forced else "quiet"))
+        self._log("info", "model stream rotated", forced=forced, stream=nxt.id, history_items=nxt.history_len)
+
+    def _hear_again(self, s: _Stream, now: float) -> None:
+        """What a new current stream missed: the owed answer (asked again as a typed turn) and the
+        user's speech that no stream has transcribed yet, from its start."""
+        if s.owed is not None:
+            self._emit(SendToStream(s.id, s.setup.text_turn(s.owed.text)))
+        if self._unheard_since is not None:
+            for pcm in self._replay.since(self._unheard_since - REPLAY_PREROLL_S):
+                self._to_model(s, pcm, now, "replay")
+            if not self._speaking(now) and self._deaf_utterance != self._utterance_start:
+                self._deaf_at = now + self.cfg.deaf_after_s  # it must answer what it was just told
+        self._keepalive_at = now + KEEPALIVE_AFTER_S
+
+    def _retire(self, s: _Stream | None) -> None:
+        if s is not None:
+            self._emit(CloseStream(s.id, s.setup.closing() if s.opened else []))
+
+    def _deaf(self, now: float) -> None:
+        """The current stream heard speech and said nothing: replace it, once per utterance."""
+        self._deaf_at = None
+        self._deaf_utterance = self._utterance_start
+        self._emit(Count("deaf_streams"))
+        self._log("warning", "model stream deaf: replacing it", stream=self._current.id)
+        self._recover(Failure.DEAF, DEAF, "no event after user speech", now)
+
+    def _recover(self, failure: Failure, kind: str, message: str, now: float) -> None:
+        self._emit(Count("model_errors", kind))
+        decision = self._ladder.on_failure(failure) if failure is not Failure.DEAF else None
+        self._log("warning", "model stream failed", kind=kind, error=message,
+                  decision=type(decision).__name__ if decision else "Replace")
+        if isinstance(decision, GiveUp):
+            self._fatal_model(failure, message, now)
+            return
+        cur, self._current = self._current, None
+        if cur is not None:
+            self._emit(CloseStream(cur.id, cur.setup.closing() if failure is Failure.DEAF else []))
+        if self._next is not None:
+            self._retire(self._next)
+            self._next = None
+        if self.state is not State.RECOVERING:
+            self._dialogue.stream_replaced()
+            self._run_dialogue(now)
+            self._send(m.Status("recovering"))
+        self.state = State.RECOVERING
+        self._failure_kind = kind
+        self._keepalive_at = None
+        self._reopen_at = now + (decision.delay_s if decision else 0.0)
+
+    def _fatal_model(self, failure: Failure, message: str, now: float) -> None:
+        """The model cannot go on: say so, store what is final, close 1011."""
+        self._log("error", "model unavailable", failure=failure.value, error=message)
+        self._send(m.Error(codes.MODEL_UNAVAILABLE, failure_message(failure, message), True))
+        if self.state is State.OPENING:
+            self._fail_client(CloseCode.INTERNAL_ERROR, "model unavailable")
+        else:
+            self._begin_closing(now, CloseCode.INTERNAL_ERROR, "model unavailable", CLOSE_FLUSH_S)
+
+    # -- the store -------------------------------------------------------------------------------------
+    def _queue_write(self, item: Item, now: float) -> None:
+        """Writes wait here, in order, while the store is down. Past the bound the session ends (1013):
+        the client still holds a receipt for every unsaved item and hands them back."""
+        if len(self._writes) >= STORE_QUEUE_ITEMS or self._writes_bytes + item.size > STORE_QUEUE_BYTES:
+            if self._closing is None:
+                self._send(m.Error(codes.STORE_DEGRADED, f"the history store has been unavailable for "
+                                   f"{len(self._writes)} items; reconnect later with your resume token and receipts",
+                                   True))
+                self._begin_closing(now, CloseCode.TRY_AGAIN_LATER, "store backlog full", 0.0)
+            return
+        self._writes.append(item)
+        self._writes_bytes += item.size
+
+    def _pump_store(self, now: float) -> None:
+        if self._store_op is not None or self._store_retry_at is not None or not self.conversation_id:
+            return
+        if self._writes:
+            self._store_op = "write"
+            self._emit(StoreItem(self.conversation_id, self._writes[0]))
+        elif self._closing is not None and self._closing.end_conversation and not self._closing.end_sent:
+            self._closing.end_sent = True
+            self._store_op = "end"
+            self._emit(EndConversation(self.conversation_id))
+
+    def _moved(self, conversation_id: str) -> None:
+        """The store continued the conversation under a new id: adopt it and tell the client."""
+        if conversation_id == self.conversation_id:
+            return
+        self._log("info", "conversation moved by the store", old=self.conversation_id, new=conversation_id)
+        self.conversation_id = conversation_id
+        self._aliases.add(conversation_id)
+        self._send(m.SessionUpdated(conversation_id, self.env.credentials.resume_token(conversation_id, self.owner)))
+
+    # -- closing ---------------------------------------------------------------------------------------
+    def _begin_closing(self, now: float, code: int, reason: str, flush_s: float, *,
+                       end_conversation: bool = False) -> None:
+        """Stop the model, settle every item (what was said but not heard to the end is kept, marked
+        interrupted), then store what is final before the socket closes."""
+        if self._closing is not None:
+            return
+        self._closing = _Closing(code, reason, now + flush_s, end_conversation)
+        for s in (self._current, self._next):
+            self._retire(s)
+        self._current = self._next = None
+        self._reopen_at = self._keepalive_at = self._deaf_at = None
+        self._truncates.clear()
+        if self._dialogue is not None:
+            for item in self._dialogue.close():
+                self._item_final(item, now)
+        self.state = State.CLOSING
+
+    def _check_closing(self, now: float) -> None:
+        """Close once every write is stored (and, for session.end, the conversation ended: then
+        `conversation_ended` closes), or when the flush deadline passes."""
+        c = self._closing
+        busy = bool(self._writes) or self._store_op is not None or (c.end_conversation and not c.end_sent)
+        if not busy:
+            self._finish()
+            return
+        if now < c.deadline:
+            return
+        if self._writes:  # the client still holds receipts for these and hands them back
+            self._log("error", "store flush timed out", unsaved=len(self._writes))
+        if c.end_conversation:
+            self._send(m.Error(codes.STORE_DEGRADED, "the history store is unavailable: the conversation was not "
+                               "ended; try again later", True))
+            self._finish(CloseCode.TRY_AGAIN_LATER, "store unavailable")
+        else:
+            self._finish()
+
+    def _finish(self, code: int | None = None, reason: str = "") -> None:
+        c = self._closing
+        if self._client_open:
+            self._emit(CloseSocket(code if code is not None else c.code, reason or c.reason))
+            self._client_open = False
+        self._closed()
+
+    def _closed(self) -> None:
+        self.state = State.CLOSED
+        self._store_retry_at = self._keepalive_at = self._reopen_at = self._deaf_at = None
+        self._truncates.clear()
+
+    def _fail_client(self, code: int, reason: str, message: Any = None) -> None:
+        """Close at once (handshake and protocol failures): nothing is owed yet, or nothing can be."""
+        if message is not None:
+            self._send(message)
+        if self._client_open:
+            self._emit(CloseSocket(code, reason))
+            self._client_open = False
+        if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
+            for s in (self._current, self._next):
+                self._retire(s)
+            self._current = self._next = None
+            self._closed()
+        elif self._closing is None:
+            self._begin_closing(self._now, code, reason, CLOSE_FLUSH_S)
+
+    # -- small helpers ----------------------------------------------------------------------------------
+    def _accepting_client(self) -> bool:
+        return self._client_open and self.state is not State.CLOSED
+
+    def _send(self, message: Any) -> None:
+        if self._client_open:
+            self._emit(SendMessage(message))
+
+    def _emit(self, effect: Effect) -> None:
+        self._effects.append(effect)
+
+    def _log(self, level: str, message: str, **fields: Any) -> None:
+        self._emit(Log(level, message, {"session_id": self.session_id, **fields}))
+
