@@ -19,7 +19,7 @@ from gateway.emulate.nova import NovaEmulator, make_test_tls
 from gateway.local.engine import LocalEngine, LocalEngineConfig
 from gateway.transport import IDLE_TIMEOUT_MESSAGE, INSTABILITY_MESSAGE
 
-from .conftest import DISCUSS, GRAMMAR, MET, speech
+from .conftest import DISCUSS, GRAMMAR, HELLO, MET, STORY, speech
 
 MET_TEXT = "I met with Doctor Smith today at two pm"
 
@@ -217,3 +217,56 @@ async def test_store_outage_queues_writes_in_order_and_loses_nothing(make_gatewa
         hist = (await h.get(f"/v1/conversations/{c.ready['conversation_id']}/history",
                             headers={"X-Resume-Token": c.ready["resume_token"]})).json()["history"]
     assert [h["item_id"] for h in hist] == [f["item_id"] for f in c.finals]  # each exactly once
+
+
+@pytest.fixture
+async def slow_emulator(tmp_path):
+    """The Nova Sonic emulator (in this process) whose end-of-speech wait, 2 s, is far longer than
+    the gateway's quiet window: a user turn is transcribed only 2 s after the speech ends."""
+    _ca, cert, key, bundle = make_test_tls(tmp_path / "tls")
+    engine = LocalEngine(LocalEngineConfig(asr="sphinx", tts="espeak", grammar=tuple(GRAMMAR.split("|")),
+                                           endpoint_ms=2000, trace_path=str(tmp_path / "slow-trace.jsonl")))
+    await engine.warm()
+    emu = NovaEmulator(engine, certfile=cert, keyfile=key)
+    await emu.start()
+    emu.trace = tmp_path / "slow-trace.jsonl"
+    emu.gateway_env = {
+        "NOVAGATE_ENGINE": "bedrock", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": emu.endpoint, "SSL_CERT_FILE": bundle,
+        "NOVAGATE_ENGINE_TRACE": str(emu.trace),
+    }
+    yield emu
+    await emu.stop()
+    await engine.aclose()
+
+
+async def test_frequent_hand_overs_with_a_slow_end_of_speech_lose_no_turn_and_no_byte(make_gateway, aws_stack,
+                                                                                        slow_emulator):
+    """The AWS path (real SDKs, Nova emulator, Agent Runtime fake), a rotation due every 3 s and a
+    model that transcribes 2 s after speech ends: every spoken turn is heard and answered, and every
+    client audio byte reaches exactly one stream."""
+    gw = make_gateway(**{**aws_stack.gateway_env(), **slow_emulator.gateway_env},
+                      NOVAGATE_ROTATE_AFTER_S=3, NOVAGATE_ROTATE_FORCE_AFTER_S=120)
+    c = VoiceClient(gw.ws, state=ClientState())
+    await c.connect()
+    said = [MET, DISCUSS, HELLO, STORY, DISCUSS, HELLO]
+    try:
+        turns = []
+        for phrase in said:
+            turns.append(await c.turn(speech(phrase), timeout=90))
+            await asyncio.sleep(2)  # a quiet moment: a hand-over may happen here
+    finally:
+        await c.close()
+        sent = c.audio_sent
+    await asyncio.sleep(1.0)
+    assert [t["user"].lower() for t in turns] == said
+    assert all(t["assistant"] for t in turns)
+    assert "doctor smith" in turns[1]["assistant"].lower()  # the history survived the hand-overs
+    assert metric(gw, "novagate_stream_rotations_total", mode="quiet") >= 4
+    assert metric(gw, "novagate_stream_rotations_total", mode="forced") == 0
+    assert metric(gw, "novagate_stream_recoveries_total") == 0
+    lines = [orjson.loads(x) for x in slow_emulator.trace.read_text().splitlines()]
+    heard = sum(x["bytes"] for x in lines if x["event"] == "audioInput")
+    assert len({x["stream"] for x in lines}) >= 5
+    assert metric(gw, "novagate_model_audio_bytes_total", source="client") == sent
+    assert metric(gw, "novagate_model_audio_bytes_total", source="replay") == 0
+    assert heard == sent + metric(gw, "novagate_model_audio_bytes_total", source="keepalive")
