@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
 
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -35,17 +34,15 @@ from protocol.session import (
     SendMessage,
     SendToStream,
     Session,
-    SessionConfig,
-    SessionEnv,
     State,
     StoreItem,
 )
 
 from . import clock, metrics
-from .audio import InputResampler, SpeechActivity
 from .logs import log
 from .store import StoreError
-from .tokens import Credentials, owner_hash
+from .queues import Queue
+from .tokens import owner_hash
 from .transport import ModelError
 
 logger = logging.getLogger("novagate.session")
@@ -59,53 +56,6 @@ CLOSE_TIMEOUT_S = 5.0
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-class Queue:
-    """A FIFO bounded in bytes. `put` waits while it is full (backpressure on the reader);
-    `put_nowait` never waits and says whether the queue is now over its budget."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: deque = deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    def put_nowait(self, item, size: int = 0) -> bool:
-        self._items.append((item, size))
-        self.bytes += size
-        self._readable.set()
-        if self.bytes > self.max_bytes:
-            self._writable.clear()
-            return False
-        return True
-
-    async def put(self, item, size: int = 0) -> None:
-        while self.bytes and self.bytes + size > self.max_bytes:
-            await self._writable.wait()
-        self.put_nowait(item, size)
-
-    async def get(self, timeout: float | None = None):
-        """The next item, or None when `timeout` seconds pass first."""
-        if not self._items:
-            self._readable.clear()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._readable.wait()
-            except TimeoutError:
-                return None
-        item, size = self._items.popleft()
-        self.bytes -= size
-        if self.bytes <= self.max_bytes:
-            self._writable.set()
-        return item
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-        self._writable.set()
-
-
 class _Link:
     """One model stream: its events to send, and the task that opens, feeds and closes it."""
 
@@ -116,40 +66,11 @@ class _Link:
         self.backlog_told = False
 
 
-def session_config(settings, transport) -> SessionConfig:
-    caps = getattr(transport, "capabilities", None)  # None: the local engine takes everything
-    return SessionConfig(
-        system_prompt=settings.system_prompt,
-        voice=settings.voice,
-        engine=transport.name,
-        text_input=caps is None or caps.text_input,
-        endpointing_sensitivity=(settings.endpointing_sensitivity or None)
-        if caps is None or caps.endpointing_sensitivity else None,
-        auth_required=settings.auth_required,
-        handshake_timeout_s=settings.handshake_timeout,
-        playback_lead_ms=settings.playback_lead_ms,
-        truncate_wait_ms=settings.truncate_wait_ms,
-        rotate_after_s=settings.rotate_after_s,
-        rotate_force_after_s=settings.rotate_force_after_s,
-        drain_flush_s=max(1.0, settings.drain_grace_s - 5),
-        deaf_after_s=settings.deaf_stream_s,
-    )
-
-
 class SessionActor:
     def __init__(self, ws: WebSocket, services, bearer: str | None):
         self.ws = ws
         self.s = services
-        env = SessionEnv(
-            credentials=Credentials(services.signer, services.authenticator),
-            new_id=clock.new_id,
-            utc_now=clock.utc_now,
-            wall_time=clock.wall_time,
-            resampler=lambda rate: InputResampler(rate).to_model,
-            speech_detector=SpeechActivity,
-        )
-        self.session = Session(session_config(services.settings, services.transport), env,
-                               now=clock.monotonic(), bearer=bearer)
+        self.session = Session(services.session_config, services.session_env, now=clock.monotonic(), bearer=bearer)
         self.inbox = Queue(INBOX_BYTES)
         self.outbox = Queue(CLIENT_BACKLOG_BYTES)
         self.store_ops = Queue(1 << 30)  # the session has at most one operation in flight
@@ -161,7 +82,7 @@ class SessionActor:
 
     def drain(self) -> None:
         """SIGTERM: the session sends the client elsewhere, stores what is final and closes 1012."""
-        self.inbox.put_nowait(("drain",))
+        self.inbox.put_nowait(("drain", random.randint(0, 1000)))
 
     # -- the consumer ----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -197,34 +118,9 @@ class SessionActor:
                 self.model_gate.set()
 
     def _dispatch(self, msg: tuple, now: float) -> None:
-        s = self.session
-        match msg:
-            case ("audio", data):
-                s.receive_audio(data, now)
-            case ("text", text):
-                s.receive_text(text, now)
-            case ("event", sid, raw):
-                s.model_event(sid, raw, now)
-            case ("opened", sid):
-                s.stream_opened(sid, now)
-            case ("failed", sid, kind, message):
-                s.stream_failed(sid, kind, message, now)
-            case ("ended", sid):
-                s.stream_ended(sid, now)
-            case ("stored", cid):
-                s.item_stored(cid, now)
-            case ("loaded", conv):
-                s.conversation_loaded(conv, now)
-            case ("created", cid):
-                s.conversation_created(cid, now)
-            case ("conversation_ended",):
-                s.conversation_ended(now)
-            case ("store_failed", error):
-                s.store_failed(error, now)
-            case ("gone",):
-                s.client_gone(now)
-            case ("drain",):
-                s.drain(now, random.randint(0, 1000))
+        """An inbox entry names the session input and its arguments: ("receive_audio", data)."""
+        name, *args = msg
+        getattr(self.session, name)(*args, now)
 
     def _perform(self, now: float) -> None:
         while effects := self.session.effects():
@@ -273,20 +169,20 @@ class SessionActor:
         size = audio_bytes * 4 // 3 + 256 * len(events)  # base64 audio plus the envelope
         if not link.out.put_nowait(events, size) and not link.backlog_told:
             link.backlog_told = True
-            self.inbox.put_nowait(("failed", sid, CONNECTION, "the model stream is not accepting input"))
+            self.inbox.put_nowait(("stream_failed", sid, CONNECTION, "the model stream is not accepting input"))
 
     # -- the client socket ------------------------------------------------------------------------------
     async def _read_client(self) -> None:
         while True:
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
-                self.inbox.put_nowait(("gone",))
+                self.inbox.put_nowait(("client_gone",))
                 return
             if (data := msg.get("bytes")) is not None:
-                await self.inbox.put(("audio", data), len(data))
+                await self.inbox.put(("receive_audio", data), len(data))
             else:
                 text = msg.get("text") or ""
-                await self.inbox.put(("text", text), len(text))
+                await self.inbox.put(("receive_text", text), len(text))
 
     async def _write_client(self) -> None:
         ws = self.ws
@@ -302,7 +198,7 @@ class SessionActor:
                         await ws.close(frame.code, frame.reason)
                     return
             except Exception:  # the peer went away: the session hears it once
-                self.inbox.put_nowait(("gone",))
+                self.inbox.put_nowait(("client_gone",))
                 return
 
     async def _close_now(self, code: int, reason: str, message) -> None:
@@ -325,7 +221,7 @@ class SessionActor:
         try:
             stream = await self.s.transport.open()
         except ModelError as e:
-            self.inbox.put_nowait(("failed", sid, e.kind, e.message))
+            self.inbox.put_nowait(("stream_failed", sid, e.kind, e.message))
             return
         receiver = None
         try:
@@ -336,7 +232,7 @@ class SessionActor:
                             await stream.send(event)
                 except TimeoutError:
                     raise ModelError(CONNECTION, "sending the stream setup timed out") from None
-                self.inbox.put_nowait(("opened", sid))
+                self.inbox.put_nowait(("stream_opened", sid))
                 receiver = self._tg.create_task(self._receive(link, stream))
             while link.closing is None:
                 events = await link.out.get()
@@ -351,7 +247,7 @@ class SessionActor:
         except (ModelError, TimeoutError) as e:
             if link.closing is None:
                 err = e if isinstance(e, ModelError) else ModelError(CONNECTION, "send timed out")
-                self.inbox.put_nowait(("failed", sid, err.kind, err.message))
+                self.inbox.put_nowait(("stream_failed", sid, err.kind, err.message))
         finally:
             if receiver is not None:
                 receiver.cancel()
@@ -366,14 +262,14 @@ class SessionActor:
                 if link.closing is not None:
                     return
                 if raw is None:
-                    self.inbox.put_nowait(("ended", sid))
+                    self.inbox.put_nowait(("stream_ended", sid))
                     return
                 body = raw.get("event", {}) if isinstance(raw, dict) else {}
                 size = len(body["audioOutput"].get("content", "")) + 256 if "audioOutput" in body else 256
-                await self.inbox.put(("event", sid, raw), size)
+                await self.inbox.put(("model_event", sid, raw), size)
         except ModelError as e:
             if link.closing is None:
-                self.inbox.put_nowait(("failed", sid, e.kind, e.message))
+                self.inbox.put_nowait(("stream_failed", sid, e.kind, e.message))
 
     # -- the store --------------------------------------------------------------------------------------
     async def _store_worker(self) -> None:
@@ -384,11 +280,11 @@ class SessionActor:
                 match op:
                     case LoadConversation(conversation_id=cid, owner=owner):
                         conv = await store.load(cid, owner=owner_hash(owner))
-                        self.inbox.put_nowait(("loaded", conv))
+                        self.inbox.put_nowait(("conversation_loaded", conv))
                     case CreateConversation(owner=owner):
-                        self.inbox.put_nowait(("created", await store.create(owner_hash(owner))))
+                        self.inbox.put_nowait(("conversation_created", await store.create(owner_hash(owner))))
                     case StoreItem(conversation_id=cid, item=item):
-                        self.inbox.put_nowait(("stored", await store.append(cid, item, connection_id=session_id)))
+                        self.inbox.put_nowait(("item_stored", await store.append(cid, item, connection_id=session_id)))
                     case EndConversation(conversation_id=cid):
                         await store.end(cid)
                         self.inbox.put_nowait(("conversation_ended",))

@@ -18,14 +18,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from protocol.codes import CloseCode
-from protocol.session import may_use
+from protocol.session import SessionConfig, SessionEnv, may_use
 
-from . import metrics
+from . import clock, metrics
 from .actor import SessionActor
+from .audio import InputResampler, SpeechActivity
 from .config import Settings
 from .logs import log
 from .store import ConversationStore, open_store
-from .tokens import Authenticator, Signer, load_secret, owner_hash
+from .tokens import Authenticator, Credentials, Signer, load_secret, owner_hash
 from .transport import ModelTransport
 
 logger = logging.getLogger("novagate.app")
@@ -40,9 +41,43 @@ class Services:
     transport: ModelTransport
     signer: Signer
     authenticator: Authenticator
+    session_config: SessionConfig
+    session_env: SessionEnv
     sessions: set = field(default_factory=set)
     draining: bool = False
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)  # set while `sessions` is empty
+
+
+def session_config(settings: Settings, transport: ModelTransport) -> SessionConfig:
+    caps = getattr(transport, "capabilities", None)  # None: the local engine takes everything
+    return SessionConfig(
+        system_prompt=settings.system_prompt,
+        voice=settings.voice,
+        engine=transport.name,
+        text_input=caps is None or caps.text_input,
+        endpointing_sensitivity=(settings.endpointing_sensitivity or None)
+        if caps is None or caps.endpointing_sensitivity else None,
+        auth_required=settings.auth_required,
+        handshake_timeout_s=settings.handshake_timeout,
+        playback_lead_ms=settings.playback_lead_ms,
+        truncate_wait_ms=settings.truncate_wait_ms,
+        rotate_after_s=settings.rotate_after_s,
+        rotate_force_after_s=settings.rotate_force_after_s,
+        drain_flush_s=max(1.0, settings.drain_grace_s - 5),
+        deaf_after_s=settings.deaf_stream_s,
+    )
+
+
+def session_env(signer: Signer, authenticator: Authenticator) -> SessionEnv:
+    """What the sans-I/O session core is given: keys, ids, clocks, resampling, voice activity."""
+    return SessionEnv(
+        credentials=Credentials(signer, authenticator),
+        new_id=clock.new_id,
+        utc_now=clock.utc_now,
+        wall_time=clock.wall_time,
+        resampler=lambda rate: InputResampler(rate).to_model,
+        speech_detector=SpeechActivity,
+    )
 
 
 def open_transport(settings: Settings) -> ModelTransport:
@@ -72,12 +107,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         secret = load_secret(settings.secret, settings.secret_file)
+        transport = open_transport(settings)
+        signer = Signer(secret, resume_ttl=settings.resume_ttl)
+        authenticator = Authenticator(settings.auth_jwt_secret)
         services = Services(
             settings=settings,
             store=open_store(settings),
-            transport=open_transport(settings),
-            signer=Signer(secret, resume_ttl=settings.resume_ttl),
-            authenticator=Authenticator(settings.auth_jwt_secret),
+            transport=transport,
+            signer=signer,
+            authenticator=authenticator,
+            session_config=session_config(settings, transport),
+            session_env=session_env(signer, authenticator),
         )
         warm = getattr(services.transport, "warm", None)
         if warm is not None:

@@ -240,6 +240,8 @@ class _Stream:
     setup: StreamSetup
     history_len: int          # items in the history it was opened with
     owed: Item | None         # the user turn it is to be asked again (dropped from its history)
+    prepared_at: float = 0.0
+    opened_at: float = 0.0
     opened: bool = False
     current_since: float = 0.0
     heard: bool = False       # it has said something since it became current
@@ -441,7 +443,7 @@ class Session:
             self._begin_closing(now, CloseCode.RATE_LIMITED, "client not reading", CLOSE_FLUSH_S)
         self._advance(now)
 
-    def drain(self, now: float, retry_after_ms: int) -> None:
+    def drain(self, retry_after_ms: int, now: float) -> None:
         """The server is going away (SIGTERM): send the client elsewhere, store what is final, close 1012."""
         self._now = now
         if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
@@ -544,6 +546,7 @@ class Session:
         if s is None or s.id != stream_id or self._closing is not None:
             return
         s.opened = True
+        s.opened_at = now
         if self.state is State.OPENING:
             self._next = None
             self._make_current(s, now)
@@ -876,7 +879,7 @@ class Session:
             endpointing_sensitivity=self.cfg.endpointing_sensitivity,
             drop_trailing_user=owed is not None,
         )
-        self._next = _Stream(self._stream_ids, setup, len(self.history), owed)
+        self._next = _Stream(self._stream_ids, setup, len(self.history), owed, prepared_at=now)
         self._emit(OpenStream(self._next.id, setup.events))
 
     def _fresh(self, s: _Stream) -> bool:
@@ -925,7 +928,8 @@ class Session:
         self._retire(old)
         self.state = State.LIVE
         self._emit(Count("rotations", "forced" if forced else "quiet"))
-        self._log("info", "model stream rotated", forced=forced, stream=nxt.id, history_items=nxt.history_len)
+        self._log("info", "model stream rotated", forced=forced, stream=nxt.id, history_items=nxt.history_len,
+                  setup_ms=round((nxt.opened_at - nxt.prepared_at) * 1000, 2))
 
     def _hear_again(self, s: _Stream, now: float) -> None:
         """What a new current stream missed: the owed answer (asked again as a typed turn) and the

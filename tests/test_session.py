@@ -543,7 +543,7 @@ def test_drain_sends_reconnect_stores_and_closes_1012():
     h = live()
     h.slow_store = True
     h.text({"type": "input.text", "text": "hello"})
-    h.s.drain(h.now, 250)
+    h.s.drain(250, h.now)
     h.pump()
     assert h.of(m.SessionReconnect) == [m.SessionReconnect("draining", 250)] and h.closed is None
     h.slow_store = False
@@ -558,7 +558,7 @@ def test_a_stuck_store_does_not_hold_the_close_forever():
     h = live(drain_flush_s=2.0)
     h.slow_store = True
     h.text({"type": "input.text", "text": "hello"})
-    h.s.drain(h.now, 0)
+    h.s.drain(0, h.now)
     h.pump()
     h.run(1.9)
     assert h.closed is None

@@ -1,0 +1,53 @@
+"""Queues bounded in bytes, for the session actor's inbox and its writers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class Queue:
+    """A FIFO bounded in bytes. `put` waits while it is full (backpressure on the reader);
+    `put_nowait` never waits and says whether the queue is now over its budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: deque = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def put_nowait(self, item, size: int = 0) -> bool:
+        self._items.append((item, size))
+        self.bytes += size
+        self._readable.set()
+        if self.bytes > self.max_bytes:
+            self._writable.clear()
+            return False
+        return True
+
+    async def put(self, item, size: int = 0) -> None:
+        while self.bytes and self.bytes + size > self.max_bytes:
+            await self._writable.wait()
+        self.put_nowait(item, size)
+
+    async def get(self, timeout: float | None = None):
+        """The next item, or None when `timeout` seconds pass first."""
+        if not self._items:
+            self._readable.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._readable.wait()
+            except TimeoutError:
+                return None
+        item, size = self._items.popleft()
+        self.bytes -= size
+        if self.bytes <= self.max_bytes:
+            self._writable.set()
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+        self._writable.set()
