@@ -21,6 +21,7 @@ from protocol import messages as m
 from protocol.codes import CloseCode
 from protocol.continuity import CONNECTION
 from protocol.session import (
+    Authenticate,
     CloseSocket,
     CloseStream,
     Count,
@@ -148,6 +149,8 @@ class SessionActor:
                         if discard:
                             self.outbox.clear()
                         self.outbox.put_nowait(CloseSocket(code, reason))
+                    case Authenticate(token=token):
+                        self._tg.create_task(self._authenticate(token))
                     case LoadConversation() | CreateConversation() | StoreItem() | EndConversation():
                         self.store_ops.put_nowait(e)
                     case Log(level=level, message=message, fields=fields):
@@ -270,6 +273,9 @@ class SessionActor:
         except ModelError as e:
             if link.closing is None:
                 self.inbox.put_nowait(("stream_failed", sid, e.kind, e.message))
+
+    async def _authenticate(self, token: str) -> None:
+        self.inbox.put_nowait(("authenticated", await self.s.authenticator.verify(token)))
 
     # -- the store --------------------------------------------------------------------------------------
     async def _store_worker(self) -> None:

@@ -68,10 +68,10 @@ def session_config(settings: Settings, transport: ModelTransport) -> SessionConf
     )
 
 
-def session_env(signer: Signer, authenticator: Authenticator) -> SessionEnv:
+def session_env(signer: Signer) -> SessionEnv:
     """What the sans-I/O session core is given: keys, ids, clocks, resampling, voice activity."""
     return SessionEnv(
-        credentials=Credentials(signer, authenticator),
+        credentials=Credentials(signer),
         new_id=clock.new_id,
         utc_now=clock.utc_now,
         wall_time=clock.wall_time,
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             signer=signer,
             authenticator=authenticator,
             session_config=session_config(settings, transport),
-            session_env=session_env(signer, authenticator),
+            session_env=session_env(signer),
         )
         warm = getattr(services.transport, "warm", None)
         if warm is not None:

@@ -99,12 +99,15 @@ class Authenticator:
             return None
         return "user:" + str(claims["sub"])
 
+    async def verify(self, token: str) -> str | None:
+        """The principal of a bearer token, or None when it is not valid."""
+        return self.principal(token)
+
 
 class Credentials:
-    """What the session core may ask of the keys (protocol.session.Credentials): sign and verify."""
+    """What the session core may ask of the server's keys (protocol.session.Credentials)."""
 
-    def __init__(self, signer: Signer, authenticator: Authenticator):
-        self.principal = authenticator.principal
+    def __init__(self, signer: Signer):
         self.read_resume_token = signer.read_resume_token
         self.resume_token = signer.resume_token
         self.receipt = signer.receipt

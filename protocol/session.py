@@ -73,7 +73,7 @@ CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its sto
 
 
 class State(enum.Enum):
-    HANDSHAKE = "handshake"        # waiting for session.start
+    HANDSHAKE = "handshake"        # waiting for session.start (and its bearer token's verification)
     LOADING = "loading"            # finding the conversation in the store
     OPENING = "opening"            # the first model stream is being opened
     LIVE = "live"
@@ -126,6 +126,13 @@ class CloseStream:
 
 
 @dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Verify a bearer token (it may need the identity provider's keys); answer `authenticated`."""
+
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class LoadConversation:
     conversation_id: str
     owner: str
@@ -167,7 +174,7 @@ class Observe:
     value: float
 
 
-Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | LoadConversation
+Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | LoadConversation
           | CreateConversation | StoreItem | EndConversation | Log | Count | Observe)
 
 
@@ -178,9 +185,8 @@ class ResumeClaim(Protocol):
 
 
 class Credentials(Protocol):
-    """Signing and verification (the gateway's keys): resume tokens, receipts, bearer tokens."""
+    """Signing and verification with the gateway's keys: resume tokens and receipts."""
 
-    def principal(self, token: str) -> str | None: ...
     def read_resume_token(self, token: str) -> ResumeClaim | None: ...
     def resume_token(self, conversation_id: str, owner: str) -> str: ...
     def receipt(self, conversation_id: str, item: Item) -> str: ...
@@ -375,7 +381,7 @@ class Session:
             else:
                 self._send(m.Error(e.code, e.message))
             return
-        if self.state is State.HANDSHAKE:
+        if self.state is State.HANDSHAKE and self._start is None:
             if not isinstance(msg, m.SessionStart):
                 self._fail_client(CloseCode.PROTOCOL_ERROR, "first message must be session.start",
                                   m.Error(codes.INVALID_FIELD, "the first message must be session.start", True))
@@ -389,7 +395,7 @@ class Session:
         self._now = now
         if not self._accepting_client():
             return
-        if self.state is State.HANDSHAKE:
+        if self.state is State.HANDSHAKE and self._start is None:
             self._fail_client(CloseCode.PROTOCOL_ERROR, "audio before session.start")
             return
         if len(data) > m.MAX_FRAME_BYTES:
@@ -409,7 +415,7 @@ class Session:
             return
         self._last_client_audio = now
         self._hear(pcm, now)
-        if self.state in (State.LOADING, State.OPENING):
+        if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
             self._pre_ready_audio.append(pcm)
             self._pre_ready_bytes += len(pcm)
             while self._pre_ready_bytes > PRE_READY_AUDIO_S * MODEL_BYTES_PER_S:
@@ -458,7 +464,7 @@ class Session:
     def tick(self, now: float) -> None:
         """Time has passed: do what is due."""
         self._now = now
-        if self.state is State.HANDSHAKE and now >= self._handshake_deadline:
+        if self.state is State.HANDSHAKE and now >= self._handshake_deadline:  # covers verifying the token too
             self._fail_client(CloseCode.HANDSHAKE_TIMEOUT, "no session.start in time")
             return
         if (self._keepalive_at is not None and now >= self._keepalive_at
@@ -609,15 +615,8 @@ class Session:
 
     # -- the handshake ---------------------------------------------------------------------------------
     def _on_start(self, start: m.SessionStart, now: float) -> None:
-        token = self._bearer or start.auth
-        principal = None
-        if token is not None:
-            principal = self.env.credentials.principal(token)
-            if principal is None:
-                self._fail_client(CloseCode.UNAUTHORIZED, "invalid credentials")
-                return
-        elif self.cfg.auth_required:
-            self._fail_client(CloseCode.UNAUTHORIZED, "credentials required")
+        if self._start is not None:
+            self._send(m.Error(codes.INVALID_FIELD, "session.start was already received"))
             return
         self._start = start
         self._input_rate = start.input_sample_rate
@@ -625,6 +624,27 @@ class Session:
         self._dialogue = Dialogue(new_id=lambda: self.env.new_id("item"), utc_now=self.env.utc_now,
                                   output_sample_rate=start.output_sample_rate)
         self._pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms)
+        token = self._bearer or start.auth
+        if token is not None:
+            self._emit(Authenticate(token))
+        elif self.cfg.auth_required:
+            self._fail_client(CloseCode.UNAUTHORIZED, "credentials required")
+        else:
+            self._begin(None, now)
+
+    def authenticated(self, principal: str | None, now: float) -> None:
+        """The bearer token's verification: the principal (`user:<id>`), or None if it is invalid."""
+        self._now = now
+        if self.state is not State.HANDSHAKE or self._start is None or not self._client_open:
+            return
+        if principal is None:
+            self._fail_client(CloseCode.UNAUTHORIZED, "invalid credentials")
+        else:
+            self._begin(principal, now)
+        self._advance(now)
+
+    def _begin(self, principal: str | None, now: float) -> None:
+        start = self._start
         self.state = State.LOADING
         self._loaded_at = now
         self._principal = principal

@@ -16,6 +16,7 @@ from protocol import messages as m
 from protocol import nova_events as nova
 from protocol.items import Item
 from protocol.session import (
+    Authenticate,
     CloseSocket,
     CloseStream,
     Count,
@@ -306,6 +307,8 @@ class Harness:
             case CloseStream(stream_id=sid):
                 self.models[sid].closed = True
                 self.opens = [o for o in self.opens if o[1] != sid]
+            case Authenticate(token=token):
+                s.authenticated(self.creds.principal(token), now)
             case LoadConversation() | CreateConversation() | StoreItem() | EndConversation() if self.slow_store:
                 self.store_delay_ops.append(e)
             case LoadConversation() | CreateConversation() | StoreItem() | EndConversation():
