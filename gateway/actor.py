@@ -21,6 +21,7 @@ from protocol import messages as m
 from protocol.codes import CloseCode
 from protocol.continuity import CONNECTION
 from protocol.session import (
+    Admit,
     Authenticate,
     CloseSocket,
     CloseStream,
@@ -151,6 +152,8 @@ class SessionActor:
                         self.outbox.put_nowait(CloseSocket(code, reason))
                     case Authenticate(token=token):
                         self._tg.create_task(self._authenticate(token))
+                    case Admit(principal=principal):
+                        self.inbox.put_nowait(("admitted", self.s.admit(self, principal)))
                     case LoadConversation() | CreateConversation() | StoreItem() | EndConversation():
                         self.store_ops.put_nowait(e)
                     case Log(level=level, message=message, fields=fields):

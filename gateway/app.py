@@ -43,9 +43,19 @@ class Services:
     authenticator: Authenticator
     session_config: SessionConfig
     session_env: SessionEnv
-    sessions: set = field(default_factory=set)
+    sessions: set = field(default_factory=set)   # every socket's actor, handshake or not
+    admitted: set = field(default_factory=set)   # actors past session.start and auth: live sessions
     draining: bool = False
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)  # set while `sessions` is empty
+
+    def admit(self, actor, principal: str | None) -> tuple[int, str] | None:
+        """Whether a client that has sent a valid session.start (and credentials) may have a live
+        session: only these count against NOVAGATE_MAX_SESSIONS, not sockets still in their handshake."""
+        if len(self.admitted) >= self.settings.max_sessions:
+            metrics.REJECTED.labels("capacity").inc()
+            return CloseCode.TRY_AGAIN_LATER, "at capacity"
+        self.admitted.add(actor)
+        return None
 
 
 def session_config(settings: Settings, transport: ModelTransport) -> SessionConfig:
@@ -171,10 +181,6 @@ async def voice(ws: WebSocket) -> None:
         metrics.REJECTED.labels("draining").inc()
         await ws.close(CloseCode.TRY_AGAIN_LATER, "draining")
         return
-    if len(services.sessions) >= settings.max_sessions:
-        metrics.REJECTED.labels("capacity").inc()
-        await ws.close(CloseCode.TRY_AGAIN_LATER, "at capacity")
-        return
     actor = SessionActor(ws, services, _bearer(ws.headers))
     services.sessions.add(actor)
     services.no_sessions.clear()
@@ -184,6 +190,7 @@ async def voice(ws: WebSocket) -> None:
         await actor.run()
     finally:
         services.sessions.discard(actor)
+        services.admitted.discard(actor)
         if not services.sessions:
             services.no_sessions.set()
         metrics.SESSIONS_ACTIVE.dec()

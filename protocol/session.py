@@ -133,6 +133,14 @@ class Authenticate:
 
 
 @dataclass(frozen=True, slots=True)
+class Admit:
+    """Ask the gateway whether this identified client may have a live session now (process-wide caps
+    per address and per user); answer `admitted`."""
+
+    principal: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class LoadConversation:
     conversation_id: str
     owner: str
@@ -174,7 +182,7 @@ class Observe:
     value: float
 
 
-Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | LoadConversation
+Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | Admit | LoadConversation
           | CreateConversation | StoreItem | EndConversation | Log | Count | Observe)
 
 
@@ -281,6 +289,7 @@ class Session:
         self._client_open = True
         self._start: m.SessionStart | None = None
         self._principal: str | None = None
+        self._admitting = False
         self._asked = False                 # the client asked to resume a conversation
         self._requested: str | None = None  # ... and this is the one it may have
         self._resumed = False
@@ -630,7 +639,7 @@ class Session:
         elif self.cfg.auth_required:
             self._fail_client(CloseCode.UNAUTHORIZED, "credentials required")
         else:
-            self._begin(None, now)
+            self._admit(None)
 
     def authenticated(self, principal: str | None, now: float) -> None:
         """The bearer token's verification: the principal (`user:<id>`), or None if it is invalid."""
@@ -640,14 +649,30 @@ class Session:
         if principal is None:
             self._fail_client(CloseCode.UNAUTHORIZED, "invalid credentials")
         else:
-            self._begin(principal, now)
+            self._admit(principal)
+        self._advance(now)
+
+    def _admit(self, principal: str | None) -> None:
+        self._principal = principal
+        self._admitting = True
+        self._emit(Admit(principal))
+
+    def admitted(self, refusal: tuple[int, str] | None, now: float) -> None:
+        """The gateway's answer to `Admit`: None, or the close code and reason that refuse it."""
+        self._now = now
+        if not self._admitting or self.state is not State.HANDSHAKE or not self._client_open:
+            return
+        self._admitting = False
+        if refusal is not None:
+            self._fail_client(*refusal)
+        else:
+            self._begin(self._principal, now)
         self._advance(now)
 
     def _begin(self, principal: str | None, now: float) -> None:
         start = self._start
         self.state = State.LOADING
         self._loaded_at = now
-        self._principal = principal
         self._asked = bool(start.resume or start.conversation_id)
         target = self._resume_target(start, principal)
         if target is None:

@@ -16,6 +16,7 @@ from protocol import messages as m
 from protocol import nova_events as nova
 from protocol.items import Item
 from protocol.session import (
+    Admit,
     Authenticate,
     CloseSocket,
     CloseStream,
@@ -226,6 +227,7 @@ class Harness:
         self.model_audio = Counter()      # source -> bytes sent to any stream
         self.store_delay_ops: list = []   # ops held while the store is "slow"
         self.slow_store = False
+        self.refuse = None                # principal -> (code, reason) or None: the gateway's caps
 
     # -- inputs ----------------------------------------------------------------------------------
     def text(self, obj) -> None:
@@ -309,6 +311,8 @@ class Harness:
                 self.opens = [o for o in self.opens if o[1] != sid]
             case Authenticate(token=token):
                 s.authenticated(self.creds.principal(token), now)
+            case Admit(principal=principal):
+                s.admitted(self.refuse(principal) if self.refuse else None, now)
             case LoadConversation() | CreateConversation() | StoreItem() | EndConversation() if self.slow_store:
                 self.store_delay_ops.append(e)
             case LoadConversation() | CreateConversation() | StoreItem() | EndConversation():

@@ -586,3 +586,17 @@ def test_streams_are_closed_in_the_service_order_at_the_end():
     model = h.current_model
     h.text({"type": "session.end"})
     assert model.closed
+
+
+def test_the_gateway_may_refuse_an_identified_client_before_anything_is_loaded():
+    h = Harness(bearer="jwt:bob")
+    h.refuse = lambda principal: (CloseCode.TRY_AGAIN_LATER, "at capacity") if principal == "user:bob" else None
+    h.connect()
+    assert h.closed == CloseCode.TRY_AGAIN_LATER and h.ready is None and not h.store.convs
+
+
+def test_audio_while_the_token_is_verified_is_kept_for_the_model():
+    h = Harness(bearer="jwt:bob")
+    h.text({"type": "session.start"})
+    h.until(lambda: h.ready is not None, 2, pcm=speech(1))
+    assert h.current_model.audio["client"] > 0
