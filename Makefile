@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
 
-.PHONY: run test venv dev clean contract-aws bench bench-rotation nginx browser
+.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local nginx browser
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -47,6 +47,10 @@ bench: $(VENV)/.dev
 
 bench-rotation: $(VENV)/.dev
 	$(PY) scripts/bench_rotation.py
+
+# The local engine's demo configuration (whisper + hibari): model load, per-turn latency.
+bench-local: $(VENV)/.dev
+	$(PY) scripts/bench_local_engine.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

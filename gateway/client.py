@@ -30,6 +30,8 @@ from typing import Any, Callable
 import orjson
 import websockets
 
+from protocol.messages import DEFAULT_CLIENT_INPUT_RATE, DEFAULT_CLIENT_OUTPUT_RATE
+
 FRAME_MS = 20
 
 # Close codes after which a reconnecting client tries again (PROTOCOL §6): 1012 at once (the server is
@@ -133,8 +135,8 @@ class VoiceClient:
         state: ClientState | None = None,
         token: str | None = None,
         auth: str | None = None,
-        input_rate: int = 16000,
-        output_rate: int = 24000,
+        input_rate: int = DEFAULT_CLIENT_INPUT_RATE,
+        output_rate: int = DEFAULT_CLIENT_OUTPUT_RATE,
         voice: str | None = None,
         conversation_id: str | None = None,
         resume: bool = True,
@@ -448,6 +450,7 @@ class VoiceClient:
                     self.audio += data
                     if self._current_item:
                         self.audio_by_item.setdefault(self._current_item, bytearray()).extend(data)
+                    self._changed.set()  # wait_for() predicates may be about the audio received
                     continue
                 msg = orjson.loads(data)
                 self._handle(msg)
@@ -514,6 +517,10 @@ class VoiceClient:
         """One user turn (speech or typed text); returns when the assistant's reply has finished
         playing and been saved: {"user": str, "assistant": str, "attempts": int, "reconnects": int}.
 
+        The reply is made of the assistant items the client first hears of after the turn is sent:
+        a turn spoken or typed over an earlier reply interrupts it, and that reply's final (cut)
+        transcript, which arrives later, belongs to the earlier turn, not to this one.
+
         Reconnecting mode: a reply that finished before the connection went is still waited for
         (its items are saved through the receipts the resume hands back). A reply cut by a lost
         connection raises `TurnInterrupted` once connected again, unless `retry` allows asking again
@@ -539,6 +546,7 @@ class VoiceClient:
             await self.wait_connected(timeout)
         generation = self.generation
         n_user, n_asst = len(self.finals_of("user")), len(self.finals_of("assistant"))
+        earlier = self._assistant_items()  # replies already under way: not this turn's
         try:
             if text is not None:
                 await self.send_text(text)
@@ -548,12 +556,14 @@ class VoiceClient:
             if not self.reconnect:
                 raise
 
+        def reply() -> list[dict]:
+            return [a for a in self.finals_of("assistant")[n_asst:] if a["item_id"] not in earlier]
+
         def ended() -> list[dict]:
-            asst = self.finals_of("assistant")[n_asst:]
-            return [a for a in asst if self.audio_end.get(a["item_id"]) in ("end_turn", "interrupted")]
+            return [a for a in reply() if self.audio_end.get(a["item_id"]) in ("end_turn", "interrupted")]
 
         def done():
-            asst = self.finals_of("assistant")[n_asst:]
+            asst = reply()
             if ended() and all(a["item_id"] in self.saved for a in asst):
                 return True
             # Connected again after a loss: a reply that had finished is saved from its receipts (wait
@@ -567,8 +577,14 @@ class VoiceClient:
         users = self.finals_of("user")[n_user:]
         return {
             "user": " ".join(u["text"] for u in users),
-            "assistant": " ".join(a["text"] for a in self.finals_of("assistant")[n_asst:]),
+            "assistant": " ".join(a["text"] for a in reply()),
         }
+
+    def _assistant_items(self) -> set[str]:
+        """Every assistant item the server has mentioned so far (planned, playing or final)."""
+        return {x["item_id"] for x in self.messages
+                if (x.get("type") == "transcript" and x.get("role") == "assistant")
+                or x.get("type") == "response.audio.start"}
 
 
 # -- WAV helpers ------------------------------------------------------------------------------------
@@ -601,7 +617,7 @@ async def run_cli(args) -> int:
         elif t == "interrupted":
             print("  (interrupted)", flush=True)
 
-    pcm, rate = (read_wav(args.wav) if args.wav else (None, 16000))
+    pcm, rate = (read_wav(args.wav) if args.wav else (None, DEFAULT_CLIENT_INPUT_RATE))
     client = VoiceClient(args.url, state=state, token=args.token, input_rate=rate, output_rate=args.output_rate,
                          voice=args.voice, resume=not args.new, on_message=show)
     client.speed = 1.0

@@ -173,6 +173,13 @@ async def test_foreign_tokens_and_receipts_are_refused_without_leaking(make_gate
         await bad.connect(mic=False)
     assert bad.close_code == 4401
     await bad.close()
+    # the HTTP endpoints follow the socket's rule: a user's resume token needs that user's bearer
+    async with httpx.AsyncClient(base_url=gw.http) as h:
+        url = f"/v1/conversations/{alice_cid}/history"
+        for headers, status in (({}, 404), ({"Authorization": f"Bearer {bob}"}, 404),
+                                ({"Authorization": f"Bearer {alice}"}, 200)):
+            r = await h.get(url, headers={"X-Resume-Token": alice_token, **headers})
+            assert r.status_code == status, headers
 
 
 async def test_pending_receipts_are_stored_exactly_once(gateway):
@@ -293,14 +300,21 @@ async def test_barge_in_flushes_and_history_keeps_what_was_heard(gateway):
 
 
 async def test_typing_over_the_assistant_interrupts_it(gateway):
+    from gateway.local.policy import STORY as TOLD
+
     async with client(gateway) as c:
         await c.send_text("tell me a story")
-        await c.wait_for(lambda: any(x["type"] == "response.audio.start" for x in c.messages), 30)
-        await asyncio.sleep(2)
+        start = await c.wait_for(lambda: next((x for x in c.messages if x["type"] == "response.audio.start"), None), 30)
+        story_id = start["item_id"]
+        # type once 2 s of the story (≈40 s long) has reached the client: it is playing, not over
+        await c.wait_for(lambda: len(c.audio_by_item.get(story_id, b"")) >= 2 * 2 * 24000, 30)
         turn = await c.turn(text="hello there", timeout=40)
-        assert any(x["type"] == "interrupted" for x in c.messages)
-        assert "once upon a time" not in turn["assistant"].lower() and turn["assistant"]
-        from gateway.local.policy import STORY
-
-        story = next(f for f in c.finals if f["role"] == "assistant")
-        assert len(story["text"]) < len(" ".join(STORY)) / 2  # cut where the typing came in
+        intr = next(x for x in c.messages if x["type"] == "interrupted")
+        assert intr["item_id"] == story_id and c.audio_end.get(story_id) == "interrupted"
+        # the reply to the typed turn is its own item, not the rest of the story
+        assert turn["user"] == "hello there"
+        assert turn["assistant"] and "once upon a time" not in turn["assistant"].lower()
+        # the story is stored cut where the typing came in (settled once the truncate wait is over)
+        story = await c.wait_for(lambda: next((f for f in c.finals if f["item_id"] == story_id), None), 15)
+        assert story["role"] == "assistant" and story["text"]
+        assert " ".join(TOLD).startswith(story["text"]) and len(story["text"]) < len(" ".join(TOLD)) / 2
