@@ -75,6 +75,8 @@ def session_config(settings: Settings, transport: ModelTransport) -> SessionConf
         rotate_force_after_s=settings.rotate_force_after_s,
         drain_flush_s=max(1.0, settings.drain_grace_s - 5),
         deaf_after_s=settings.deaf_stream_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        max_items=settings.max_items_per_conversation,
     )
 
 

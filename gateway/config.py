@@ -80,6 +80,14 @@ class Settings:
     rotate_force_after_s: float = field(
         default=450.0, metadata={"help": "stream age at which the hand-over no longer waits for a quiet moment"}
     )
+    idle_timeout_s: float = field(
+        default=300.0, metadata={"help": "a ready session whose client sends no message and no speech this long is "
+                                 "closed (4410, error idle_timeout); the conversation stays resumable"}
+    )
+    max_items_per_conversation: int = field(
+        default=10_000, metadata={"help": "items a conversation may hold; at the cap the session closes 4429 with "
+                                  "a fatal conversation_full"}
+    )
     deaf_stream_s: float = field(
         default=6.0, metadata={"help": "a new model stream that says nothing this long after user speech is "
                                "replaced (and the speech replayed to the next one)"}

@@ -16,6 +16,11 @@ MODEL_UNAVAILABLE = "model_unavailable"
 # configured model cannot serve (typed text on Nova Sonic v1).
 INTERNAL_ERROR = "internal_error"
 UNSUPPORTED = "unsupported"
+# Additive: limits (docs/security.md). A typed turn over its rate is refused; a client silent for too
+# long is closed (its conversation stays resumable); a conversation at its size cap takes no more turns.
+RATE_LIMITED = "rate_limited"
+IDLE_TIMEOUT = "idle_timeout"
+CONVERSATION_FULL = "conversation_full"
 
 
 class CloseCode(IntEnum):
@@ -28,4 +33,5 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4401
     FORBIDDEN_ORIGIN = 4403
     HANDSHAKE_TIMEOUT = 4408
+    IDLE = 4410          # additive: the client sent nothing (no message, no speech) for too long
     RATE_LIMITED = 4429

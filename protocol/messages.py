@@ -31,6 +31,7 @@ MAX_PENDING = 100
 MAX_TEXT_MESSAGE_BYTES = 65536
 MAX_FRAME_BYTES = 32768
 MAX_ITEM_ID_CHARS = 128
+MAX_PING_ID_CHARS = 128
 PROTOCOL_VERSION = 1
 
 _VOICE = re.compile(r"[a-z]{2,20}")
@@ -173,6 +174,8 @@ def _ping(obj: dict) -> Ping:
     id_ = obj.get("id")
     if isinstance(id_, (dict, list)):
         raise _invalid("'id' must be a JSON scalar (string, number, boolean or null)")
+    if isinstance(id_, str) and len(id_) > MAX_PING_ID_CHARS:
+        raise _invalid(f"'id' must be at most {MAX_PING_ID_CHARS} characters")
     return Ping(id_)
 
 

@@ -1,4 +1,4 @@
-"""Pacing of assistant audio to the client, and the client's audio rate limit.
+"""Pacing of assistant audio to the client.
 
 The model produces audio faster than real time. `PlaybackPacer` releases it so the client never
 holds more than `lead_ms` of unplayed audio, keeps item boundaries (start/end messages travel in
@@ -150,29 +150,3 @@ class PlaybackPacer:
             item.end_released = True
         self._client_end = now
         return FlushResult(current, played, tuple(open_items), tuple(unheard))
-
-
-class AudioRateLimiter:
-    """A client may not send audio faster than `max_speed` x real time, sustained over `window_s`.
-
-    Measured on the client's own audio timeline: the seconds of audio it has sent, against
-    `max_speed` times the seconds since its first frame, may run ahead by at most `window_s`. A frame
-    the server reads late (its loop was busy) carries no more audio than it did on time, so lag is
-    never charged to a real-time client. Credit for pauses is capped at `credit_s`, so a long silence
-    does not bank a long burst: after one, a client may send `credit_s + window_s` at once.
-    """
-
-    def __init__(self, *, max_speed: float = 2.0, window_s: float = 5.0, credit_s: float = 10.0):
-        self.max_speed = max_speed
-        self.window_s = window_s
-        self.credit_s = credit_s
-        self.sent_s = 0.0
-        self._t0: float | None = None
-
-    def add(self, audio_s: float, now: float) -> bool:
-        """Charge audio_s seconds of audio read at `now`; False when the client is over the limit."""
-        if self._t0 is None:
-            self._t0 = now
-        self._t0 = max(self._t0, now - (self.sent_s + self.credit_s) / self.max_speed)
-        self.sent_s += audio_s
-        return self.sent_s - self.max_speed * (now - self._t0) <= self.window_s

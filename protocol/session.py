@@ -50,7 +50,8 @@ from .dialogue import (
     StartAudioItem,
 )
 from .items import Item
-from .playback import Audio, AudioRateLimiter, PlaybackPacer
+from .limits import AudioRateLimiter, TokenBucket
+from .playback import Audio, PlaybackPacer
 
 MODEL_FRAME = 2048                # bytes of 16 kHz audio per audioInput event (64 ms)
 MODEL_BYTES_PER_S = nova.MODEL_INPUT_RATE * 2
@@ -70,6 +71,10 @@ STORE_QUEUE_BYTES = 4 * 1024 * 1024  # ... and their text bytes; past either the
 STORE_RETRY_FIRST_S = 0.2
 STORE_RETRY_MAX_S = 5.0
 CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its store writes
+PINGS = (5.0, 20)                 # pings answered: per second, burst; past it they are not answered
+ERROR_REPLIES = (10.0, 20)        # non-fatal error replies: per second, burst; past it they are not sent
+TYPED_TURNS = (0.5, 5)            # input.text: per second, burst; past it `rate_limited`
+TYPED_REFUSALS_TO_CLOSE = 10      # refused typed turns in a row before 4429
 
 
 class State(enum.Enum):
@@ -240,6 +245,8 @@ class SessionConfig:
     rotate_force_after_s: float = 450.0
     drain_flush_s: float = 10.0
     deaf_after_s: float = 6.0
+    idle_timeout_s: float = 300.0            # no message and no speech from the client this long: 4410
+    max_items: int = 10_000                  # items a conversation may hold; at the cap no more turns
 
 
 def may_use(owner: str, principal: str | None) -> bool:
@@ -301,6 +308,11 @@ class Session:
         self._pre_ready_bytes = 0
         # audio in
         self._limiter = AudioRateLimiter()
+        self._pings = TokenBucket(*PINGS)
+        self._error_replies = TokenBucket(*ERROR_REPLIES)
+        self._typed_turns = TokenBucket(*TYPED_TURNS)
+        self._typed_refused = 0
+        self._last_active = now                     # the client's last message or voiced frame
         self._resample: Callable[[bytes], bytes] = bytes
         self._input_rate = m.DEFAULT_CLIENT_INPUT_RATE
         self._vad = env.speech_detector()
@@ -356,6 +368,8 @@ class Session:
             times.append(self._closing.deadline)
         if self._reopen_at is not None:
             times.append(self._reopen_at)
+        if self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
+            times.append(self._last_active + self.cfg.idle_timeout_s)
         if self.state in (State.LIVE, State.HANDING_OVER):
             for t in (self._keepalive_at, self._deaf_at):
                 if t is not None:
@@ -382,13 +396,14 @@ class Session:
         if len(text) > m.MAX_TEXT_MESSAGE_BYTES:
             self._fail_client(CloseCode.MESSAGE_TOO_BIG, f"text message over {m.MAX_TEXT_MESSAGE_BYTES} bytes")
             return
+        self._last_active = now
         try:
             msg = m.decode_client_message(text)
         except m.ProtocolError as e:
-            if self.state is State.HANDSHAKE:
+            if self.state is State.HANDSHAKE and self._start is None:
                 self._fail_client(CloseCode.PROTOCOL_ERROR, "bad session.start", m.Error(e.code, e.message, True))
             else:
-                self._send(m.Error(e.code, e.message))
+                self._reply_error(e.code, e.message)
             return
         if self.state is State.HANDSHAKE and self._start is None:
             if not isinstance(msg, m.SessionStart):
@@ -414,8 +429,8 @@ class Session:
             self._fail_client(CloseCode.RATE_LIMITED, "audio faster than 2x real time")
             return
         if len(data) % 2:
-            self._send(m.Error(codes.INVALID_FIELD, "audio frames must hold whole 16-bit samples (an even number "
-                               "of bytes); frame dropped"))
+            self._reply_error(codes.INVALID_FIELD, "audio frames must hold whole 16-bit samples (an even number "
+                              "of bytes); frame dropped")
             return
         if self.state is State.CLOSING:
             return
@@ -722,6 +737,9 @@ class Session:
             self._queue_write(item, now)
         if self._asked:
             self._emit(Count("resumes", "resumed" if self._resumed else "not_found"))
+        if self._total >= self.cfg.max_items:
+            self._fail_client(CloseCode.RATE_LIMITED, "conversation full", self._full())
+            return
         self._emit(Observe("history_load_seconds", now - self._loaded_at))
         self.state = State.OPENING
         self._prepare(now)
@@ -759,17 +777,26 @@ class Session:
         live = self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)
         match msg:
             case m.Ping(id=ping_id):
-                self._send(m.Pong(ping_id, self.env.wall_time()))
+                if self._pings.take(now):  # past the rate, pings go unanswered
+                    self._send(m.Pong(ping_id, self.env.wall_time()))
             case m.SessionStart():
-                self._send(m.Error(codes.INVALID_FIELD, "session.start was already received"))
+                self._reply_error(codes.INVALID_FIELD, "session.start was already received")
             case _ if self.state is State.CLOSING:
                 pass
             case _ if not live:
-                self._send(m.Error(codes.NOT_READY, f"'{msg.type}' before session.ready"))
+                self._reply_error(codes.NOT_READY, f"'{msg.type}' before session.ready")
             case m.InputText() if not self.cfg.text_input:
-                self._send(m.Error(codes.UNSUPPORTED, "this model does not take typed text (Nova Sonic v1); speak "
-                                   f"instead, or use {nova.DEFAULT_MODEL_ID}"))
+                self._reply_error(codes.UNSUPPORTED, "this model does not take typed text (Nova Sonic v1); speak "
+                                  f"instead, or use {nova.DEFAULT_MODEL_ID}")
+            case m.InputText() if not self._typed_turns.take(now):
+                self._typed_refused += 1
+                if self._typed_refused >= TYPED_REFUSALS_TO_CLOSE:
+                    self._fail_client(CloseCode.RATE_LIMITED, "typed turns too fast")
+                else:
+                    self._reply_error(codes.RATE_LIMITED, f"typed turns are limited to {TYPED_TURNS[0]:g} per second "
+                                      f"(bursts of {TYPED_TURNS[1]}); this one was not sent")
             case m.InputText(text=t):
+                self._typed_refused = 0
                 self._typing = True
                 self._dialogue.input_text(t, playing=self._pacer.playing(now))
                 self._run_dialogue(now)
@@ -787,6 +814,7 @@ class Session:
         self._replay.add(now, pcm)
         if not self._vad.feed(pcm):
             return
+        self._last_active = now
         if now - self._last_voiced > UTTERANCE_GAP_S:
             self._utterance_start = now - len(pcm) / MODEL_BYTES_PER_S
             if self._unheard_since is None:
@@ -855,6 +883,9 @@ class Session:
         self._send(m.Transcript(item.item_id, item.role, item.text, True, receipt))
         self.history.append(item)
         self._total += 1
+        if self._total >= self.cfg.max_items and self._closing is None:
+            self._send(self._full())
+            self._begin_closing(now, CloseCode.RATE_LIMITED, "conversation full", CLOSE_FLUSH_S)
         if item.role == "user":
             self._ladder.turn_completed()
             if not self._typing:  # the model transcribed speech: what is unheard now is a later utterance
@@ -893,6 +924,11 @@ class Session:
             self._release(now)
         if self._unheard_since is not None and now - self._last_voiced >= UNHEARD_GIVE_UP_S:
             self._unheard_since = None  # never transcribed: it was not speech
+        if (self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)
+                and now >= self._last_active + self.cfg.idle_timeout_s):
+            self._send(m.Error(codes.IDLE_TIMEOUT, f"nothing from the client for {self.cfg.idle_timeout_s:g} s; "
+                               "reconnect with the resume token to go on", True))
+            self._begin_closing(now, CloseCode.IDLE, "idle", CLOSE_FLUSH_S)
         if self.state in (State.LIVE, State.HANDING_OVER):
             if self._deaf_at is not None and now >= self._deaf_at:
                 self._deaf(now)
@@ -1137,6 +1173,16 @@ class Session:
     def _send(self, message: Any) -> None:
         if self._client_open:
             self._emit(SendMessage(message))
+
+    def _full(self) -> m.Error:
+        return m.Error(codes.CONVERSATION_FULL, f"this conversation holds its maximum of {self.cfg.max_items} items; "
+                       "start a new conversation", True)
+
+    def _reply_error(self, code: str, message: str) -> None:
+        """A non-fatal error in answer to the client's input; past a rate, not sent (what it owes a
+        client that floods bad input stays bounded)."""
+        if self._error_replies.take(self._now):
+            self._send(m.Error(code, message))
 
     def _emit(self, effect: Effect) -> None:
         self._effects.append(effect)

@@ -1,6 +1,7 @@
 """The pacer and the audio rate limiter, on a fake clock."""
 
-from protocol.playback import Audio, AudioRateLimiter, PlaybackPacer
+from protocol.limits import AudioRateLimiter, TokenBucket
+from protocol.playback import Audio, PlaybackPacer
 
 RATE = 24000
 MS = RATE * 2 // 1000  # bytes per ms
@@ -122,3 +123,10 @@ def test_rate_limiter_caps_the_credit_of_a_pause():
         sent += 0.5
         ok = lim.add(0.5, 3600.0)
     assert 14.0 <= sent <= 15.5
+
+
+def test_token_bucket():
+    b = TokenBucket(rate=2.0, burst=3)
+    assert [b.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert b.take(0.5) and not b.take(0.5)
+    assert all(b.take(100.0) for _ in range(3)) and not b.take(100.0)

@@ -600,3 +600,64 @@ def test_audio_while_the_token_is_verified_is_kept_for_the_model():
     h.text({"type": "session.start"})
     h.until(lambda: h.ready is not None, 2, pcm=speech(1))
     assert h.current_model.audio["client"] > 0
+
+
+# -- limits ------------------------------------------------------------------------------------------
+def test_pings_and_error_replies_are_rate_limited_and_ping_ids_capped():
+    h = live()
+    for n in range(100):
+        h.text({"type": "ping", "id": n})
+        h.text({"type": "nonsense"})
+    assert 20 <= len(h.of(m.Pong)) <= 22 and 20 <= len(h.of(m.Error)) <= 22
+    h.run(2.0)
+    h.text({"type": "ping", "id": "x" * 129})
+    assert h.errors()[-1] == ("invalid_field", False) and h.closed is None
+
+
+def test_typed_turns_are_rate_limited_then_closed_4429():
+    h = live()
+    for n in range(5):
+        h.text({"type": "input.text", "text": f"t{n}"})
+    assert len(h.finals("user")) == 5
+    h.text({"type": "input.text", "text": "one too many"})
+    assert h.errors() == [("rate_limited", False)] and len(h.finals("user")) == 5
+    h.run(2.1)
+    h.text({"type": "input.text", "text": "after a pause"})
+    assert len(h.finals("user")) == 6
+    for n in range(10):
+        h.text({"type": "input.text", "text": f"flood {n}"})
+    assert h.closed == CloseCode.RATE_LIMITED
+
+
+def test_a_client_that_sends_nothing_is_closed_4410_and_can_resume():
+    h = live(idle_timeout_s=30)
+    h.run(29, SILENCE)  # silence is not activity
+    assert h.closed is None
+    h.text({"type": "ping", "id": 1})
+    h.run(29.9, None)
+    assert h.closed is None
+    h.run(0.2, None)
+    assert h.closed == CloseCode.IDLE and h.errors() == [("idle_timeout", True)]
+    again = Harness(store=h.store, creds=h.creds)
+    assert again.connect(resume=h.ready.resume_token).resumed
+
+
+def test_speech_keeps_a_session_alive():
+    h = live(idle_timeout_s=5, eos_s=0.3)
+    for turn in range(4):
+        h.say(turn + 1, 0.5)
+        h.run(3, SILENCE)
+    assert h.closed is None
+
+
+def test_a_conversation_at_its_cap_takes_no_more_turns():
+    h = live(max_items=4)
+    h.text({"type": "input.text", "text": "one"})
+    h.until(lambda: len(h.finals()) == 2, 3)
+    h.text({"type": "input.text", "text": "two"})
+    h.until(lambda: h.closed is not None, 3)
+    assert h.closed == CloseCode.RATE_LIMITED and ("conversation_full", True) in h.errors()
+    assert len(h.store.convs[h.ready.conversation_id].items) == 4  # what was said is kept
+    again = Harness(store=h.store, creds=h.creds, max_items=4)
+    again.connect(resume=h.ready.resume_token)
+    assert again.closed == CloseCode.RATE_LIMITED and again.errors() == [("conversation_full", True)]
