@@ -128,6 +128,8 @@ class Dialogue:
         self._barged = False
         self._speaking = False
         self._thinking: Item | None = None  # a user turn the model has not started answering
+        self._superseded = False  # the gateway cut the model's answer: what it still says of it is dropped
+        self._ignored: set[str] = set()  # content ids of that answer
         self.usage = (0, 0)
 
     def actions(self) -> list[Action]:
@@ -142,6 +144,7 @@ class Dialogue:
         """A typed turn: the gateway knows the text, so it makes the user item itself. It interrupts
         the assistant while the model speaks or the client still plays what it said (`playing`)."""
         if self._speaking or playing:
+            self._superseded = self._speaking  # the model is still answering: it has not heard the cut yet
             self._barge_in()
         self._user_item(text)
         self._emit(SendTextTurn(text))
@@ -188,6 +191,8 @@ class Dialogue:
 
     # -- model output ---------------------------------------------------------------------------
     def model_event(self, ev: nova.OutputEvent) -> None:
+        if (self._superseded or self._ignored) and self._drop_superseded(ev):
+            return
         match ev:
             case nova.ContentStart(content_id=cid, type=kind, role=role, stage=stage):
                 self._blocks[cid] = (kind, role, stage)
@@ -221,6 +226,30 @@ class Dialogue:
             case _:
                 pass
 
+    def _drop_superseded(self, ev: nova.OutputEvent) -> bool:
+        """After a typed turn cut the answer under way, the model goes on with it until it reads the
+        turn, then marks the cut (an INTERRUPTED block, or the interrupted signal). What it says of
+        the old answer meanwhile, the marker included, is not part of any item. The cut is over at the
+        marker, at the old answer's END_TURN, or when the model speaks of the user's turn."""
+        match ev:
+            case nova.ContentStart(content_id=cid, role="ASSISTANT") if self._superseded:
+                self._ignored.add(cid)
+                return True
+            case nova.ContentStart(role="USER"):
+                self._superseded = False
+                return False
+            case nova.TextOutput(interrupted=True) if self._superseded:
+                self._superseded = False
+                return True
+            case nova.TextOutput(content_id=cid) | nova.AudioOutput(content_id=cid) if cid in self._ignored:
+                return True
+            case nova.ContentEnd(content_id=cid, stop_reason=reason) if cid in self._ignored:
+                self._ignored.discard(cid)
+                if reason in ("INTERRUPTED", "END_TURN"):
+                    self._superseded = False
+                return True
+        return False
+
     @property
     def idle(self) -> bool:
         """Nobody is speaking, no answer is due and every assistant item is settled (so the history a
@@ -245,6 +274,8 @@ class Dialogue:
         self._targets.clear()
         self._user_text = []
         self._barged = False
+        self._superseded = False
+        self._ignored.clear()
         for t in list(self._turns.values()):
             self._settle(t)
 

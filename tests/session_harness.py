@@ -124,8 +124,9 @@ class FakeModel:
     utterance ("turn N") and answers it: a plan, `REPLY_MS` of audio, the FINAL text. A typed turn is
     answered at once. A deaf model says nothing."""
 
-    def __init__(self, sid: int, setup: list[dict], *, eos_s: float, deaf: bool = False):
+    def __init__(self, sid: int, setup: list[dict], *, eos_s: float, deaf: bool = False, reply_ms: int = REPLY_MS):
         self.sid = sid
+        self.reply_ms = reply_ms
         self.setup = setup
         self.eos_s = eos_s
         self.deaf = deaf
@@ -187,7 +188,7 @@ class FakeModel:
             nova.output_text(IDS, f"s{k}", "ASSISTANT", text),
             nova.output_content_end(IDS, f"s{k}", type="TEXT", stop_reason="PARTIAL_TURN"),
             nova.output_content_start(IDS, f"a{k}", type="AUDIO", role="ASSISTANT"),
-            nova.output_audio(IDS, f"a{k}", bytes(OUT_BYTES_PER_MS * REPLY_MS)),
+            nova.output_audio(IDS, f"a{k}", bytes(OUT_BYTES_PER_MS * self.reply_ms)),
             nova.output_content_end(IDS, f"a{k}", type="AUDIO", stop_reason="END_TURN"),
             nova.output_content_start(IDS, f"f{k}", type="TEXT", role="ASSISTANT", stage="FINAL"),
             nova.output_text(IDS, f"f{k}", "ASSISTANT", text),
@@ -227,6 +228,7 @@ class Harness:
         self.model_audio = Counter()      # source -> bytes sent to any stream
         self.store_delay_ops: list = []   # ops held while the store is "slow"
         self.slow_store = False
+        self.reply_ms = REPLY_MS              # the length of each answer's audio
         self.refuse = None                # principal -> (code, reason) or None: the gateway's caps
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ class Harness:
                 assert self.closed is None
                 self.closed = code
             case OpenStream(stream_id=sid, events=events):
-                model = FakeModel(sid, events, eos_s=self.eos_s, deaf=self.deaf_next > 0)
+                model = FakeModel(sid, events, eos_s=self.eos_s, deaf=self.deaf_next > 0, reply_ms=self.reply_ms)
                 self.deaf_next = max(0, self.deaf_next - 1)
                 self.models[sid] = model
                 if self.open_failures:

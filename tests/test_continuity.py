@@ -90,24 +90,33 @@ async def test_silence_keepalive_stops_the_idle_timeout(make_gateway):
         await c.close()
 
 
-@pytest.fixture
-async def emulator(tmp_path):
+async def start_emulator(tmp_path, *, endpoint_ms: int) -> NovaEmulator:
     """The Nova Sonic emulator in this process (so a test can fail its streams on cue), the local
-    engine behind it, and the gateway env that points engine=bedrock at it."""
+    engine behind it with the given end-of-speech wait, and the gateway env that points
+    engine=bedrock at it."""
     _ca, cert, key, bundle = make_test_tls(tmp_path / "tls")
+    trace = tmp_path / "emu-trace.jsonl"
     engine = LocalEngine(LocalEngineConfig(asr="sphinx", tts="espeak", grammar=tuple(GRAMMAR.split("|")),
-                                           endpoint_ms=600, trace_path=str(tmp_path / "emu-trace.jsonl")))
+                                           endpoint_ms=endpoint_ms, trace_path=str(trace)))
     await engine.warm()
     emu = NovaEmulator(engine, certfile=cert, keyfile=key)
     await emu.start()
+    emu.engine, emu.trace = engine, trace
     emu.gateway_env = {
         "NOVAGATE_ENGINE": "bedrock", "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKIDTEST",
         "AWS_SECRET_ACCESS_KEY": "secret", "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": emu.endpoint, "SSL_CERT_FILE": bundle,
+        "NOVAGATE_ENGINE_TRACE": str(trace),
     }
+    return emu
+
+
+@pytest.fixture
+async def emulator(tmp_path):
+    emu = await start_emulator(tmp_path, endpoint_ms=600)
     yield emu
     await emu.stop()
-    await engine.aclose()
+    await emu.engine.aclose()
 
 
 async def wait_recovered(c: VoiceClient, before: int, timeout: float = 20) -> None:
@@ -221,22 +230,12 @@ async def test_store_outage_queues_writes_in_order_and_loses_nothing(make_gatewa
 
 @pytest.fixture
 async def slow_emulator(tmp_path):
-    """The Nova Sonic emulator (in this process) whose end-of-speech wait, 2 s, is far longer than
-    the gateway's quiet window: a user turn is transcribed only 2 s after the speech ends."""
-    _ca, cert, key, bundle = make_test_tls(tmp_path / "tls")
-    engine = LocalEngine(LocalEngineConfig(asr="sphinx", tts="espeak", grammar=tuple(GRAMMAR.split("|")),
-                                           endpoint_ms=2000, trace_path=str(tmp_path / "slow-trace.jsonl")))
-    await engine.warm()
-    emu = NovaEmulator(engine, certfile=cert, keyfile=key)
-    await emu.start()
-    emu.trace = tmp_path / "slow-trace.jsonl"
-    emu.gateway_env = {
-        "NOVAGATE_ENGINE": "bedrock", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": emu.endpoint, "SSL_CERT_FILE": bundle,
-        "NOVAGATE_ENGINE_TRACE": str(emu.trace),
-    }
+    """An end-of-speech wait, 2 s, far longer than the gateway's quiet window: a user turn is
+    transcribed only 2 s after the speech ends."""
+    emu = await start_emulator(tmp_path, endpoint_ms=2000)
     yield emu
     await emu.stop()
-    await engine.aclose()
+    await emu.engine.aclose()
 
 
 async def test_frequent_hand_overs_with_a_slow_end_of_speech_lose_no_turn_and_no_byte(make_gateway, aws_stack,

@@ -213,3 +213,47 @@ def test_usage_is_forwarded():
     conv = make_dialogue()
     acts = feed(conv, [nova.usage_event(IDS, input_speech=10, input_text=5, output_speech=7, output_text=3)])
     assert SendToClient(m.Usage(15, 10)) in acts
+
+
+def _flush(conv, acts, current):
+    """What the session does with a FlushPlayback: the pacer says `current` was playing, 200 ms in."""
+    if of(acts, FlushPlayback):
+        conv.playback_flushed(current, 200, (current,), ())
+    return acts + conv.actions()
+
+
+def test_typing_over_an_answer_drops_what_the_model_still_says_of_it():
+    conv = make_dialogue()
+    acts = feed(conv, user_turn("tell me a story") + sentence("Once upon a time.", 1))  # the story goes on
+    (story,) = of(acts, StartAudioItem)
+    conv.input_text("hello there", playing=True)
+    acts = _flush(conv, conv.actions(), story.item_id)
+    assert SendToClient(m.Interrupted(story.item_id)) in acts
+    # the model had not read the typed turn yet: one more sentence of the story, then its cut marker
+    late = sentence("Every evening.", 2)[:6] + [
+        nova.output_content_start(IDS, "x", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, "x", "ASSISTANT", "Once upon"),
+        nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL),
+        nova.output_content_end(IDS, "x", type="TEXT", stop_reason="INTERRUPTED"),
+    ]
+    acts = feed(conv, late)
+    assert not of(acts, StartAudioItem) and not of(acts, AudioToClient) and not of(acts, FlushPlayback)
+    # then the answer to the typed turn is an item of its own
+    acts = feed(conv, sentence("Hi!", 3, last=True))
+    (reply,) = of(acts, StartAudioItem)
+    conv.played_out(reply.item_id)
+    texts = {a.item.item_id: a.item.text for a in of(conv.actions(), ItemFinal)}
+    assert texts[reply.item_id] == "Hi!"
+    conv.truncate_timeout(story.item_id, 200)
+    story_final = [a.item for a in of(conv.actions(), ItemFinal) if a.item.item_id == story.item_id]
+    assert story_final and "Every evening" not in story_final[0].text
+
+
+def test_typing_after_the_model_finished_its_answer_drops_nothing():
+    conv = make_dialogue()
+    acts = feed(conv, user_turn("tell me a story") + sentence("Once upon a time.", 1, last=True))
+    (story,) = of(acts, StartAudioItem)
+    conv.input_text("hello there", playing=True)  # the client still plays it; the model is done
+    _flush(conv, conv.actions(), story.item_id)
+    acts = feed(conv, sentence("Hi!", 2, last=True))
+    assert of(acts, StartAudioItem)  # the answer is not taken for the old one

@@ -417,6 +417,8 @@ def test_a_full_store_backlog_ends_the_session_1013():
 
 # -- barge-in ----------------------------------------------------------------------------------------
 def _answering(h: Harness) -> str:
+    """The user speaks; the model answers with 3 s of audio, two thirds of which the client plays."""
+    h.reply_ms = h.current_model.reply_ms = 3000
     h.say(1, 0.4)
     h.until(lambda: h.of(m.ResponseAudioStart), 3)
     h.run(2.0, SILENCE)  # two thirds of the 3 s answer played
@@ -436,13 +438,7 @@ def _barge_in(h: Harness) -> None:
 def test_barge_in_flushes_and_keeps_what_the_client_heard():
     h = Harness(eos_s=0.2)
     h.connect()
-    import tests.session_harness as harness
-
-    harness.REPLY_MS, old = 3000, harness.REPLY_MS
-    try:
-        item_id = _answering(h)
-    finally:
-        harness.REPLY_MS = old
+    item_id = _answering(h)
     _barge_in(h)
     assert h.of(m.Interrupted) == [m.Interrupted(item_id)]
     h.text({"type": "playback.truncate", "item_id": item_id, "played_ms": 2000})
@@ -456,13 +452,7 @@ def test_barge_in_flushes_and_keeps_what_the_client_heard():
 def test_without_playback_truncate_the_server_estimate_is_used():
     h = Harness(eos_s=0.2, truncate_wait_ms=500)
     h.connect()
-    import tests.session_harness as harness
-
-    harness.REPLY_MS, old = 3000, harness.REPLY_MS
-    try:
-        item_id = _answering(h)
-    finally:
-        harness.REPLY_MS = old
+    item_id = _answering(h)
     _barge_in(h)
     h.run(0.4)
     assert not h.finals("assistant")
@@ -473,13 +463,7 @@ def test_without_playback_truncate_the_server_estimate_is_used():
 def test_typing_over_the_assistant_interrupts_it():
     h = Harness(eos_s=0.2)
     h.connect()
-    import tests.session_harness as harness
-
-    harness.REPLY_MS, old = 3000, harness.REPLY_MS
-    try:
-        item_id = _answering(h)
-    finally:
-        harness.REPLY_MS = old
+    item_id = _answering(h)
     h.text({"type": "input.text", "text": "stop"})
     assert h.of(m.Interrupted) == [m.Interrupted(item_id)]
     h.until(lambda: len(h.finals("assistant")) == 2, 5)
@@ -523,15 +507,9 @@ def test_session_end_racing_a_disconnect_still_ends_and_stores():
 
 
 def test_a_disconnect_keeps_what_was_said_and_not_heard():
-    import tests.session_harness as harness
-
     h = Harness(eos_s=0.2)
     h.connect()
-    harness.REPLY_MS, old = 3000, harness.REPLY_MS
-    try:
-        item_id = _answering(h)
-    finally:
-        harness.REPLY_MS = old
+    item_id = _answering(h)
     h.s.client_gone(h.now)
     h.pump()
     h.run(0.1)
