@@ -240,13 +240,15 @@ class Dialogue:
                 return False
             case nova.TextOutput(interrupted=True) if self._superseded:
                 self._superseded = False
+                self._abandon_finals()
                 return True
             case nova.TextOutput(content_id=cid) | nova.AudioOutput(content_id=cid) if cid in self._ignored:
                 return True
             case nova.ContentEnd(content_id=cid, stop_reason=reason) if cid in self._ignored:
                 self._ignored.discard(cid)
-                if reason in ("INTERRUPTED", "END_TURN"):
+                if reason in ("INTERRUPTED", "END_TURN") and self._superseded:
                     self._superseded = False
+                    self._abandon_finals()
                 return True
         return False
 
@@ -287,13 +289,8 @@ class Dialogue:
         return self._turn
 
     def _assistant_text_start(self, cid: str, stage: str | None) -> None:
-        if stage == "FINAL":
-            if self._awaiting_final:
-                turn, sentence = self._awaiting_final.popleft()
-            else:  # a FINAL without a plan
-                turn, sentence = self._open_turn(), _Sentence()
-                turn.sentences.append(sentence)
-            self._targets[cid] = ("final", turn, sentence)
+        if stage == "FINAL":  # matched to its sentence at its end, once its stop reason is known
+            self._targets[cid] = ("final", None, _Sentence())
         else:
             turn, sentence = self._open_turn(), _Sentence()
             turn.sentences.append(sentence)
@@ -341,11 +338,30 @@ class Dialogue:
                 self._emit(SendToClient(m.Status("listening"), paced=True))
                 self._speaking = False
         elif what == "final":
+            if reason == "INTERRUPTED":  # the cut marker: no sentence's text, and none will follow it
+                self._abandon_finals()
+                return
+            text = sentence.final
+            if self._awaiting_final:
+                turn, sentence = self._awaiting_final.popleft()
+            else:  # a FINAL without a plan
+                turn, sentence = self._open_turn(), _Sentence()
+                turn.sentences.append(sentence)
+            sentence.final = text
             sentence.has_final = True
             if reason == "END_TURN" and turn is self._turn and not turn.audio_started:
                 self._thinking = None
                 self._close_turn()  # a turn without audio ends with its text
             self._settle(turn)
+
+    def _abandon_finals(self) -> None:
+        """The model has cut its answer: the FINAL texts it owed for it will not come. Its items settle
+        on what was planned (trimmed to what the client heard)."""
+        turns = {id(t): t for t, _ in self._awaiting_final}
+        self._awaiting_final.clear()
+        for t in turns.values():
+            t.timed_out = True
+            self._settle(t)
 
     def _close_turn(self, reason: str = "partial_turn") -> None:
         """No more sentences for the turn being generated."""

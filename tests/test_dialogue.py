@@ -257,3 +257,42 @@ def test_typing_after_the_model_finished_its_answer_drops_nothing():
     _flush(conv, conv.actions(), story.item_id)
     acts = feed(conv, sentence("Hi!", 2, last=True))
     assert of(acts, StartAudioItem)  # the answer is not taken for the old one
+
+
+def test_the_cut_marker_ends_the_finals_owed_for_the_cut_answer():
+    """The model spoke a sentence but had not sent its FINAL text when it was cut: the FINAL of the
+    next answer must not be taken for it."""
+    conv = make_dialogue()
+    acts = feed(conv, user_turn("tell me a story") + sentence("Once upon a time.", 1)[:6])  # no FINAL yet
+    (story,) = of(acts, StartAudioItem)
+    conv.input_text("hello there", playing=True)
+    _flush(conv, conv.actions(), story.item_id)
+    feed(conv, [
+        nova.output_content_start(IDS, "x", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, "x", "ASSISTANT", nova.INTERRUPTED_SIGNAL),
+        nova.output_content_end(IDS, "x", type="TEXT", stop_reason="INTERRUPTED"),
+    ])
+    acts = feed(conv, sentence("Hi!", 2, last=True))
+    (reply,) = of(acts, StartAudioItem)
+    conv.played_out(reply.item_id)
+    conv.playback_truncate(story.item_id, 400)
+    texts = {a.item.item_id: a.item.text for a in of(conv.actions(), ItemFinal)}
+    assert texts[reply.item_id] == "Hi!"
+    assert texts[story.item_id] and "Hi" not in texts[story.item_id]
+
+
+def test_a_spoken_barge_in_marker_does_not_shift_the_next_answers_finals():
+    conv = make_dialogue()
+    acts = feed(conv, user_turn("tell me a story") + sentence("Once upon a time.", 1)[:6])
+    (story,) = of(acts, StartAudioItem)
+    acts = feed(conv, [
+        nova.output_content_start(IDS, "x", type="TEXT", role="ASSISTANT", stage="FINAL"),
+        nova.output_text(IDS, "x", "ASSISTANT", "Once upon"),
+        nova.output_content_end(IDS, "x", type="TEXT", stop_reason="INTERRUPTED"),
+    ])
+    _flush(conv, acts, story.item_id)
+    acts = feed(conv, user_turn("hello there", cid="u2") + sentence("Hi!", 2, last=True))
+    (reply,) = of(acts, StartAudioItem)
+    conv.played_out(reply.item_id)
+    texts = {a.item.item_id: a.item.text for a in of(conv.actions(), ItemFinal)}
+    assert texts[reply.item_id] == "Hi!"
