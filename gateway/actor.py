@@ -145,7 +145,7 @@ class SessionActor:
                     case CloseStream(stream_id=sid, events=events):
                         if (link := self.links.pop(sid, None)) is not None:
                             link.closing = events
-                            link.out.put_nowait(None)  # wake its sender
+                            link.out.put_nowait(None)  # its sender sends what is queued, then these
                     case CloseSocket(code=code, reason=reason, discard=discard):
                         if discard:
                             self.outbox.clear()
@@ -240,10 +240,7 @@ class SessionActor:
                     raise ModelError(CONNECTION, "sending the stream setup timed out") from None
                 self.inbox.put_nowait(("stream_opened", sid))
                 receiver = self._tg.create_task(self._receive(link, stream))
-            while link.closing is None:
-                events = await link.out.get()
-                if events is None:
-                    continue
+            while (events := await link.out.get()) is not None:  # None: retired, after all queued before it
                 for event in events:
                     async with asyncio.timeout(SEND_TIMEOUT_S):
                         await stream.send(event)

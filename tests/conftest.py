@@ -77,6 +77,7 @@ class Gateway:
             "NOVAGATE_LOCAL_ENDPOINT_MS": "600",
             "NOVAGATE_ENGINE_TRACE": str(self.tmp / "engine-trace.jsonl"),
             "NOVAGATE_HANDSHAKE_TIMEOUT": "1.5",
+            "NOVAGATE_METRICS_PORT": "0",  # /metrics on the serving port: many gateways run at once
             **self.env,
         }
         self.env = env
