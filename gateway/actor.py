@@ -28,6 +28,7 @@ from protocol.session import (
     Count,
     CreateConversation,
     EndConversation,
+    HoldConversation,
     LoadConversation,
     Log,
     Observe,
@@ -42,7 +43,7 @@ from protocol.session import (
 
 from . import clock, metrics
 from .logs import log
-from .store import StoreError
+from .store import ConversationGone, StoreError
 from .queues import Queue
 from .tokens import owner_hash
 from .transport import ModelError
@@ -94,6 +95,7 @@ class SessionActor:
                 workers = [tg.create_task(c) for c in (self._read_client(), self._store_worker())]
                 writer = tg.create_task(self._write_client())
                 await self._consume()
+                self.outbox.put_nowait(None)  # the writer ends once what is queued is sent
                 await asyncio.wait({writer, *self._stream_tasks}, timeout=CLOSE_TIMEOUT_S)
                 for t in (*workers, writer, *self._stream_tasks):
                     t.cancel()
@@ -154,7 +156,8 @@ class SessionActor:
                         self._tg.create_task(self._authenticate(token))
                     case Admit(principal=principal):
                         self.inbox.put_nowait(("admitted", self.s.admit(self, principal)))
-                    case LoadConversation() | CreateConversation() | StoreItem() | EndConversation():
+                    case (LoadConversation() | CreateConversation() | HoldConversation() | StoreItem()
+                          | EndConversation()):
                         self.store_ops.put_nowait(e)
                     case Log(level=level, message=message, fields=fields):
                         log(logger, LEVELS[level], message, **fields)
@@ -194,6 +197,8 @@ class SessionActor:
         ws = self.ws
         while True:
             frame = await self.outbox.get()
+            if frame is None:
+                return
             try:
                 if isinstance(frame, bytes):
                     await ws.send_bytes(frame)
@@ -289,10 +294,15 @@ class SessionActor:
                         self.inbox.put_nowait(("conversation_loaded", conv))
                     case CreateConversation(owner=owner):
                         self.inbox.put_nowait(("conversation_created", await store.create(owner_hash(owner))))
-                    case StoreItem(conversation_id=cid, item=item):
-                        self.inbox.put_nowait(("item_stored", await store.append(cid, item, connection_id=session_id)))
+                    case HoldConversation(conversation_id=cid):
+                        self.inbox.put_nowait(("conversation_held", await store.take(cid, session_id)))
+                    case StoreItem(conversation_id=cid, item=item, epoch=epoch):
+                        stored_in = await store.append(cid, item, connection_id=session_id, epoch=epoch)
+                        self.inbox.put_nowait(("item_stored", stored_in))
                     case EndConversation(conversation_id=cid):
                         await store.end(cid)
                         self.inbox.put_nowait(("conversation_ended",))
             except StoreError as e:
                 self.inbox.put_nowait(("store_failed", str(e)))
+            except ConversationGone as e:
+                self.inbox.put_nowait(("conversation_gone", e.reason))

@@ -21,6 +21,10 @@ UNSUPPORTED = "unsupported"
 RATE_LIMITED = "rate_limited"
 IDLE_TIMEOUT = "idle_timeout"
 CONVERSATION_FULL = "conversation_full"
+# Additive: one live session per conversation. The session that held it is closed 4409 when another
+# connection takes it over (`taken_over`) or when it is revoked, ended or deleted (`conversation_gone`).
+TAKEN_OVER = "taken_over"
+CONVERSATION_GONE = "conversation_gone"
 
 
 class CloseCode(IntEnum):
@@ -33,5 +37,6 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4401
     FORBIDDEN_ORIGIN = 4403
     HANDSHAKE_TIMEOUT = 4408
+    CONFLICT = 4409      # additive: this connection no longer holds the conversation
     IDLE = 4410          # additive: the client sent nothing (no message, no speech) for too long
     RATE_LIMITED = 4429

@@ -157,9 +157,18 @@ class CreateConversation:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldConversation:
+    """This connection holds the conversation from now on: writes from any other are refused (one live
+    session per conversation). Answer `conversation_held` with the conversation's revocation epoch."""
+
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreItem:
     conversation_id: str
     item: Item
+    epoch: int | None = None  # refused if the conversation was revoked since
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +197,7 @@ class Observe:
 
 
 Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | Admit | LoadConversation
-          | CreateConversation | StoreItem | EndConversation | Log | Count | Observe)
+          | CreateConversation | HoldConversation | StoreItem | EndConversation | Log | Count | Observe)
 
 
 # -- what the gateway passes in --------------------------------------------------------------------
@@ -342,7 +351,8 @@ class Session:
         # store
         self._writes: deque[Item] = deque()
         self._writes_bytes = 0
-        self._store_op: str | None = None           # load | create | write | end: one at a time
+        self._store_op: str | None = None           # load | create | hold | write | end: one at a time
+        self._epoch: int | None = None              # the conversation's revocation epoch, once held
         self._store_retry_at: float | None = None
         self._store_delay = STORE_RETRY_FIRST_S
         self._store_degraded_told = False
@@ -520,6 +530,40 @@ class Session:
         if self.state is State.LOADING:
             self._known(conversation_id, now)
 
+    def conversation_held(self, epoch: int, now: float) -> None:
+        """This connection holds the conversation (see HoldConversation)."""
+        self._now = now
+        if self._store_op != "hold":
+            return
+        self._store_op = None
+        self._epoch = epoch
+        if self.state is State.LOADING:
+            self.state = State.OPENING
+            self._prepare(now)
+        self._advance(now)
+
+    def conversation_gone(self, reason: str, now: float) -> None:
+        """The store refuses this connection's writes for good: the conversation was taken over by
+        another connection, revoked, ended or deleted. What is unsaved stays with the client's receipts."""
+        self._now = now
+        op, self._store_op = self._store_op, None
+        if op in ("load", "create", "hold") and self.state is State.LOADING:
+            self._fail_client(CloseCode.TRY_AGAIN_LATER, "conversation gone", m.Error(
+                codes.CONVERSATION_GONE, f"the conversation is not available ({reason}); reconnect", True))
+            return
+        self._writes.clear()
+        self._writes_bytes = 0
+        taken = reason == "taken_over"
+        self._log("info", "conversation gone", reason=reason)
+        if self._closing is None:
+            self._send(m.Error(codes.TAKEN_OVER if taken else codes.CONVERSATION_GONE,
+                               "another connection has taken this conversation over" if taken else
+                               f"this conversation is no longer available ({reason})", True))
+            self._begin_closing(now, CloseCode.CONFLICT, "taken over" if taken else "conversation gone", 0.0)
+        elif self._closing.end_conversation:
+            self._closing.end_sent = True  # nothing left to end
+        self._advance(now)
+
     def item_stored(self, conversation_id: str, now: float) -> None:
         """The head write is durable; `conversation_id` is where the store put it."""
         self._now = now
@@ -548,7 +592,7 @@ class Session:
         self._now = now
         op, self._store_op = self._store_op, None
         self._emit(Count("store_errors"))
-        if op in ("load", "create"):
+        if op in ("load", "create", "hold"):
             # Not "not_found": the conversation may well exist. The client keeps its token and retries.
             self._log("warning", "conversation lookup failed: store error", error=error)
             self._fail_client(CloseCode.TRY_AGAIN_LATER, "history store unavailable", m.Error(
@@ -741,8 +785,8 @@ class Session:
             self._fail_client(CloseCode.RATE_LIMITED, "conversation full", self._full())
             return
         self._emit(Observe("history_load_seconds", now - self._loaded_at))
-        self.state = State.OPENING
-        self._prepare(now)
+        self._store_op = "hold"
+        self._emit(HoldConversation(conversation_id))
 
     def _ready(self, now: float) -> None:
         start = self._start
@@ -1083,11 +1127,12 @@ class Session:
         self._writes_bytes += item.size
 
     def _pump_store(self, now: float) -> None:
-        if self._store_op is not None or self._store_retry_at is not None or not self.conversation_id:
+        if (self._store_op is not None or self._store_retry_at is not None or not self.conversation_id
+                or self._epoch is None):  # writes wait until this connection holds the conversation
             return
         if self._writes:
             self._store_op = "write"
-            self._emit(StoreItem(self.conversation_id, self._writes[0]))
+            self._emit(StoreItem(self.conversation_id, self._writes[0], self._epoch))
         elif self._closing is not None and self._closing.end_conversation and not self._closing.end_sent:
             self._closing.end_sent = True
             self._store_op = "end"

@@ -23,6 +23,7 @@ from protocol.session import (
     Count,
     CreateConversation,
     EndConversation,
+    HoldConversation,
     LoadConversation,
     Log,
     Observe,
@@ -37,6 +38,7 @@ from protocol.session import (
     StoreItem,
 )
 
+_SESSIONS = itertools.count(1)
 FRAME_S = 0.02
 FRAME = 640  # 20 ms of 16 kHz PCM16
 SILENCE = bytes(FRAME)
@@ -96,6 +98,8 @@ class Stored:
     owner: str
     items: list = field(default_factory=list)
     ended: bool = False
+    live: str = ""
+    epoch: int = 0
 
     @property
     def total(self):
@@ -215,7 +219,7 @@ class Harness:
             resampler=lambda rate: (lambda pcm: pcm) if rate == 16000 else (lambda pcm: pcm[: len(pcm) // 3 // 2 * 2]),
             speech_detector=EnergyVAD,
         )
-        self.s = Session(SessionConfig(**config), env, now=0.0, bearer=bearer)
+        self.s = Session(SessionConfig(**config), env, now=0.0, bearer=bearer, session_id=f"sess_{next(_SESSIONS)}")
         self.client: list = []           # server messages, in order
         self.client_audio = 0
         self.closed: int | None = None
@@ -315,9 +319,10 @@ class Harness:
                 s.authenticated(self.creds.principal(token), now)
             case Admit(principal=principal):
                 s.admitted(self.refuse(principal) if self.refuse else None, now)
-            case LoadConversation() | CreateConversation() | StoreItem() | EndConversation() if self.slow_store:
+            case LoadConversation() | CreateConversation() | HoldConversation() | StoreItem() | EndConversation() \
+                    if self.slow_store:
                 self.store_delay_ops.append(e)
-            case LoadConversation() | CreateConversation() | StoreItem() | EndConversation():
+            case LoadConversation() | CreateConversation() | HoldConversation() | StoreItem() | EndConversation():
                 self.store_op(e)
             case Log():
                 self.logs.append(e)
@@ -336,8 +341,14 @@ class Harness:
                 s.conversation_loaded(store.load(cid, owner), now)
             case CreateConversation(owner=owner):
                 s.conversation_created(store.create(owner), now)
-            case StoreItem(conversation_id=cid, item=item):
+            case HoldConversation(conversation_id=cid):
+                store.convs[cid].live = s.session_id
+                s.conversation_held(store.convs[cid].epoch, now)
+            case StoreItem(conversation_id=cid, item=item, epoch=epoch):
                 conv = store.convs[cid]
+                if conv.live != s.session_id or epoch != conv.epoch:
+                    s.conversation_gone("taken_over" if conv.live else "revoked", now)
+                    return
                 if item.item_id not in {i.item_id for i in conv.items}:
                     conv.items.append(item)
                 store.writes.append(item.item_id)

@@ -639,3 +639,27 @@ def test_a_conversation_at_its_cap_takes_no_more_turns():
     again = Harness(store=h.store, creds=h.creds, max_items=4)
     again.connect(resume=h.ready.resume_token)
     assert again.closed == CloseCode.RATE_LIMITED and again.errors() == [("conversation_full", True)]
+
+
+# -- one live session per conversation ---------------------------------------------------------------
+def test_a_second_connection_takes_the_conversation_over():
+    first = live()
+    first.text({"type": "input.text", "text": "hello"})
+    second = Harness(store=first.store, creds=first.creds)
+    assert second.connect(resume=first.ready.resume_token).resumed
+    first.text({"type": "input.text", "text": "still there?"})  # its write is refused
+    first.run(0.5)
+    assert first.closed == CloseCode.CONFLICT and ("taken_over", True) in first.errors()
+    second.text({"type": "input.text", "text": "it is mine now"})
+    second.run(0.5)
+    assert second.closed is None and "it is mine now" in [i.text for i in second.store.convs[
+        second.ready.conversation_id].items]
+
+
+def test_a_revoked_conversation_closes_the_session_at_its_next_write():
+    h = live()
+    conv = h.store.convs[h.ready.conversation_id]
+    conv.epoch, conv.live = conv.epoch + 1, ""  # "log out everywhere"
+    h.text({"type": "input.text", "text": "hello"})
+    h.run(0.5)
+    assert h.closed == CloseCode.CONFLICT and ("conversation_gone", True) in h.errors()

@@ -13,7 +13,7 @@ from gateway.emulate.agent_runtime import AgentRuntimeFake
 from gateway.store.agent_runtime import (
     CACHE_BYTES, FETCH_CONCURRENCY, AgentRuntimeStore, _payload, invocation_id, step_id,
 )
-from gateway.store.base import StoreError, StoredConversation
+from gateway.store.base import ConversationGone, StoreError, StoredConversation
 from protocol.items import Item
 from protocol.nova_events import MAX_HISTORY_BYTES
 
@@ -129,10 +129,13 @@ async def test_missing_and_invalid_ids(store):
     for cid in (missing, "nope", "", missing.upper()):
         assert await store.load(cid) is None
         assert await store.history(cid) == []
+        assert await store.history_page(cid, limit=10) == ([], None)
         await store.end(cid)
         await store.delete(cid)
-    with pytest.raises(ValueError):
-        await store.append("nope", item(1))
+        for call in (store.append(cid, item(1)), store.take(cid, "conn"), store.revoke(cid)):
+            with pytest.raises(ConversationGone) as e:
+                await call
+            assert e.value.reason == "missing"
 
 
 async def test_owner_is_returned_and_compared_by_the_caller(store, new_store):
@@ -177,18 +180,116 @@ async def test_write_retried_after_the_answer_was_lost(fake, store, new_store, d
 
 
 # -- what a resume costs ---------------------------------------------------------------------------------
-async def test_warm_resume_costs_two_calls(fake, store, new_store):
+async def test_warm_resume_costs_three_calls(fake, store, new_store):
     cid = await store.create(OWNER)
     for n in range(1, 31):
         await store.append(cid, item(n))
     fake.reset_calls()
-    conv = await new_store().load(cid)  # a fresh process: nothing in memory
-    assert sum(fake.calls.values()) <= 3
+    reader = new_store()  # a fresh process: nothing in memory
+    conv = await reader.load(cid, owner=OWNER)
     assert fake.calls == {"GetSession": 1, "ListInvocationSteps": 1}
     assert conv.total == 30 and len(conv.items) == 30 and conv.items[-1].item_id == "i0030"
     fake.reset_calls()
-    await store.append(cid, item(31))  # a steady-state append: one step and one cache write
-    assert fake.calls == {"PutInvocationStep": 1, "UpdateSession": 1}
+    assert await reader.take(cid, "conn-2") == 0  # right after the load: written over that read
+    assert fake.calls == {"UpdateSession": 1}
+    fake.reset_calls()
+    await reader.append(cid, item(31), connection_id="conn-2", epoch=0)  # a new connection: its invocation
+    assert fake.calls == {"GetSession": 1, "CreateInvocation": 1, "PutInvocationStep": 1, "UpdateSession": 1}
+    fake.reset_calls()
+    # a steady-state append: the session's epoch and holder, one step and one cache write
+    await reader.append(cid, item(32), connection_id="conn-2", epoch=0)
+    assert fake.calls == {"GetSession": 1, "PutInvocationStep": 1, "UpdateSession": 1}
+    meta = fake.snapshot(cid)["sessionMetadata"]
+    assert meta["live"] == "conn-2" and "epoch" not in meta and meta["h_count"] == "32"
+    fake.reset_calls()
+    assert (await new_store().load(cid)).total == 32 and sum(fake.calls.values()) == 2
+
+
+async def test_take_without_a_recent_read(fake, store, new_store):
+    cid = await store.create(OWNER)
+    await store.append(cid, item(1))
+    fake.reset_calls()
+    assert await new_store().take(cid, "conn-a") == 0  # nothing in memory: the map is read, then written
+    assert fake.calls == {"GetSession": 1, "UpdateSession": 1}
+    snap = fake.snapshot(cid)["sessionMetadata"]
+    assert snap["live"] == "conn-a" and snap["h_count"] == "1"  # the cache went along unchanged
+    assert (await new_store().load(cid)).items == [item(1)]
+
+
+async def test_owner_is_checked_before_any_history_is_read(fake, store, new_store):
+    cid = await store.create(OWNER)
+    for n in range(1, 6):
+        await store.append(cid, item(n))
+    for cold in (False, True):
+        if cold:
+            drop_cache(fake, cid)
+        fake.reset_calls()
+        assert await new_store().load(cid, owner="someone else") is None
+        assert fake.calls == {"GetSession": 1}
+    fake.expire(cid)
+    fake.reset_calls()
+    assert await new_store().load(cid, owner="someone else") is None  # and nothing is rotated for them
+    assert fake.calls == {"GetSession": 1} and len(fake.session_ids()) == 1
+
+
+async def test_refused_appends_write_nothing(fake, store, new_store):
+    cid = await store.create(OWNER)
+    await store.take(cid, "conn-a")
+    await store.append(cid, item(1), connection_id="conn-a", epoch=0)
+    await new_store().revoke(cid)
+    fake.reset_calls()
+    with pytest.raises(ConversationGone) as e:
+        await store.append(cid, item(2), connection_id="conn-a", epoch=0)
+    assert e.value.reason == "revoked" and fake.calls == {"GetSession": 1}
+    await new_store().take(cid, "conn-b")
+    fake.reset_calls()
+    with pytest.raises(ConversationGone) as e:
+        await store.append(cid, item(2), connection_id="conn-a")
+    assert e.value.reason == "taken_over" and fake.calls == {"GetSession": 1}
+    assert fake.snapshot(cid)["steps"] == 1
+
+
+async def test_another_writers_cache_is_not_overwritten(fake, store, new_store):
+    cid = await store.create(OWNER)
+    for n in range(1, 4):
+        await store.append(cid, item(n))  # the first writer keeps its state in memory
+    await new_store().append(cid, item(4))  # another process writes, and rewrites the cache
+    await store.append(cid, item(5))  # the first sees the cache changed under it, and reads it again
+    fake.reset_calls()
+    conv = await new_store().load(cid)
+    assert conv.total == 5 and [i.item_id for i in conv.items] == [f"i{n:04d}" for n in range(1, 6)]
+    assert fake.calls == {"GetSession": 1, "ListInvocationSteps": 1}  # the cache is complete and fresh
+
+
+async def test_a_cache_rewrite_after_a_load_keeps_a_later_revocation(fake, store, new_store):
+    cid = await store.create(OWNER)
+    for n in range(1, 6):
+        await store.append(cid, item(n))
+    drop_cache(fake, cid)
+    reader = new_store()
+    await reader.load(cid)  # cold: the cache is rewritten in the background
+    c = fake.client()  # meanwhile (the event loop is blocked here), another process revokes
+    meta = c.get_session(sessionIdentifier=cid)["sessionMetadata"]
+    c.update_session(sessionIdentifier=cid, sessionMetadata={**meta, "epoch": "7"})
+    await reader.flush()
+    meta = fake.snapshot(cid)["sessionMetadata"]
+    assert meta["epoch"] == "7" and meta["h_count"] == "5"
+    assert (await new_store().load(cid)).epoch == 7
+
+
+async def test_history_pages_cost(fake, store, new_store):
+    cid = await store.create(OWNER)
+    for n in range(1, 31):
+        await store.append(cid, item(n, text=f"{n:03d} " + "p" * 2996))  # 3 KB each: the cache keeps 13
+    fake.reset_calls()
+    reader = new_store()
+    page, cursor = await reader.history_page(cid, limit=10)
+    assert [i.item_id for i in page] == [f"i{n:04d}" for n in range(21, 31)] and cursor == "i0021"
+    assert fake.calls == {"GetSession": 1, "ListInvocationSteps": 1}  # the newest page comes from the cache
+    fake.reset_calls()
+    page, cursor = await reader.history_page(cid, limit=10, before=cursor)
+    assert [i.item_id for i in page] == [f"i{n:04d}" for n in range(11, 21)] and cursor == "i0011"
+    assert fake.calls["GetInvocationStep"] <= 10 - 3 + 1  # only what the cache lacks (and the group at the edge)
 
 
 async def test_cold_cache_with_oldest_first_listing(fake, store, new_store):
@@ -295,6 +396,35 @@ async def test_append_on_an_expired_session_rotates(fake, store, new_store):
     assert [i.item_id for i in await store.history(other)] == [f"i{n:04d}" for n in range(1, 9)]
 
 
+async def test_rotation_carries_the_epoch_and_clears_the_holder(fake, store, new_store):
+    cid = await store.create(OWNER)
+    await store.append(cid, item(1))
+    assert await store.revoke(cid) == 1 and await store.revoke(cid) == 2
+    assert await store.take(cid, "conn-a") == 2
+    fake.expire(cid)
+    conv = await new_store().load(cid)
+    new = conv.conversation_id
+    assert new != cid and (conv.epoch, conv.live) == (2, "")
+    meta = fake.snapshot(new)["sessionMetadata"]
+    assert meta["epoch"] == "2" and "live" not in meta and meta["prev"] == cid
+    # take and revoke on a session that can no longer be written rotate it too
+    fake.expire(new)
+    taker = new_store()
+    assert await taker.take(new, "conn-b") == 2
+    held = (await taker.load(new)).conversation_id
+    assert held not in (cid, new) and fake.snapshot(held)["sessionMetadata"]["live"] == "conn-b"
+    assert await taker.append(new, item(2), connection_id="conn-b", epoch=2) == held
+    fake.end(held)  # ended by someone other than the user
+    assert await taker.revoke(held) == 3
+    last = (await taker.load(held)).conversation_id
+    assert last != held and (await new_store().load(last)).epoch == 3
+    assert [i.item_id for i in await taker.history(last)] == ["i0001", "i0002"]
+    page, cursor = await new_store().history_page(last, limit=1)
+    assert [i.item_id for i in page] == ["i0002"] and cursor == "i0002"
+    page, cursor = await new_store().history_page(last, limit=1, before=cursor)
+    assert [i.item_id for i in page] == ["i0001"] and cursor is None
+
+
 async def test_rotation_carries_only_the_newest_history(fake, store, new_store):
     cid = await store.create(OWNER)
     write_raw(fake, cid, [item(n, text="q" * 1000) for n in range(1, 101)])  # 100 KB, cold cache
@@ -315,7 +445,10 @@ async def test_user_end(fake, store, new_store):
     conv = await new_store().load(cid)
     assert conv.ended and conv.conversation_id == cid and conv.owner == OWNER
     assert [i.item_id for i in conv.items] == ["i0001"]
-    assert await store.append(cid, item(2)) == cid  # a late write is dropped, never resurrected
+    for writer in (store, new_store()):  # a late write is refused, never resurrected
+        with pytest.raises(ConversationGone) as e:
+            await writer.append(cid, item(2))
+        assert e.value.reason == "ended"
     assert len(fake.session_ids()) == 1 and fake.snapshot(cid)["steps"] == 1
     await store.end(cid)  # idempotent
 

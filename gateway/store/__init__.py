@@ -1,5 +1,5 @@
 """Conversation stores: where history lives outside the process."""
 
-from .base import ConversationStore, StoreError, StoredConversation, open_store
+from .base import ConversationGone, ConversationStore, StoreError, StoredConversation, open_store
 
-__all__ = ["ConversationStore", "StoreError", "StoredConversation", "open_store"]
+__all__ = ["ConversationGone", "ConversationStore", "StoreError", "StoredConversation", "open_store"]

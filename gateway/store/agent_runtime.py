@@ -4,7 +4,8 @@ Mapping (the team reference "agent-runtime-sessions.md", §5):
 
 - one **session** per conversation. The session id (a lowercase UUID the service assigns) is the
   conversation id. The owner hash goes in `sessionMetadata["owner"]` and in the tags `owner` and
-  `app=novagate`.
+  `app=novagate`. The revocation epoch is `sessionMetadata["epoch"]` and the connection that holds
+  the conversation `sessionMetadata["live"]` (absent: 0 and nobody).
 - one **invocation** per (conversation, connection): `uuid5(NS, "<sid>:conn:<connection_id>")`,
   created lazily before that connection's first step. A ConflictException means it already exists.
 - one **step** per item: `uuid5(NS, "<sid>:item:<item_id>")`, so a retried or replayed write of the
@@ -17,29 +18,48 @@ Mapping (the team reference "agent-runtime-sessions.md", §5):
   the cache's edge). Every append rewrites it with UpdateSession. UpdateSession is assumed to
   *replace* the map, so the full map is sent each time.
 
-Resume (`load`) costs 2 calls when the cache is fresh: GetSession (status, owner, cache) and
+Resume (`load`) costs 2 calls when the cache is fresh: GetSession (status, owner, epoch, holder,
+cache; another owner's conversation stops here, before any history is read) and
 ListInvocationSteps(maxResults=1). The cache is fresh when that newest step is one of the cached
 items with the newest time. Otherwise the fallback lists the whole session (1000 per page) and sorts
 on the client (the service's order is undocumented). If the newest listed steps are exactly the
 cached items, the cache was current after all (an oldest-first listing defeats the probe): 3 calls.
 Otherwise it fetches, 8 at a time, only the newest steps that fit the budget and that the stale
-cache does not already hold. It then rewrites the cache in the background.
+cache does not already hold. It then rewrites the cache in the background (reading the map again
+first). `take` right after a load (within TAKE_REUSE_S) writes over that read: 1 UpdateSession.
+
+An append costs 3 calls: GetSession (the refusals of ConversationGone are decided on the session as it
+is now, before anything is written, and other processes' revocations and takeovers are seen there),
+PutInvocationStep, UpdateSession (the cache; the rest of the map as just read). A connection's first
+append adds CreateInvocation. If the cache in the map is not the one this process last wrote (another
+writer), the state is read again before writing. `revoke` always reads, then writes the map.
+
+UpdateSession has no condition: a `take` or `revoke` from another process that lands between a
+writer's GetSession and its UpdateSession (a few milliseconds) is overwritten by that writer.
+
+`history_page` lists every step of the conversation's sessions and fetches only the page's steps
+(the ones the metadata caches hold need no fetch). Listed times may be coarser than items' times
+(milliseconds on the fake): steps listed with the same time are fetched as a group and ordered by
+their items' times, so pages meet exactly and, concatenated, are `history`.
 
 Lifecycle: `end()` records `ended_by=user` and ends the session, and `load()` then reports it as
 ended. A session that is EXPIRED, or ENDED without `ended_by=user`, can no longer be written. `load()`
-and `append()` **rotate** it: a new session (metadata `prev=<old>`, `prev_count`, same owner) is
-seeded with the newest history and returned under the new id. The move is also remembered in memory.
-`history()` and `delete()` follow the `prev` chain, so a rotated conversation is still one
-conversation.
+and `append()` (and `take()`, `revoke()`) **rotate** it: a new session (metadata `prev=<old>`,
+`prev_count`, same owner and epoch, held by no one; by the taker after `take`, one epoch on after
+`revoke`) is seeded with the newest history and returned under the new id. The move is also
+remembered in memory. A user-ended session is gone for good: append, take and revoke raise
+ConversationGone("ended"). `history()`, `history_page()` and `delete()` follow the `prev` chain, so a
+rotated conversation is still one conversation. (The old session's metadata cannot be written, so
+another process that has not seen the move may rotate the old session again, with the old epoch.)
 
 boto3 is synchronous, so it runs in a dedicated thread pool and never on the event loop. Throttling,
 500s and dropped connections are retried by botocore's standard mode (`max_attempts: 4` in a Config
 counts retries: up to 5 attempts). Anything that still fails, including ServiceQuotaExceeded (a 400
 that botocore does not retry), raises StoreError, and the caller's write queue retries later.
 
-The store assumes one writer per conversation, as the gateway has. Two processes appending to the
-same conversation at once could leave the metadata cache missing an item; the log of steps is
-always complete.
+The store assumes one writer per conversation, as the gateway has (`take` retires the others). Two
+processes appending to the same conversation at once could leave the metadata cache missing an item;
+the log of steps is always complete.
 """
 
 from __future__ import annotations
@@ -55,6 +75,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 import zlib
 from collections import OrderedDict
@@ -63,12 +84,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from protocol.items import Item
 from protocol.nova_events import MAX_HISTORY_BYTES
 
 from ..logs import log
-from .base import LOAD_MAX_ITEMS, StoredConversation, StoreError
+from .base import (
+    LOAD_MAX_ITEMS, ConversationGone, StoredConversation, StoreError, check_connection_id, check_page_limit,
+    check_writable,
+)
 
 logger = logging.getLogger("novagate.store")
 
@@ -83,6 +108,7 @@ FETCH_CONCURRENCY = 8            # GetInvocationStep calls in flight at once
 PAGE_SIZE = 1000                 # ListInvocationSteps maxResults (the maximum)
 MAX_CHAIN = 32                   # prev links followed by history() and delete()
 STATE_LRU = 1024                 # conversations whose state is kept in memory
+TAKE_REUSE_S = 2.0               # take() writes over metadata read this recently (a load's) without reading it again
 ACTIVE = "ACTIVE"
 
 _UUID_RE = re.compile(r"^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}$")
@@ -196,13 +222,48 @@ def _decode_cache(meta: dict[str, str]) -> tuple[list[Item], int, int | None] | 
 
 
 def _base_metadata(meta: dict[str, str]) -> dict[str, str]:
-    """The non-cache keys (owner, app, prev, prev_count, ended_by, ...)."""
+    """The non-cache keys (owner, app, epoch, live, prev, prev_count, ended_by, ...)."""
     return {k: v for k, v in meta.items() if not _CACHE_KEY_RE.match(k)}
+
+
+def _epoch_of(meta: dict[str, str]) -> int:
+    try:
+        return max(0, int(meta.get("epoch", "0")))
+    except ValueError:
+        return 0
+
+
+def _with_hold(base: dict[str, str], *, epoch: int | None = None, live: str | None = None) -> dict[str, str]:
+    """`base` with the epoch and/or the live holder replaced (a zero epoch and an empty holder are left out)."""
+    out = dict(base)
+    for key, value in (("epoch", None if epoch is None else str(epoch) if epoch else ""), ("live", live)):
+        if value is None:
+            continue
+        if value:
+            out[key] = value
+        else:
+            out.pop(key, None)
+    return out
 
 
 def _tag_value(value: str) -> str:
     """A tag value within the tag charset (an owner is a hex hash already; anything else is hashed)."""
     return value if _TAG_RE.match(value) else hashlib.sha256(value.encode()).hexdigest()
+
+
+class _Entry(NamedTuple):
+    """One listed step of a conversation (see AgentRuntimeStore._timeline)."""
+
+    time: datetime       # invocationStepTime as listed (the service may round it: it only orders coarsely)
+    idx: int             # its session's place in the chain, oldest first
+    step: str            # invocationStepId
+    sid: str
+    invocation: str
+
+
+def _order_key(entry: _Entry, item: Item) -> tuple:
+    """History order: the item's time, then the older session, then the step id (a fixed tie-break)."""
+    return (_parse_at(item.at) or entry.time, entry.idx, entry.step)
 
 
 class _NotFound(Exception):
@@ -239,10 +300,19 @@ class _State:
     next_size: int | None = None         # text size of the newest item older than the cache, if known
     dirty: bool = False                  # the metadata cache lags the step log
     invocations: set[str] = field(default_factory=set)
+    read_at: float = 0.0                 # time.monotonic() when `base` was last read from the service
 
     @property
     def owner(self) -> str:
         return self.base.get("owner", "")
+
+    @property
+    def epoch(self) -> int:
+        return _epoch_of(self.base)
+
+    @property
+    def live(self) -> str:
+        return self.base.get("live", "")
 
     @property
     def prev_count(self) -> int:
@@ -413,9 +483,11 @@ class AgentRuntimeStore:
     # -- reading a session -----------------------------------------------------------------------
     async def _get_session(self, sid: str) -> dict | None:
         try:
-            return await self._call("get_session", sessionIdentifier=sid)
+            s = await self._call("get_session", sessionIdentifier=sid)
         except _NotFound:
             return None
+        s.setdefault("sessionId", sid)
+        return s
 
     async def _list_all(self, sid: str) -> list[dict]:
         summaries: list[dict] = []
@@ -502,17 +574,35 @@ class AgentRuntimeStore:
         top = max(_at_key(i) for i in cache)
         return newest[0]["invocationStepId"] in {step_id(sid, i.item_id) for i in cache if _at_key(i) == top}
 
-    async def _read_state(self, sid: str, *, max_bytes: int = CACHE_BYTES,
-                          max_items: int = CACHE_ITEMS) -> tuple[_State, list[Item]] | None:
-        """GetSession, then the cache if it is fresh and sufficient for the budget, else the fallback.
-        Returns the state and the newest items read (oldest first) to select the budget from."""
-        s = await self._get_session(sid)
-        if s is None:
+    def _base_of(self, s: dict) -> dict[str, str]:
+        """A GetSession answer's non-cache metadata (with what this process knows that it could not write)."""
+        base = _base_metadata(s.get("sessionMetadata") or {})
+        if s["sessionId"] in self._user_ended:
+            base["ended_by"] = "user"
+        return base
+
+    def _refresh(self, s: dict) -> _State | None:
+        """The state in memory brought up to a fresh GetSession answer `s` (status, owner, epoch, live, ...),
+        or None when there is none or another writer has changed the cache since (read it again then)."""
+        st = self._states.get(s["sessionId"])
+        if st is None:
             return None
         meta = s.get("sessionMetadata") or {}
-        base = _base_metadata(meta)
-        if sid in self._user_ended:
-            base["ended_by"] = "user"
+        if not st.dirty and (meta.get("h_count") != str(st.total)
+                             or meta.get("h_last", "") != (st.cache[-1].at if st.cache else "")):
+            return None
+        st.base, st.status, st.read_at = self._base_of(s), s.get("sessionStatus", ACTIVE), time.monotonic()
+        return st
+
+    async def _read_state(self, s: dict, *, max_bytes: int = CACHE_BYTES,
+                          max_items: int = CACHE_ITEMS) -> tuple[_State, list[Item]]:
+        """From a GetSession answer `s` (read by the caller, who checked the owner first): the cache if it
+        is fresh and sufficient for the budget, else the fallback. Returns the state and the newest items
+        read (oldest first) to select the budget from."""
+        sid = s["sessionId"]
+        read_at = time.monotonic()
+        meta = s.get("sessionMetadata") or {}
+        base = self._base_of(s)
         status = s.get("sessionStatus", ACTIVE)
         old = self._states.get(sid)
         invocations = old.invocations if old is not None else set()
@@ -520,7 +610,7 @@ class AgentRuntimeStore:
         known: dict[str, Item] = {}
         if decoded is not None:
             cache, total, next_size = decoded
-            st = _State(sid, status, base, cache, total, next_size, invocations=invocations)
+            st = _State(sid, status, base, cache, total, next_size, invocations=invocations, read_at=read_at)
             probe = await self._call("list_invocation_steps", sessionIdentifier=sid, maxResults=1)
             if (self._fresh(sid, cache, total - st.prev_count, probe.get("invocationStepSummaries", []))
                     and st.sufficient(max_bytes, max_items)):
@@ -541,7 +631,7 @@ class AgentRuntimeStore:
         steps = len(summaries)
         kept, left_out = _trim(items)
         prev_count = int(base.get("prev_count", "0") or 0)
-        st = _State(sid, status, base, kept, prev_count + steps, left_out, invocations=invocations)
+        st = _State(sid, status, base, kept, prev_count + steps, left_out, invocations=invocations, read_at=read_at)
         # rewrite the cache only if the log said something it did not (an oldest-first listing can
         # defeat the one-step probe while the cache is current)
         st.dirty = decoded is None or (decoded[0], decoded[1], decoded[2]) != (kept, st.total, left_out)
@@ -561,7 +651,16 @@ class AgentRuntimeStore:
             try:
                 async with self._conversation(sid) as now:
                     st = self._states.get(now)
-                    if now == sid and st is not None and st.dirty and st.status == ACTIVE:
+                    if now != sid or st is None or not st.dirty or st.status != ACTIVE:
+                        return
+                    # the map is replaced as a whole: read it again, so that an epoch or a holder written
+                    # since the load survives the rewrite
+                    s = await self._get_session(sid)
+                    if s is None:
+                        self._forget(sid)
+                        return
+                    st.base, st.status, st.read_at = self._base_of(s), s.get("sessionStatus", ACTIVE), time.monotonic()
+                    if st.dirty and st.status == ACTIVE:
                         await self._write_cache(st)
             except (StoreError, _Conflict, _NotFound) as e:
                 log(logger, logging.WARNING, "agent-runtime history cache not rewritten", conversation_id=sid,
@@ -605,11 +704,13 @@ class AgentRuntimeStore:
                 raise
             return False
 
-    async def _rotate(self, old: _State) -> _State:
-        """A new session that continues `old` (which can no longer be written), seeded with its newest history."""
+    async def _rotate(self, old: _State, *, epoch: int | None = None, live: str = "") -> _State:
+        """A new session that continues `old` (which can no longer be written), seeded with its newest
+        history. It keeps the epoch (or takes `epoch`) and is held by `live` (by no one by default)."""
         seed = old.cache  # already the newest <= CACHE_BYTES
         base = {"owner": old.owner, "app": APP, "prev": old.sid, "prev_count": str(max(0, old.total - len(seed)))}
-        st = _State("", ACTIVE, base, seed, old.total)
+        base = _with_hold(base, epoch=old.epoch if epoch is None else epoch, live=live)
+        st = _State("", ACTIVE, base, seed, old.total, read_at=time.monotonic())
         created = await self._call("create_session", sessionMetadata=st.metadata(),
                                    tags={"owner": _tag_value(old.owner), "app": APP})
         st.sid = created["sessionId"]
@@ -625,10 +726,18 @@ class AgentRuntimeStore:
             new_conversation_id=st.sid, items=len(seed))
         return self._remember(st)
 
+    async def _session_or_gone(self, sid: str) -> tuple[dict, dict[str, str]]:
+        """GetSession and its base metadata; ConversationGone("missing") when there is no such session."""
+        s = await self._get_session(sid)
+        if s is None:
+            self._forget(sid)
+            raise ConversationGone("missing", sid)
+        return s, self._base_of(s)
+
     # -- the ConversationStore interface ---------------------------------------------------------
     @_public
     async def create(self, owner: str) -> str:
-        st = _State("", ACTIVE, {"owner": owner, "app": APP}, [], 0)
+        st = _State("", ACTIVE, {"owner": owner, "app": APP}, [], 0, read_at=time.monotonic())
         created = await self._call("create_session", sessionMetadata=st.metadata(),
                                    tags={"owner": _tag_value(owner), "app": APP})
         st.sid = created["sessionId"]
@@ -641,13 +750,13 @@ class AgentRuntimeStore:
         if not _UUID_RE.match(conversation_id or ""):
             return None
         async with self._conversation(conversation_id) as sid:
-            read = await self._read_state(sid, max_bytes=max_bytes, max_items=max_items)
-            if read is None:
+            s = await self._get_session(sid)
+            if s is None:
                 self._forget(sid)
                 return None
-            st, view = read
-            if owner is not None and not hmac.compare_digest(st.owner, owner):
-                return None  # someone else's: looks missing, and nothing is rotated on their behalf
+            if owner is not None and not hmac.compare_digest((s.get("sessionMetadata") or {}).get("owner", ""), owner):
+                return None  # someone else's: looks missing; none of its history is read, nothing is rotated
+            st, view = await self._read_state(s, max_bytes=max_bytes, max_items=max_items)
             ended = st.user_ended
             if not ended and st.status != ACTIVE:
                 st = await self._rotate(st)
@@ -655,28 +764,20 @@ class AgentRuntimeStore:
             elif st.dirty and st.status == ACTIVE:
                 self._schedule_cache_write(st.sid)
             items = _select(view, max_bytes, max_items)[0] if view else []
-            return StoredConversation(st.sid, st.owner, ended, items, st.total)
+            return StoredConversation(st.sid, st.owner, ended, items, st.total, st.epoch, st.live)
 
     @_public
-    async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
+    async def append(self, conversation_id: str, item: Item, *, connection_id: str = "",
+                     epoch: int | None = None) -> str:
         if not _UUID_RE.match(conversation_id or ""):
-            raise ValueError(f"not an agent-runtime conversation id: {conversation_id!r}")
+            raise ConversationGone("missing", conversation_id)
         for _ in range(5):
             async with self._conversation(conversation_id) as sid:
-                st = self._states.get(sid)
-                if st is None:
-                    read = await self._read_state(sid)
-                    st = read[0] if read else None
-                    if st is None:
-                        self._forget(sid)
-                        log(logger, logging.WARNING, "agent-runtime append dropped: session missing",
-                            conversation_id=sid, item_id=item.item_id)
-                        return sid
-                if st.user_ended:
-                    # the user ended it: never resurrect it (a late write after session.end)
-                    log(logger, logging.WARNING, "agent-runtime append dropped: ended by the user",
-                        conversation_id=sid, item_id=item.item_id)
-                    return sid
+                # the session as it is now, before anything is written: status, ended_by, epoch and holder
+                s, base = await self._session_or_gone(sid)
+                check_writable(sid, exists=True, ended=base.get("ended_by") == "user", stored_epoch=_epoch_of(base),
+                               live=base.get("live", ""), epoch=epoch, connection_id=connection_id)
+                st = self._refresh(s) or (await self._read_state(s))[0]
                 if st.status != ACTIVE:
                     await self._rotate(st)
                     continue  # write under the new session's lock
@@ -695,12 +796,8 @@ class AgentRuntimeStore:
                     self._states.pop(sid, None)  # no longer writable: re-read status, owner and ended_by
                     continue
                 except _NotFound:
+                    # the invocation or the session is gone: the next round's GetSession tells which
                     st.invocations.discard(invocation_id(sid, connection_id))
-                    if await self._get_session(sid) is None:
-                        self._forget(sid)
-                        log(logger, logging.WARNING, "agent-runtime append dropped: session deleted",
-                            conversation_id=sid, item_id=item.item_id)
-                        return sid
                     continue
                 # A step that already existed is new to the conversation when it is as new as the cached
                 # items: it is our own write whose answer was lost (the cache holds every older duplicate).
@@ -716,6 +813,71 @@ class AgentRuntimeStore:
                     continue
                 return sid
         raise StoreError(f"agent-runtime: could not append {item.item_id} to {conversation_id}")
+
+    @_public
+    async def take(self, conversation_id: str, connection_id: str) -> int:
+        check_connection_id(connection_id)
+        if not _UUID_RE.match(conversation_id or ""):
+            raise ConversationGone("missing", conversation_id)
+        for _ in range(5):
+            async with self._conversation(conversation_id) as sid:
+                st = self._states.get(sid)
+                if st is not None and time.monotonic() - st.read_at <= TAKE_REUSE_S:
+                    # read moments ago (a resume loads, then takes): write over that read, 1 call in all
+                    check_writable(sid, exists=True, ended=st.user_ended)
+                else:
+                    s, base = await self._session_or_gone(sid)
+                    check_writable(sid, exists=True, ended=base.get("ended_by") == "user")
+                    st = self._refresh(s)
+                    if st is None and s.get("sessionStatus") == ACTIVE:
+                        # nothing in memory: set the holder in the map as it is (cache included)
+                        meta = _with_hold(s.get("sessionMetadata") or {}, live=connection_id)
+                        try:
+                            await self._call("update_session", sessionIdentifier=sid, sessionMetadata=meta)
+                        except _Conflict:
+                            continue  # no longer ACTIVE: read it again
+                        return _epoch_of(base)
+                    if st is None:
+                        st = (await self._read_state(s))[0]
+                if st.status != ACTIVE:
+                    return (await self._rotate(st, live=connection_id)).epoch
+                previous = st.base
+                st.base = _with_hold(st.base, live=connection_id)
+                try:
+                    await self._write_cache(st)
+                except _Conflict:
+                    self._states.pop(sid, None)  # no longer ACTIVE: read it again
+                    continue
+                except BaseException:
+                    st.base = previous
+                    raise
+                return st.epoch
+        raise StoreError(f"agent-runtime: could not take {conversation_id}")
+
+    @_public
+    async def revoke(self, conversation_id: str) -> int:
+        if not _UUID_RE.match(conversation_id or ""):
+            raise ConversationGone("missing", conversation_id)
+        for _ in range(5):
+            async with self._conversation(conversation_id) as sid:
+                s, base = await self._session_or_gone(sid)  # always read: never revoke over stale metadata
+                check_writable(sid, exists=True, ended=base.get("ended_by") == "user")
+                new_epoch = _epoch_of(base) + 1
+                if s.get("sessionStatus") != ACTIVE:
+                    # its metadata can no longer be written: continue it in a new session, under the new epoch
+                    st = self._refresh(s) or (await self._read_state(s))[0]
+                    return (await self._rotate(st, epoch=new_epoch)).epoch
+                meta = _with_hold(s.get("sessionMetadata") or {}, epoch=new_epoch, live="")
+                try:
+                    await self._call("update_session", sessionIdentifier=sid, sessionMetadata=meta)
+                except _Conflict:
+                    self._states.pop(sid, None)  # no longer ACTIVE: read it again
+                    continue
+                st = self._states.get(sid)
+                if st is not None:
+                    st.base = _with_hold(base, epoch=new_epoch, live="")
+                return new_epoch
+        raise StoreError(f"agent-runtime: could not revoke {conversation_id}")
 
     @_public
     async def end(self, conversation_id: str) -> None:
@@ -788,19 +950,95 @@ class AgentRuntimeStore:
                     raise StoreError(f"agent-runtime: session {victim} could not be deleted: {e}") from None
                 self._forget(victim)
 
+    # -- reading the whole history ---------------------------------------------------------------
+    async def _timeline(self, conversation_id: str) -> tuple[list[str], list[_Entry], dict[str, Item]]:
+        """A conversation's sessions (oldest first), every step of them in history order as far as the
+        listed times tell (the copies a rotation seeded are left out when the session they came from is
+        in the chain), and the items the sessions' caches hold, by step id (those need no fetch)."""
+        chain = list(reversed(await self._chain(self._resolve(conversation_id))))
+        entries: list[_Entry] = []
+        known: dict[str, Item] = {}
+        for idx, s in enumerate(chain):
+            sid, meta = s["sessionId"], s.get("sessionMetadata") or {}
+            decoded = _decode_cache(meta)
+            if decoded is not None:
+                known.update((step_id(sid, i.item_id), i) for i in decoded[0])
+            seeded = (invocation_id(sid, "rotated-from-" + meta["prev"])
+                      if idx and meta.get("prev") == chain[idx - 1]["sessionId"] else None)
+            entries.extend(_Entry(x["invocationStepTime"], idx, x["invocationStepId"], sid, x["invocationId"])
+                           for x in await self._list_all(sid) if x["invocationId"] != seeded)
+        entries.sort(key=lambda e: (e.time, e.idx, e.step))
+        return [s["sessionId"] for s in chain], entries, known
+
+    async def _items(self, entries: list[_Entry], known: dict[str, Item]) -> list[Item | None]:
+        """The items of these steps (None for one that is gone or unreadable), FETCH_CONCURRENCY at a time."""
+        async def get(e: _Entry) -> Item | None:
+            if e.step in known:
+                return known[e.step]
+            try:
+                r = await self._call("get_invocation_step", sessionIdentifier=e.sid, invocationIdentifier=e.invocation,
+                                     invocationStepId=e.step)
+            except _NotFound:
+                return None
+            return _item_from_step(r["invocationStep"])
+
+        return await self._gather_limited([lambda e=e: get(e) for e in entries])
+
+    @staticmethod
+    def _ordered(pairs: list[tuple[_Entry, Item]]) -> list[Item]:
+        """Items in history order (time, then older session, then step id), each item once (the oldest copy)."""
+        out: list[Item] = []
+        seen: set[str] = set()
+        for _, item in sorted(pairs, key=lambda p: _order_key(*p)):
+            if item.item_id not in seen:
+                seen.add(item.item_id)
+                out.append(item)
+        return out
+
     @_public
     async def history(self, conversation_id: str) -> list[Item]:
         if not _UUID_RE.match(conversation_id or ""):
             return []
-        chain = await self._chain(self._resolve(conversation_id))
-        merged: dict[str, Item] = {}
-        for s in reversed(chain):  # oldest session first; a seeded copy never replaces the original
-            sid = s["sessionId"]
-            summaries = sorted(await self._list_all(sid), key=lambda x: x["invocationStepTime"])
-            for item in await self._fetch(sid, summaries):
-                if item is not None:
-                    merged.setdefault(item.item_id, item)
-        return _sort_items(merged.values())
+        _, entries, known = await self._timeline(conversation_id)
+        items = await self._items(entries, known)
+        return self._ordered([(e, i) for e, i in zip(entries, items, strict=True) if i is not None])
+
+    @_public
+    async def history_page(self, conversation_id: str, *, limit: int,
+                           before: str | None = None) -> tuple[list[Item], str | None]:
+        """Lists every step (1000 a call), then fetches only the page's steps that no cache holds. Steps
+        listed with the same time are fetched together, so the page's edges follow the items' own times."""
+        check_page_limit(limit)
+        if not _UUID_RE.match(conversation_id or ""):
+            return [], None
+        sids, entries, known = await self._timeline(conversation_id)
+        if not sids:
+            return [], None
+        got: dict[int, Item | None] = {}
+        hi, cursor = len(entries), None
+        if before is not None:
+            ids = {step_id(sid, before) for sid in sids}
+            pos = next((n for n, e in enumerate(entries) if e.step in ids), None)
+            mark = (await self._items([entries[pos]], known))[0] if pos is not None else None
+            if mark is None or mark.item_id != before:
+                raise ValueError(f"{before!r} is not an item of conversation {conversation_id}")
+            got[pos], cursor = mark, _order_key(entries[pos], mark)
+            while hi > pos + 1 and entries[hi - 1].time != entries[pos].time:
+                hi -= 1  # the cursor's time group ends the candidates: any of it may precede the cursor
+        lo = hi
+        while True:
+            pairs = [(entries[n], got[n]) for n in range(lo, hi) if got.get(n) is not None]
+            older = self._ordered([p for p in pairs if cursor is None or _order_key(*p) < cursor])
+            if len(older) > limit or lo == 0:
+                break
+            new_lo = max(0, lo - (limit + 1 - len(older)))
+            while new_lo > 0 and entries[new_lo - 1].time == entries[new_lo].time:
+                new_lo -= 1  # whole time groups only: their order is known once their items are
+            todo = [n for n in range(new_lo, lo) if n not in got]
+            got.update(zip(todo, await self._items([entries[n] for n in todo], known), strict=True))
+            lo = new_lo
+        page = older[-limit:]
+        return page, (page[0].item_id if len(older) > limit else None)
 
     async def ready(self) -> bool:
         try:

@@ -1,29 +1,48 @@
 """The SQLite conversation store: the default, a single file in WAL mode.
 
 One connection per store, used from one worker thread, so the event loop never waits on disk and
-writes are serialised. Several processes may share the file (busy timeout, WAL).
+writes are serialised. Several processes may share the file (busy timeout, WAL); the checks of an
+append, `take` and `revoke` run inside one write transaction (BEGIN IMMEDIATE), so they are atomic
+across processes too.
+
+The database holds transcripts: its directory is created 0700 and its file 0600 (SQLite gives the
+-wal and -shm files the database file's mode). An existing file that others may read is used, with
+a warning. Databases from before the epoch and live columns are migrated when opened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
+import os
 import sqlite3
+import stat
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from protocol.items import Item
 from protocol.nova_events import MAX_HISTORY_BYTES
 
-from .base import LOAD_MAX_ITEMS, StoredConversation, StoreError
+from ..logs import log
+from .base import (
+    LOAD_MAX_ITEMS, ConversationGone, StoredConversation, StoreError, check_connection_id, check_page_limit,
+    check_writable,
+)
+
+logger = logging.getLogger("novagate.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    ended INTEGER NOT NULL DEFAULT 0
+    ended INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    live TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -39,6 +58,60 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_by_time ON items (conversation_id, at, seq);
 """
 
+# columns added since the first schema: (table, column, declaration), applied when missing
+_MIGRATIONS = (
+    ("conversations", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+    ("conversations", "live", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+@contextmanager
+def _write(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken up front (BEGIN IMMEDIATE): what it reads cannot change under it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    """Tables, index and migrations in one write transaction: processes opening the file at once take
+    turns (a read that turns into a write could fail at once with "database is locked" instead)."""
+    with _write(db):
+        for statement in filter(str.strip, _SCHEMA.split(";")):
+            db.execute(statement)
+        for table, column, decl in _MIGRATIONS:
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                log(logger, logging.INFO, "sqlite schema migrated", table=table, column=column)
+
+
+def _prepare_file(path: str) -> None:
+    """Create the directory (0700) and the database file (0600) if missing; warn about loose ones."""
+    if path == ":memory:" or path.startswith("file:") or not path:
+        return
+    db = Path(path)
+    if not db.parent.exists():
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return  # new: -wal and -shm will get the same mode
+    except FileExistsError:
+        pass
+    for f in (db, Path(path + "-wal"), Path(path + "-shm")):
+        try:
+            mode = stat.S_IMODE(f.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            log(logger, logging.WARNING, "sqlite database file is accessible to other users; chmod 600 it",
+                path=str(f), mode=oct(mode))
+
 
 class SQLiteStore:
     name = "sqlite"
@@ -50,14 +123,17 @@ class SQLiteStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _prepare_file(self.path)
             db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=10000")
-            db.executescript(_SCHEMA)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+                db.execute("PRAGMA busy_timeout=10000")
+                _create_schema(db)
+            except BaseException:
+                db.close()
+                raise
             self._db = db
         return self._db
 
@@ -70,6 +146,11 @@ class SQLiteStore:
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
+    @staticmethod
+    def _head(db: sqlite3.Connection, conversation_id: str):
+        """(ended, epoch, live) of the conversation, or None."""
+        return db.execute("SELECT ended, epoch, live FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+
     async def create(self, owner: str) -> str:
         cid = str(uuid.uuid4())
         await self._run(lambda db: db.execute("INSERT INTO conversations (id, owner) VALUES (?, ?)", (cid, owner)))
@@ -78,7 +159,8 @@ class SQLiteStore:
     async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
                    max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         def q(db: sqlite3.Connection):
-            row = db.execute("SELECT owner, ended FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            row = db.execute("SELECT owner, ended, epoch, live FROM conversations WHERE id = ?",
+                             (conversation_id,)).fetchone()
             if row is None or (owner is not None and not hmac.compare_digest(row[0], owner)):
                 return None
             total = db.execute("SELECT count(*) FROM items WHERE conversation_id = ?", (conversation_id,)).fetchone()[0]
@@ -95,17 +177,48 @@ class SQLiteStore:
                 used += size
                 items.append(Item(item_id, role, text, at, bool(interrupted)))
             items.reverse()
-            return StoredConversation(conversation_id, row[0], bool(row[1]), items, total)
+            return StoredConversation(conversation_id, row[0], bool(row[1]), items, total, row[2], row[3])
 
         return await self._run(q)
 
-    async def append(self, conversation_id: str, item: Item, *, connection_id: str = "") -> str:
-        await self._run(lambda db: db.execute(
-            "INSERT OR IGNORE INTO items (conversation_id, item_id, role, text, at, interrupted, size) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (conversation_id, item.item_id, item.role, item.text, item.at, int(item.interrupted), item.size),
-        ))
+    async def append(self, conversation_id: str, item: Item, *, connection_id: str = "",
+                     epoch: int | None = None) -> str:
+        def q(db: sqlite3.Connection):
+            with _write(db):
+                head = self._head(db, conversation_id)
+                ended, stored_epoch, live = head if head is not None else (0, 0, "")
+                check_writable(conversation_id, exists=head is not None, ended=bool(ended), stored_epoch=stored_epoch,
+                               live=live, epoch=epoch, connection_id=connection_id)
+                db.execute(
+                    "INSERT OR IGNORE INTO items (conversation_id, item_id, role, text, at, interrupted, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, item.item_id, item.role, item.text, item.at, int(item.interrupted), item.size),
+                )
+
+        await self._run(q)
         return conversation_id
+
+    async def take(self, conversation_id: str, connection_id: str) -> int:
+        check_connection_id(connection_id)
+
+        def q(db: sqlite3.Connection) -> int:
+            with _write(db):
+                head = self._head(db, conversation_id)
+                check_writable(conversation_id, exists=head is not None, ended=bool(head and head[0]))
+                db.execute("UPDATE conversations SET live = ? WHERE id = ?", (connection_id, conversation_id))
+                return head[1]
+
+        return await self._run(q)
+
+    async def revoke(self, conversation_id: str) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            with _write(db):
+                head = self._head(db, conversation_id)
+                check_writable(conversation_id, exists=head is not None, ended=bool(head and head[0]))
+                db.execute("UPDATE conversations SET epoch = epoch + 1, live = '' WHERE id = ?", (conversation_id,))
+                return head[1] + 1
+
+        return await self._run(q)
 
     async def end(self, conversation_id: str) -> None:
         await self._run(lambda db: db.execute("UPDATE conversations SET ended = 1 WHERE id = ?", (conversation_id,)))
@@ -121,6 +234,31 @@ class SQLiteStore:
                 (conversation_id,),
             )
             return [Item(i, r, t, a, bool(x)) for i, r, t, a, x in cur]
+
+        return await self._run(q)
+
+    async def history_page(self, conversation_id: str, *, limit: int,
+                           before: str | None = None) -> tuple[list[Item], str | None]:
+        check_page_limit(limit)
+
+        def q(db: sqlite3.Connection):
+            where, args = "conversation_id = ?", [conversation_id]
+            if before is not None:
+                cursor = db.execute("SELECT at, seq FROM items WHERE conversation_id = ? AND item_id = ?",
+                                    (conversation_id, before)).fetchone()
+                if cursor is None:
+                    if self._head(db, conversation_id) is None:
+                        return [], None
+                    raise ValueError(f"{before!r} is not an item of conversation {conversation_id}")
+                where += " AND (at < ? OR (at = ? AND seq < ?))"
+                args += [cursor[0], cursor[0], cursor[1]]
+            rows = db.execute(
+                f"SELECT item_id, role, text, at, interrupted FROM items WHERE {where} "
+                "ORDER BY at DESC, seq DESC LIMIT ?",
+                (*args, limit + 1),
+            ).fetchall()
+            items = [Item(i, r, t, a, bool(x)) for i, r, t, a, x in reversed(rows[:limit])]
+            return items, (items[0].item_id if len(rows) > limit else None)
 
         return await self._run(q)
 
