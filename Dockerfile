@@ -8,6 +8,7 @@ COPY web web
 RUN pip install --no-cache-dir -e . && useradd --uid 10001 novagate
 USER novagate
 ENV NOVAGATE_SECRET_FILE=/tmp/novagate-secret NOVAGATE_SQLITE_PATH=/tmp/novagate.db
+# Bound to 0.0.0.0, the gateway needs NOVAGATE_ALLOWED_HOSTS (the names clients use to reach it): set it at run time.
 EXPOSE 8000
 ENTRYPOINT ["novagate"]
 CMD ["serve", "--host", "0.0.0.0"]

@@ -1,4 +1,5 @@
-"""The ASGI application: the voice WebSocket, the history endpoints, health and metrics, the web app."""
+"""The ASGI application: the voice WebSocket, the history endpoints, health (and metrics when there is no
+admin port), the web app; behind the Host allow-list and with security headers (gateway/web.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from protocol.codes import CloseCode
@@ -22,12 +21,14 @@ from protocol.session import SessionConfig, SessionEnv, may_use
 
 from . import clock, metrics
 from .actor import SessionActor
+from .admission import Admission, Limits, client_address
 from .audio import InputResampler, SpeechActivity
 from .config import Settings
 from .logs import log
 from .store import ConversationStore, open_store
 from .tokens import Authenticator, Credentials, Signer, load_secret, owner_hash
 from .transport import ModelTransport
+from .web import AppFiles, HostCheck, SecurityHeaders, allowed_hosts, origin_allowed
 
 logger = logging.getLogger("novagate.app")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -43,19 +44,17 @@ class Services:
     authenticator: Authenticator
     session_config: SessionConfig
     session_env: SessionEnv
+    admission: Admission
+    hosts: tuple[str, ...]                       # the Host allow-list (gateway/web.py)
     sessions: set = field(default_factory=set)   # every socket's actor, handshake or not
-    admitted: set = field(default_factory=set)   # actors past session.start and auth: live sessions
     draining: bool = False
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)  # set while `sessions` is empty
 
     def admit(self, actor, principal: str | None) -> tuple[int, str] | None:
         """Whether a client that has sent a valid session.start (and credentials) may have a live
-        session: only these count against NOVAGATE_MAX_SESSIONS, not sockets still in their handshake."""
-        if len(self.admitted) >= self.settings.max_sessions:
-            metrics.REJECTED.labels("capacity").inc()
-            return CloseCode.TRY_AGAIN_LATER, "at capacity"
-        self.admitted.add(actor)
-        return None
+        session: only these count against NOVAGATE_MAX_SESSIONS (and per user), not sockets still in
+        their handshake (gateway/admission.py)."""
+        return self.admission.admit(actor, principal)
 
 
 def session_config(settings: Settings, transport: ModelTransport) -> SessionConfig:
@@ -114,14 +113,16 @@ def open_transport(settings: Settings) -> ModelTransport:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    """The application; a ConfigError (e.g. NOVAGATE_ALLOWED_HOSTS unset on a public address) at once."""
     settings = settings or Settings.from_env()
+    hosts = allowed_hosts(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         secret = load_secret(settings.secret, settings.secret_file)
         transport = open_transport(settings)
         signer = Signer(secret, resume_ttl=settings.resume_ttl)
-        authenticator = Authenticator(settings.auth_jwt_secret)
+        authenticator = Authenticator.from_settings(settings)
         services = Services(
             settings=settings,
             store=open_store(settings),
@@ -130,6 +131,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             authenticator=authenticator,
             session_config=session_config(settings, transport),
             session_env=session_env(signer),
+            admission=Admission(Limits.from_settings(settings)),
+            hosts=hosts,
         )
         warm = getattr(services.transport, "warm", None)
         if warm is not None:
@@ -150,21 +153,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/conversation/{conversation_id}/history", history_guide, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint),
     ]
+    if not settings.metrics_port:  # no admin port: /metrics here (gateway/server.py serves it otherwise)
+        routes.append(Route("/metrics", metrics.endpoint))
     if WEB_DIR.is_dir():
-        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
-    return Starlette(routes=routes, lifespan=lifespan)
+        routes.append(Mount("/", AppFiles(directory=WEB_DIR, html=True), name="web"))
+    middleware = [Middleware(SecurityHeaders), Middleware(HostCheck, hosts=hosts)]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                     exception_handlers={Unauthorized: _unauthorized})
 
 
 # -- WebSocket ------------------------------------------------------------------------------------
-def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
-    origin = ws.headers.get("origin")
-    if not origin or "*" in allowed or origin in allowed:
-        return True
-    return urlsplit(origin).netloc == ws.headers.get("host", "")
-
-
 def _bearer(headers) -> str | None:
     value = headers.get("authorization", "")
     return value[7:].strip() or None if value[:7].lower() == "bearer " else None
@@ -175,7 +174,7 @@ async def voice(ws: WebSocket) -> None:
     settings = services.settings
     offered = ws.scope.get("subprotocols") or []
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-    if not _origin_allowed(ws, settings.origins):
+    if not origin_allowed(ws.headers.get("origin"), settings.origins, services.hosts, ws.headers.get("host", "")):
         metrics.REJECTED.labels("origin").inc()
         await ws.close(CloseCode.FORBIDDEN_ORIGIN, "origin not allowed")
         return
@@ -184,22 +183,75 @@ async def voice(ws: WebSocket) -> None:
         await ws.close(CloseCode.TRY_AGAIN_LATER, "draining")
         return
     actor = SessionActor(ws, services, _bearer(ws.headers))
+    evicted = asyncio.Event()
+    refusal = services.admission.open(actor, client_address(ws.scope), evicted.set)
+    if refusal is not None:
+        await ws.close(*refusal)
+        return
     services.sessions.add(actor)
     services.no_sessions.clear()
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
     try:
-        await actor.run()
+        await _run(actor, ws, evicted)
     finally:
         services.sessions.discard(actor)
-        services.admitted.discard(actor)
+        services.admission.close(actor)
         if not services.sessions:
             services.no_sessions.set()
         metrics.SESSIONS_ACTIVE.dec()
 
 
+async def _run(actor: SessionActor, ws: WebSocket, evicted: asyncio.Event) -> None:
+    """The actor, until it ends or its handshake slot is taken by a fairer newcomer: then it is
+    stopped (it holds nothing yet but the socket) and the client told 1013 `busy`."""
+    run = asyncio.create_task(actor.run())
+    evict = asyncio.create_task(evicted.wait())
+    try:
+        await asyncio.wait((run, evict), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        evict.cancel()
+        if not run.done():
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+    if not run.cancelled():
+        run.result()  # what `await actor.run()` would raise
+        return
+    metrics.REJECTED.labels("evicted").inc()
+    with contextlib.suppress(Exception):
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "busy")
+
+
 # -- HTTP -------------------------------------------------------------------------------------------
 _NOT_FOUND = {"error": "not_found", "message": "no such conversation"}
+
+
+class Unauthorized(Exception):
+    """401: credentials that do not verify, or none where NOVAGATE_AUTH_REQUIRED asks for them."""
+
+
+async def _unauthorized(request: Request, exc: Exception) -> Response:
+    message = str(exc)
+    challenge = 'Bearer error="invalid_token"' if message == "invalid credentials" else "Bearer"
+    return JSONResponse({"error": "unauthorized", "message": message}, status_code=401,
+                        headers={"WWW-Authenticate": challenge})
+
+
+async def _caller(request: Request) -> str | None:
+    """The principal of the request's bearer token, or None without one. An Authorization header
+    that does not carry a valid bearer token is refused, never ignored; so is none at all when the
+    deployment requires authentication."""
+    services: Services = request.app.state.services
+    if "authorization" not in request.headers:
+        if services.settings.auth_required:
+            raise Unauthorized("credentials required")
+        return None
+    token = _bearer(request.headers)
+    principal = await services.authenticator.verify(token) if token else None
+    if principal is None:
+        raise Unauthorized("invalid credentials")
+    return principal
 
 
 async def _owned(request: Request):
@@ -208,7 +260,7 @@ async def _owned(request: Request):
     services: Services = request.app.state.services
     cid = request.path_params["conversation_id"]
     owners = []
-    principal = services.authenticator.principal(_bearer(request.headers))
+    principal = await _caller(request)
     if principal is not None:
         owners.append(principal)
     token = request.headers.get("x-resume-token")
@@ -223,11 +275,12 @@ async def _owned(request: Request):
 
 
 def _history_endpoint(shape):
-    """A history endpoint: the owner's full history in `shape`, else a 404 like a missing one."""
+    """A history endpoint: the owner's full history in `shape`, else (also once it has ended) a 404
+    like a missing one."""
 
     async def endpoint(request: Request) -> Response:
         conv = await _owned(request)
-        if conv is None:
+        if conv is None or conv.ended:
             return JSONResponse(_NOT_FOUND, status_code=404)
         items = await request.app.state.services.store.history(conv.conversation_id)
         return JSONResponse(shape(conv, items))
@@ -274,6 +327,3 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "store unavailable"}, status_code=503)
     return JSONResponse({"status": "ready", "sessions": len(services.sessions)})
 
-
-async def metrics_endpoint(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -12,8 +12,6 @@ from .config import ConfigError, add_arguments, settings_from_args
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from . import logs
     from .app import create_app
 
@@ -23,6 +21,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"novagate: configuration error: {e}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, show_text=settings.log_transcripts)
+    from .tokens import Authenticator, load_secret
+
+    try:  # secrets (environment or files, never flags): a short or unreadable one stops us now
+        load_secret(settings.secret, settings.secret_file)
+        Authenticator.from_settings(settings)
+    except (ConfigError, OSError) as e:
+        print(f"novagate: configuration error: {e}", file=sys.stderr)
+        return 2
     if settings.engine == "bedrock" or settings.store == "agent-runtime":
         from .bedrock import BedrockSetupError, check_credentials
 
@@ -33,22 +39,17 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         print(f"novagate: AWS region {found.region}, credentials {found.access_key_id}"
               + (" (temporary)" if found.temporary else ""), file=sys.stderr)
-    print(f"novagate: serving on http://{settings.host}:{settings.port}/ (engine {settings.engine}, "
-          f"store {settings.store})", file=sys.stderr, flush=True)
-    from .server import Server
+    from . import server
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ws_max_size=messages.MAX_TEXT_MESSAGE_BYTES,  # PROTOCOL §2: a bigger message closes 1009
-        ws="websockets",
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
-    )
-    Server(config, app, grace_s=settings.drain_grace_s).run()
+    try:  # e.g. NOVAGATE_ALLOWED_HOSTS unset while listening beyond loopback
+        app = create_app(settings)
+    except ConfigError as e:
+        print(f"novagate: configuration error: {e}", file=sys.stderr)
+        return 2
+    admin = f"; /metrics on http://{settings.metrics_host}:{settings.metrics_port}/" if settings.metrics_port else ""
+    print(f"novagate: serving on http://{settings.host}:{settings.port}/ (engine {settings.engine}, "
+          f"store {settings.store}){admin}", file=sys.stderr, flush=True)
+    server.build(settings, app).run()
     return 0
 
 
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="novagate", description="WebSocket gateway for Amazon Nova Sonic")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = sub.add_parser(
+        "serve", help="run the gateway",
+        description="Run the gateway. Every setting is an environment variable NOVAGATE_<NAME> or a flag. "
+        "Secrets are never flags (a command line is visible in ps): set NOVAGATE_SECRET and "
+        "NOVAGATE_AUTH_JWT_SECRET in the environment, or point --secret-file / --auth-jwt-secret-file at a "
+        "file (mode 0600). See docs/auth.md.")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 

@@ -1,4 +1,4 @@
-"""Settings: every field is an environment variable `NOVAGATE_<NAME>` and a `novagate serve` flag."""
+"""Settings: every field is an environment variable `NOVAGATE_<NAME>` and, except secrets, a `novagate serve` flag."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from protocol.nova_events import DEFAULT_MODEL_ID, IDLE_TIMEOUT_S, MAX_STREAM_AGE_S, NOVA_SONIC_V1_MODEL_ID
 
@@ -14,6 +15,10 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise voice assistant. Keep answers short and conversational; "
     "remember what the user told you earlier in the conversation."
 )
+
+
+MIN_SECRET_BYTES = 32
+MAKE_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
 
 class ConfigError(Exception):
@@ -52,14 +57,45 @@ class Settings:
         default="", metadata={"help": "Bedrock Agent Runtime endpoint URL (default: "
                               "AWS_ENDPOINT_URL_BEDROCK_AGENT_RUNTIME, else the region's)"}
     )
+    # Secrets are never flags (a command line is visible in `ps`): environment or files only.
     secret: str = field(
-        default="", metadata={"help": "server secret that signs resume tokens and receipts (default: generated once "
-                              "and kept in var/secret); set the same value on every instance"}
+        default="", repr=False,
+        metadata={"secret": True, "help": "server secret (at least 32 bytes) that signs resume tokens and "
+                  "receipts (default: generated once and kept in the secret file); set the same value on "
+                  "every instance"}
     )
-    secret_file: str = field(default="var/secret", metadata={"help": "where a generated secret is kept"})
+    secret_file: str = field(
+        default="var/secret", metadata={"help": "file of the server secret when NOVAGATE_SECRET is unset; "
+                                        "created (mode 0600) if missing"}
+    )
     auth_jwt_secret: str = field(
-        default="", metadata={"help": "HS256 key that verifies client bearer tokens (JWT, owner = `sub`); "
-                              "empty: no user authentication"}
+        default="", repr=False,
+        metadata={"secret": True, "help": "HS256 key (at least 32 bytes) that verifies client bearer tokens "
+                  "(JWT); empty with no JWKS: no user authentication"}
+    )
+    auth_jwt_secret_file: str = field(
+        default="", metadata={"help": "file holding the HS256 key, instead of NOVAGATE_AUTH_JWT_SECRET"}
+    )
+    auth_jwks_url: str = field(
+        default="", metadata={"help": "identity provider's JWKS URL: RS256/ES256 bearer tokens (Cognito, "
+                              "Auth0, Okta, Keycloak); https (http only on loopback)"}
+    )
+    auth_jwks_file: str = field(
+        default="", metadata={"help": "a JWKS file instead of a URL (RS256/ES256 bearer tokens)"}
+    )
+    auth_jwks_timeout_s: float = field(default=5.0, metadata={"help": "timeout of one JWKS fetch"})
+    auth_audience: str = field(
+        default="", metadata={"help": "comma-separated accepted `aud` values (e.g. the app client id); "
+                              "empty: not checked"}
+    )
+    auth_issuer: str = field(
+        default="", metadata={"help": "comma-separated accepted `iss` values; empty: not checked"}
+    )
+    auth_user_claim: str = field(
+        default="sub", metadata={"help": "claim that identifies the user (principal `user:<value>`)"}
+    )
+    auth_leeway_s: float = field(
+        default=30.0, metadata={"help": "clock skew allowed on exp / nbf / iat"}
     )
     auth_required: bool = field(default=False, metadata={"help": "refuse clients without a valid bearer token (4401)"})
     allowed_origins: str = field(
@@ -67,6 +103,48 @@ class Settings:
                               "origins are always allowed; `*` allows any"}
     )
     max_sessions: int = field(default=200, metadata={"help": "concurrent sessions before new sockets get 1013"})
+    # -- admission, HTTP limits, hosts, metrics (gateway/admission.py, gateway/web.py, gateway/server.py)
+    max_pending_handshakes: int = field(
+        default=64, metadata={"help": "sockets still in their handshake (no session.start and credentials yet); "
+                              "past it a new one gets 1013 `busy` unless an address holding more handshakes "
+                              "gives up its oldest; 0: no cap"}
+    )
+    max_sockets_per_ip: int = field(
+        default=20, metadata={"help": "sockets per client address (4429); behind a proxy set "
+                              "NOVAGATE_FORWARDED_ALLOW_IPS or every client shares the proxy's address; 0: no cap"}
+    )
+    max_sessions_per_user: int = field(
+        default=5, metadata={"help": "live sessions per authenticated user (4429); anonymous clients are capped "
+                             "per address only; 0: no cap"}
+    )
+    forwarded_allow_ips: str = field(
+        default="", metadata={"help": "comma-separated proxy addresses or networks (10.0.0.0/8; `*`: any) whose "
+                              "X-Forwarded-For / X-Forwarded-Proto name the client; empty: none trusted"}
+    )
+    allowed_hosts: str = field(
+        default="", metadata={"help": "comma-separated Host names the gateway answers to (`*.example.com` for "
+                              "subdomains; `*`: any, no DNS-rebinding protection); empty: localhost, 127.0.0.1 "
+                              "and [::1] when listening on loopback, else required"}
+    )
+    limit_concurrency: int = field(
+        default=0, metadata={"help": "open connections (sockets included) past which HTTP requests get 503; "
+                             "0: max_sessions + max_pending_handshakes + 100"}
+    )
+    keep_alive_timeout: int = field(default=5, metadata={"help": "seconds an idle HTTP keep-alive connection stays "
+                                                         "open"})
+    header_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a connection has to send a complete request after it opens or "
+                                "after its previous response (slow clients are closed); 0: no limit"}
+    )
+    ws_ping_interval: float = field(default=20.0, metadata={"help": "seconds between WebSocket pings; 0: none"})
+    ws_ping_timeout: float = field(
+        default=20.0, metadata={"help": "seconds to wait for a pong before closing a dead socket; 0: no limit"}
+    )
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics (admin) port"})
+    metrics_port: int = field(
+        default=9090, metadata={"help": "port serving /metrics only, apart from the clients' port; 0: no admin "
+                                "port, /metrics on the serving port instead"}
+    )
     handshake_timeout: float = field(default=5.0, metadata={"help": "seconds to wait for session.start (4408)"})
     resume_ttl: int = field(default=86400, metadata={"help": "seconds a resume token stays valid"})
     playback_lead_ms: int = field(default=200, metadata={"help": "audio sent ahead of real time to the client"})
@@ -146,11 +224,38 @@ class Settings:
                 )
         if not 0 < self.port < 65536:
             raise ConfigError(f"NOVAGATE_PORT={self.port} is not a valid port")
+        self._validate_auth()
         if (self.engine == "bedrock" or self.store == "agent-runtime") and not self.aws_region:
             raise ConfigError(
                 f"NOVAGATE_ENGINE={self.engine} / NOVAGATE_STORE={self.store} need an AWS region: set "
                 "NOVAGATE_REGION or AWS_REGION (Nova 2 Sonic: us-east-1, us-west-2, ap-northeast-1)"
             )
+
+    def _validate_auth(self) -> None:
+        for name in ("secret", "auth_jwt_secret"):
+            value = getattr(self, name).encode()
+            if value and len(value) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"NOVAGATE_{name.upper()} is {len(value)} bytes; a secret must be at least {MIN_SECRET_BYTES} "
+                    f"bytes. Make one with: {MAKE_SECRET}"
+                )
+        if self.auth_jwt_secret and self.auth_jwt_secret_file:
+            raise ConfigError("set NOVAGATE_AUTH_JWT_SECRET or NOVAGATE_AUTH_JWT_SECRET_FILE, not both")
+        if self.auth_jwks_url and self.auth_jwks_file:
+            raise ConfigError("set NOVAGATE_AUTH_JWKS_URL or NOVAGATE_AUTH_JWKS_FILE, not both")
+        if self.auth_jwks_url:
+            url = urlsplit(self.auth_jwks_url)
+            loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+            if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and loopback)):
+                raise ConfigError(
+                    f"NOVAGATE_AUTH_JWKS_URL={self.auth_jwks_url!r} must be an https:// URL (http only on loopback)"
+                )
+        if not self.auth_user_claim.strip():
+            raise ConfigError("NOVAGATE_AUTH_USER_CLAIM must name a claim (default: sub)")
+        if not 0 <= self.auth_leeway_s <= 300:
+            raise ConfigError(f"NOVAGATE_AUTH_LEEWAY_S={self.auth_leeway_s} must be between 0 and 300 seconds")
+        if not 0 < self.auth_jwks_timeout_s <= 60:
+            raise ConfigError(f"NOVAGATE_AUTH_JWKS_TIMEOUT_S={self.auth_jwks_timeout_s} must be in (0, 60] seconds")
 
     @property
     def aws_region(self) -> str:
@@ -183,10 +288,24 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
+class _RefuseSecretFlag(argparse.Action):
+    """A secret given as a flag: refused with a pointer to the environment or the file. The flag
+    exists so argparse does not read `--secret X` as an abbreviation of `--secret-file X`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = self.dest
+        parser.error(f"{option_string} is not accepted: a command line is visible to every user (ps). "
+                     f"Set NOVAGATE_{name.upper()} in the environment, or use --{name.replace('_', '-')}-file")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; flags override the environment."""
+    """One flag per setting, except secrets (environment or files only); flags override the environment."""
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("secret"):
+            parser.add_argument(flag, dest=f.name, nargs="?", action=_RefuseSecretFlag, default=None,
+                                help=argparse.SUPPRESS)
+            continue
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         help_ = f"{f.metadata.get('help', '')} (env NOVAGATE_{f.name.upper()}, default {f.default!r})"
         if kind == "bool":

@@ -1,4 +1,5 @@
-"""Structured JSON logs, one object per line. Transcripts and tokens stay out unless asked for."""
+"""Structured JSON logs, one object per line. Transcripts and tokens stay out unless asked for; so do
+query strings in uvicorn's request and WebSocket lines."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ import orjson
 
 _REDACTED_KEYS = frozenset({"text", "transcript", "token", "resume_token", "receipt", "auth"})
 _show_text = False
+
+
+class StripQuery(logging.Filter):
+    """uvicorn names the request path with its query string (`"WebSocket /v1/voice?…" [accepted]`, access
+    lines, errors), where a client may have put a token: keep the path, drop the query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn") and isinstance(record.args, tuple):
+            record.args = tuple(_path_only(a) for a in record.args)
+        return True
+
+
+def _path_only(arg):
+    return arg.split("?", 1)[0] if isinstance(arg, str) and arg.startswith("/") else arg
 
 
 class JSONFormatter(logging.Formatter):
@@ -34,6 +49,7 @@ def setup(level: str = "info", *, show_text: bool = False) -> None:
     _show_text = show_text
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
+    handler.addFilter(StripQuery())  # on the handler: it sees the records uvicorn's loggers pass up
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

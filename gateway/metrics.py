@@ -1,11 +1,17 @@
 """Prometheus metrics, including the original guide's three: recovery rate, history load time and
 persistence success rate (see docs/operations.md for alarms)."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 SESSIONS_ACTIVE = Gauge("novagate_sessions_active", "WebSocket sessions open now")
+HANDSHAKES = Gauge("novagate_handshakes_pending", "sockets that have not yet completed session.start and credentials")
 SESSIONS = Counter("novagate_sessions_total", "WebSocket sessions accepted")
-REJECTED = Counter("novagate_sessions_rejected_total", "sockets refused", ["reason"])
+REJECTED = Counter("novagate_sessions_rejected_total", "sockets refused (origin, draining, capacity, busy, "
+                   "per_address, per_user) or evicted from their handshake", ["reason"])
 RESUMES = Counter("novagate_resumes_total", "resume attempts by result", ["result"])
 HISTORY_LOAD = Histogram(
     "novagate_history_load_seconds", "time to find and load a conversation's history",
@@ -33,3 +39,13 @@ SESSION_COUNTERS = {
     "deaf_streams": DEAF_STREAMS,
 }
 SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD}
+
+
+async def endpoint(request: Request) -> Response:
+    """GET /metrics: the Prometheus text format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def admin_app() -> Starlette:
+    """The admin port's application: /metrics and nothing else (NOVAGATE_METRICS_PORT)."""
+    return Starlette(routes=[Route("/metrics", endpoint)])

@@ -1,5 +1,7 @@
 """uvicorn with a graceful drain: on SIGTERM the gateway stops taking sessions, moves its clients
-elsewhere, stores what they said, and only then lets uvicorn shut down."""
+elsewhere, stores what they said, and only then lets uvicorn shut down. Beside it, in the same
+process and loop, the admin port (/metrics). HTTP/1.1 connections must send a complete request
+within NOVAGATE_HEADER_TIMEOUT (uvicorn itself has no header timeout)."""
 
 from __future__ import annotations
 
@@ -9,25 +11,141 @@ import logging
 import signal
 import time
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from protocol import messages
 
 from . import metrics
+from .config import Settings
 from .logs import log
 
 logger = logging.getLogger("novagate.server")
 
 
+def build(settings: Settings, app) -> Server:
+    """The serving port's uvicorn (limits from the settings) and, unless NOVAGATE_METRICS_PORT=0, the
+    admin port's."""
+    http = header_timeout_protocol(settings.header_timeout)
+    concurrency = settings.limit_concurrency or settings.max_sessions + settings.max_pending_handshakes + 100
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=http,
+        ws="websockets",
+        ws_max_size=messages.MAX_TEXT_MESSAGE_BYTES,  # PROTOCOL §2: a bigger message closes 1009
+        ws_ping_interval=settings.ws_ping_interval or None,
+        ws_ping_timeout=settings.ws_ping_timeout or None,
+        limit_concurrency=concurrency,  # counts every connection, sockets too; only HTTP requests get its 503
+        timeout_keep_alive=settings.keep_alive_timeout,
+        proxy_headers=bool(settings.forwarded_allow_ips),  # uvicorn would trust 127.0.0.1 by default
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
+        server_header=False,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
+    )
+    admin = None
+    if settings.metrics_port:
+        admin = AdminServer(uvicorn.Config(
+            metrics.admin_app(), host=settings.metrics_host, port=settings.metrics_port, http=http,
+            proxy_headers=False, server_header=False, access_log=False, log_config=None, lifespan="off",
+            limit_concurrency=32, timeout_graceful_shutdown=1,
+        ))
+    return Server(config, app, grace_s=settings.drain_grace_s, admin=admin)
+
+
+def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request has not fully arrived `seconds`
+    after the connection opened, or after the first byte of a later request on it (slowloris; what
+    nginx calls client_header_timeout). Idle kept-alive connections are uvicorn's (timeout_keep_alive);
+    one upgraded to a WebSocket has left (the session's handshake timeout takes over)."""
+
+    class Protocol(H11Protocol):
+        _request_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._request_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # a new request begins
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self._disarm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if seconds > 0:
+                self._request_timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+                self._request_timer = None
+
+        def _expire(self) -> None:
+            self._request_timer = None
+            upgraded = self not in self.connections
+            if not upgraded and self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
+class AdminServer(uvicorn.Server):
+    """The admin port: run inside the serving Server's loop, which owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app, *, grace_s: float):
+    def __init__(self, config: uvicorn.Config, app, *, grace_s: float, admin: AdminServer | None = None):
         super().__init__(config)
         self.app = app
         self.grace_s = grace_s
+        self.admin = admin
+        self._admin_task: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.admin is not None:
+            await self._start_admin()
         await super().startup(sockets)
+
+    async def _start_admin(self) -> None:
+        """The admin port opens first. If it cannot (uvicorn logs why), the gateway serves without
+        /metrics and says so: metrics do not take the voice service down."""
+        self._admin_task = asyncio.create_task(self._serve_admin())
+        while not self.admin.started and not self._admin_task.done():
+            await asyncio.sleep(0.02)
+        if not self.admin.started:
+            log(logger, logging.ERROR, "metrics port not open: no /metrics (NOVAGATE_METRICS_HOST / "
+                "NOVAGATE_METRICS_PORT; 0 serves /metrics on the serving port)",
+                host=self.admin.config.host, port=self.admin.config.port)
+
+    async def _serve_admin(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's way to say it could not bind
+            await self.admin.serve()
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self._admin_task is not None:
+            self.admin.should_exit = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._admin_task, 5)
 
     def handle_exit(self, sig: int, frame) -> None:
         if sig == signal.SIGTERM and self._drain is None and self._loop is not None and not self.should_exit:

@@ -308,7 +308,8 @@ def nginx_bin():
 async def test_rolling_update_through_nginx_loses_nothing(nginx_bin, backend, tmp_path):
     aws = backend.get("NOVAGATE_STORE") == "agent-runtime"
     env = {**backend, "NOVAGATE_SECRET": SECRET, "NOVAGATE_SQLITE_PATH": str(tmp_path / "novagate.db"),
-           "NOVAGATE_DRAIN_GRACE_S": str(DRAIN_GRACE_S)}
+           "NOVAGATE_DRAIN_GRACE_S": str(DRAIN_GRACE_S),
+           "NOVAGATE_MAX_SOCKETS_PER_IP": "0"}  # every client comes through nginx, from one address
     if not aws:
         env["NOVAGATE_ENGINE_TRACE"] = ""
     dirs = [tmp_path / name for name in ("gw-a", "gw-b", "gw-a2")]
