@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -40,8 +41,10 @@ pytestmark = pytest.mark.timeout(150)
 
 @pytest.fixture(scope="module")
 def backend() -> dict:
-    """Only the embedded default (local engine, SQLite): the browser is what is under test here."""
-    return {}
+    """Only the embedded default (local engine, SQLite): the browser is what is under test here.
+    No admin port (/metrics on the serving port): two gateways (a restart, or another test run on
+    this machine) would otherwise both want the default admin port."""
+    return {"NOVAGATE_METRICS_PORT": "0"}
 
 
 def _say(text: str) -> bytes:
@@ -90,9 +93,12 @@ def launch(playwright):
             pytest.fail(f"Chromium ({CHROMIUM}) could not be launched: {e}\n"
                         "Install it with `make browser` (Debian package `chromium`).")
         browsers.append(browser)
-        page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+        # a context of its own (not browser.new_page()): a test may open a second tab in it
+        page = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}).new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # what the gateway's Content-Security-Policy blocks counts as an error of the page
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         page.errors = errors
         return page
 
@@ -102,13 +108,27 @@ def launch(playwright):
 
 
 def js_wait(page, expression: str, timeout: float = 30.0, what: str = ""):
-    """Wait until a JS expression is truthy in the page; on timeout, fail with the page's state."""
-    try:
-        return page.wait_for_function(expression, timeout=timeout * 1000, polling=50).json_value()
-    except Exception:
-        state = page.evaluate("window.novagate && {stats: novagate.stats(), transcript: novagate.transcript(),"
-                              " statusLog: novagate.statusLog.map(s => s.status)}")
-        pytest.fail(f"timed out waiting for {what or expression}\npage state: {state}\nerrors: {page.errors}")
+    """Wait until a JS expression is truthy in the page; on timeout, fail with the page's state.
+
+    Polled with page.evaluate(), not page.wait_for_function(): the gateway's Content-Security-Policy
+    (script-src 'self', no 'unsafe-eval') forbids the in-page eval that wait_for_function relies on,
+    while evaluate() goes through the DevTools protocol. The page itself keeps running under the CSP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = page.evaluate(expression)
+        except Exception as e:  # noqa: BLE001 - a navigation under way: the page is not there yet
+            if "context was destroyed" not in str(e) and "novagate is not defined" not in str(e):
+                raise
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(50)
+    state = page.evaluate("window.novagate && {stats: novagate.stats(), transcript: novagate.transcript(),"
+                          " statusLog: novagate.statusLog.map(s => s.status)}")
+    pytest.fail(f"timed out waiting for {what or expression}\npage state: {state}\nerrors: {page.errors}")
 
 
 def transcript(page) -> list[dict]:
@@ -195,7 +215,7 @@ def test_conversation_reload_and_server_restart(make_gateway, launch, tmp_path):
     n_items = len(transcript(page))
     gw.kill()
     js_wait(page, "novagate.status === 'reconnecting'", 10, "the reconnecting status")
-    gw2 = Gateway(tmp_path, {}).start(port=gw.port)  # same store, same secret, same address
+    gw2 = Gateway(tmp_path, {"NOVAGATE_METRICS_PORT": "0"}).start(port=gw.port)  # same store, secret, address
     try:
         js_wait(page, f"novagate.stats().counters.readies > {readies} && novagate.status === 'listening'", 30,
                 "the page to reconnect")
@@ -293,7 +313,190 @@ def test_messages_for_denied_mic_unreachable_server_and_lost_conversation(make_g
     js_wait(page, "document.querySelector('#alert-text').textContent.includes(\"Can't reach the server\")", 15,
             "the unreachable-server message")
     assert page.locator("#status").get_attribute("data-state") == "reconnecting"
+    # With ?gateway= on another origin, the CSP's connect-src ('self' ws: wss:) blocks the page's
+    # fetch of the stored history from that gateway. Here nothing listens there anyway; see
+    # docs/browser.md ("?gateway= and the CSP").
+    blocked = [e for e in page.errors if "Content Security Policy" in e and "/v1/conversations/" in e]
+    assert [e for e in page.errors if e not in blocked] == []
+
+
+# Every write of the stored conversation, as the page makes it: to see receipts come and go.
+STORAGE_SPY = """(() => {
+  const log = [];
+  window.__storageLog = log;
+  const set = Storage.prototype.setItem, remove = Storage.prototype.removeItem;
+  const area = (s) => (s === window.localStorage ? 'local' : 'session');
+  Storage.prototype.setItem = function (k, v) {
+    if (k === 'novagate.conversation') log.push({area: area(this), value: JSON.parse(v)});
+    return set.call(this, k, v);
+  };
+  Storage.prototype.removeItem = function (k) {
+    if (k === 'novagate.conversation') log.push({area: area(this), value: null});
+    return remove.call(this, k);
+  };
+})()"""
+
+LOCAL = "Object.fromEntries(Object.keys(localStorage).map(k => [k, localStorage.getItem(k)]))"
+SESSION = "Object.fromEntries(Object.keys(sessionStorage).map(k => [k, sessionStorage.getItem(k)]))"
+
+
+def _type(page, text: str) -> None:
+    page.get_by_label("Type a message").fill(text)
+    page.get_by_role("button", name="Send").click()
+
+
+def _nothing_of(texts: list[str], *stores: dict) -> None:
+    """No stored value holds any of these (transcript text, token, conversation id), not even inside a
+    receipt: receipts are JWTs, their payload is base64 of the item's JSON."""
+    import base64
+    import json
+    blob = json.dumps(stores)
+    for value in [v for st in stores for v in st.values()]:
+        for part in re.findall(r"[A-Za-z0-9_-]{16,}", value):
+            try:
+                blob += base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("utf-8", "replace")
+            except ValueError:
+                pass
+    for t in texts:
+        assert t and t not in blob, (t, stores)
+
+
+def test_remember_forget_and_tab_only(make_gateway, launch):
+    """The page says the conversation is remembered on this device; "Forget on this device" takes it
+    out of storage and off the page (and ends nothing on the server); "Only in this tab" keeps it in
+    sessionStorage: nothing in localStorage, and a reload of the tab still resumes."""
+    gw = make_gateway()
+    page = launch(None, grant_mic=False)  # typed turns: quicker than speech
+    page.add_init_script(STORAGE_SPY)
+    page.goto(gw.http + "/")
+    memory = page.locator("#memory")
+    assert "This device remembers the conversation" in memory.inner_text()
+    forget = page.get_by_role("button", name="Forget on this device")
+    tab_only = page.get_by_label("Only in this tab")
+    assert forget.is_disabled() and not tab_only.is_checked()
+
+    # 1. a typed turn: token and receipts in localStorage; each receipt leaves on its item.saved
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready'", 10, "the session")
+    _type(page, HELLO)
+    t = user_turn_done(page, 0, what="a typed turn")
+    texts = [x["text"] for x in t]
+    cid, token = page.evaluate("[novagate.client.conversationId, novagate.client.resumeToken]")
+    stored = page.evaluate("JSON.parse(localStorage.getItem('novagate.conversation'))")
+    assert stored == {"resume_token": token, "conversation_id": cid, "pending": {}}
+    log = page.evaluate("window.__storageLog")
+    had = {k for e in log if e["value"] for k in e["value"]["pending"]}
+    assert had == {x["itemId"] for x in t}, log  # both final items passed through as receipts ...
+    assert log[-1]["value"]["pending"] == {}  # ... and left on item.saved
+    assert forget.is_enabled()
+    shot(page, "browser-memory.png")
+
+    # 2. with the session off, a reload shows the stored history; Forget clears storage and page
+    page.get_by_role("button", name="Stop").click()
+    page.reload()
+    js_wait(page, "novagate.transcript().length === 2", 10, "the stored history")
+    assert page.locator("#recovery").is_visible()
+    forget.click()
+    assert transcript(page) == [] and page.locator("#transcript li").count() == 0
+    assert page.locator("#recovery").is_hidden()
+    assert "Forgotten on this device" in page.locator("#alert-text").inner_text()
+    shot(page, "browser-forgotten.png")
+    local, session = page.evaluate(LOCAL), page.evaluate(SESSION)
+    assert "novagate.conversation" not in local and "novagate.conversation" not in session, (local, session)
+    assert set(local) <= {"novagate.remember"}, local
+    _nothing_of(texts + [token, cid], local, session)
+    assert page.evaluate("[novagate.client.conversationId, novagate.client.resumeToken]") == [None, None]
+    assert forget.is_disabled()
+    # nothing comes back on a reload; the server did not end the conversation (it expires there)
+    page.reload()
+    page.wait_for_timeout(500)
+    assert transcript(page) == [] and page.locator("#recovery").is_hidden()
+    assert page.locator("#status").get_attribute("data-state") == "idle"
+    assert page.evaluate(LOCAL) == {}
+    r = httpx.get(f"{gw.http}/v1/conversations/{cid}/history", headers={"X-Resume-Token": token})
+    assert r.status_code == 200 and r.json()["history_length"] == 2
+    assert not any(m["type"] == "session.end" for m in page.evaluate("novagate.sent"))
+
+    # 3. only in this tab: nothing in localStorage but the choice; a reload of the tab resumes
+    tab_only.check()
+    assert "Only this tab remembers" in memory.inner_text()
+    assert page.evaluate(LOCAL) == {"novagate.remember": "tab"}
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready'", 10, "the session")
+    _type(page, HELLO)
+    t = user_turn_done(page, 0, what="a typed turn in tab-only mode")
+    texts = [x["text"] for x in t]
+    assert page.evaluate(LOCAL) == {"novagate.remember": "tab"}
+    assert json_of(page.evaluate(SESSION)["novagate.conversation"])["pending"] == {}
+    log = page.evaluate("window.__storageLog")
+    assert [e for e in log if e["value"]] and all(e["area"] == "session" for e in log if e["value"]), log
+    cid2 = page.evaluate("novagate.client.conversationId")
+    assert cid2 != cid
+    shot(page, "browser-memory-tab.png")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(150)
+    shot(page, "browser-memory-phone.png")
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.wait_for_timeout(150)
+    page.reload()  # the session was on: the page starts again by itself and resumes from sessionStorage
+    recovery = page.locator("#recovery")
+    recovery.wait_for(state="visible", timeout=15000)
+    assert recovery.inner_text() == "Resumed — 2 earlier turns"
+    assert [x["text"] for x in transcript(page)] == texts
+    assert page.evaluate("novagate.client.conversationId") == cid2
+    assert tab_only.is_checked() and "Only this tab remembers" in memory.inner_text()
+    assert page.evaluate(LOCAL) == {"novagate.remember": "tab"}
+
+    # 4. switching back to "this device" moves it to localStorage; back to tab-only moves it out again
+    tab_only.uncheck()
+    assert json_of(page.evaluate(LOCAL)["novagate.conversation"])["conversation_id"] == cid2
+    assert "novagate.conversation" not in page.evaluate(SESSION)
+    assert "novagate.remember" not in page.evaluate(LOCAL)
+    tab_only.check()
+    assert page.evaluate(LOCAL) == {"novagate.remember": "tab"}
+    assert json_of(page.evaluate(SESSION)["novagate.conversation"])["conversation_id"] == cid2
+
+    # 5. Forget while the session runs: it stops (closed, not ended) and nothing is left anywhere
+    forget.click()
+    js_wait(page, "novagate.stats().connection === 'idle'", 5, "the session to stop")
+    assert transcript(page) == [] and page.locator("#status").get_attribute("data-state") == "idle"
+    local, session = page.evaluate(LOCAL), page.evaluate(SESSION)
+    assert local == {"novagate.remember": "tab"} and "novagate.conversation" not in session
+    _nothing_of(texts + [cid2], local, session)
+    assert not any(m["type"] == "session.end" for m in page.evaluate("novagate.sent"))
+    tab_only.uncheck()
+
+    # 6. New conversation: the old one leaves storage before the new one starts
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready'", 10, "the session")
+    _type(page, HELLO)
+    user_turn_done(page, 0, what="a typed turn")
+    old = page.evaluate("novagate.client.conversationId")
+    page.evaluate("window.__storageLog.length = 0")
+    page.get_by_role("button", name="New conversation").click()
+    js_wait(page, f"novagate.stats().connection === 'ready' && novagate.client.conversationId !== '{old}'", 10,
+            "a new conversation")
+    log = page.evaluate("window.__storageLog")
+    assert log[0] == {"area": "local", "value": None}, log  # first thing: the old conversation removed
+    assert all(e["value"] is None or e["value"]["conversation_id"] != old for e in log), log
+    assert transcript(page) == []
+
+    # 7. two tabs of this browser share the device's memory: Forget in one, the other forgets it too
+    other = page.context.new_page()
+    other.goto(gw.http + "/")
+    assert other.evaluate("novagate.client.conversationId") == page.evaluate("novagate.client.conversationId")
+    other.get_by_role("button", name="Forget on this device").click()
+    js_wait(page, "novagate.stats().connection === 'idle' && novagate.client.conversationId === null", 5,
+            "the first tab to forget too")
+    assert "forgotten or ended in another tab" in page.locator("#alert-text").inner_text()
+    page.wait_for_timeout(300)
+    assert page.evaluate(LOCAL) == {} and other.evaluate(LOCAL) == {}
     assert page.errors == []
+
+
+def json_of(value: str) -> dict:
+    import json
+    return json.loads(value)
 
 
 def test_web_unit_tests_pass_under_node():

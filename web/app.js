@@ -1,8 +1,9 @@
 // The page: buttons, transcript, status line, notices. Everything about the protocol lives in
 // novagate-client.js and everything about audio in audio/; this file only wires them to the DOM.
 
-import { NovagateClient } from "./novagate-client.js";
+import { NovagateClient, browserStorage } from "./novagate-client.js";
 import { Microphone, Player } from "./audio/audio-io.js";
+import { MODE_KEY, prepareStorage, readMode, storageFor, switchMode } from "./remember.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -10,6 +11,7 @@ const ui = {
   alertText: $("alert-text"), alertAction: $("alert-action"), sound: $("sound"), transcript: $("transcript"),
   empty: $("empty"), conversation: $("conversation"), mic: $("mic"), micLabel: $("mic-label"), level: $("level"),
   form: $("text-form"), say: $("say"), send: $("send"), newConv: $("new"), announce: $("announce"),
+  memory: $("memory"), memoryText: $("memory-text"), tabOnly: $("tab-only"), forget: $("forget"),
 };
 
 // The gateway serving this page, or another one given as ?gateway=wss://host/v1/voice.
@@ -19,7 +21,16 @@ const wsUrl = params.get("gateway") ||
 const httpBase = wsUrl.replace(/^ws/, "http").replace(/\/v1\/voice$/, "");
 const ACTIVE_KEY = "novagate.active"; // sessionStorage: the session was on when the page went away
 
-const client = new NovagateClient({ url: wsUrl, outputSampleRate: 24000, inputSampleRate: 16000 });
+// Where the conversation is remembered: on this device (localStorage, the default) or only in this
+// tab (sessionStorage). See remember.js.
+const STORAGE_KEY = "novagate.conversation";
+const storages = { local: browserStorage("local"), session: browserStorage("session") };
+let rememberMode = readMode(storages.local);
+
+const client = new NovagateClient({
+  url: wsUrl, outputSampleRate: 24000, inputSampleRate: 16000, storageKey: STORAGE_KEY,
+  storage: prepareStorage(rememberMode, storages, STORAGE_KEY),
+});
 const player = new Player({ sampleRate: 24000, targetMs: 80 });
 const mic = new Microphone({ targetRate: 16000, frameMs: 20, onframe: (pcm) => client.sendAudio(pcm) });
 client.attachPlayer(player);
@@ -31,6 +42,7 @@ const statusLog = []; // every status the line showed, with times: for tests and
 let lastReconnect = null;
 let interruptedItems = new Set();
 const items = new Map(); // item_id -> {li, role, final}
+let shownGeneration = 0; // bumped when the page is cleared: a history fetch under way is then not shown
 
 // -- status line ----------------------------------------------------------------------------------
 const STATUS_TEXT = {
@@ -93,7 +105,7 @@ function announce(text) {
 // -- notices ---------------------------------------------------------------------------------------
 function showAlert(text, { kind = "error", action = null, onAction = null } = {}) {
   ui.alertText.textContent = text;
-  ui.alert.classList.toggle("info", kind === "info");
+  ui.alert.classList.toggle("info", kind === "info" || kind === "forgotten");
   ui.alert.dataset.kind = kind;
   ui.alert.hidden = false;
   ui.alertAction.hidden = !action;
@@ -114,6 +126,19 @@ function showRecovery(text) {
 
 const turns = (n) => `${n} earlier turn${n === 1 ? "" : "s"}`;
 
+// -- where the conversation is remembered ------------------------------------------------------------
+const MEMORY_TEXT = {
+  device: "This device remembers the conversation, even after the browser is closed, until you forget it.",
+  tab: "Only this tab remembers the conversation: it survives a reload, not closing the tab.",
+};
+
+function renderMemory() {
+  ui.memory.dataset.mode = rememberMode;
+  ui.memoryText.textContent = MEMORY_TEXT[rememberMode];
+  ui.tabOnly.checked = rememberMode === "tab";
+  ui.forget.disabled = !client.remembers && items.size === 0 && ui.recovery.hidden;
+}
+
 // -- transcript ------------------------------------------------------------------------------------
 function nearBottom() {
   const c = ui.conversation;
@@ -129,6 +154,7 @@ function clearTranscript() {
   items.clear();
   interruptedItems = new Set();
   ui.empty.hidden = false;
+  shownGeneration++;
 }
 
 function entry(itemId, role, { history = false } = {}) {
@@ -272,6 +298,11 @@ client.addEventListener("saved", () => {
   if (ui.alert.dataset.kind === "info" && !Object.keys(client.pendingReceipts).length) clearAlert("info");
 });
 
+// what is stored changes on these: the Forget button follows
+for (const type of ["state", "ready", "updated", "transcript", "saved", "ended"]) {
+  client.addEventListener(type, renderMemory);
+}
+
 player.onstats = () => {
   if (client.state === "ready") renderStatus();
 };
@@ -344,21 +375,81 @@ function stop() {
 async function newConversation() {
   const wasActive = active;
   ui.newConv.disabled = true;
+  // the old conversation leaves the page and the storage first (client.end() clears the token and
+  // the receipts before it sends session.end), then the new one starts
+  clearTranscript();
+  showRecovery("");
+  clearAlert();
   try {
     await client.end();
   } finally {
     ui.newConv.disabled = false;
   }
-  clearTranscript();
-  showRecovery("");
-  clearAlert();
+  clearTranscript(); // anything that arrived while the server was ending it
   if (wasActive) client.connect();
   renderStatus();
+  renderMemory();
   announce("Started a new conversation.");
+}
+
+/**
+ * Forget on this device: the resume token, the receipts and the conversation id leave storage, the
+ * history leaves the page. A running session is stopped (closed, not ended: nothing is ended on
+ * the server, where the conversation expires with its token). The next Start begins a new one.
+ */
+function forgetHere({ elsewhere = false } = {}) {
+  if (active) {
+    setActive(false);
+    stopAudio();
+  }
+  client.forget();
+  player.reset();
+  lastReconnect = null;
+  clearTranscript();
+  showRecovery("");
+  showAlert(elsewhere
+    ? "This conversation was forgotten or ended in another tab, so it is no longer kept here either."
+    : "Forgotten on this device: this browser no longer keeps the conversation. " +
+      "It was not ended on the server, where it expires by itself.", { kind: "forgotten" });
+  renderStatus();
+  renderMemory();
+  announce("The conversation is forgotten on this device.");
+}
+
+function setRememberMode(mode) {
+  if (mode === rememberMode) return;
+  rememberMode = switchMode(client, mode, storages);
+  renderMemory();
+  announce(mode === "tab" ? "The conversation is now remembered only in this tab."
+    : "The conversation is now remembered on this device.");
 }
 
 ui.mic.addEventListener("click", () => (active ? stop() : start()));
 ui.newConv.addEventListener("click", newConversation);
+ui.forget.addEventListener("click", () => forgetHere());
+ui.tabOnly.addEventListener("change", () => setRememberMode(ui.tabOnly.checked ? "tab" : "device"));
+
+// Other tabs of this browser: follow a change of the choice; when the conversation this tab holds
+// is forgotten (or ended) there on this device, forget it here too, or this tab would store it again.
+window.addEventListener("storage", (e) => {
+  if (e.storageArea !== storages.local) return;
+  if (e.key === MODE_KEY) {
+    const mode = readMode(storages.local);
+    if (mode !== rememberMode) {
+      rememberMode = mode;
+      client.setStorage(storageFor(mode, storages));
+      renderMemory();
+    }
+  }
+  if ((e.key === STORAGE_KEY || e.key === null) && e.newValue === null && rememberMode === "device" &&
+      (client.remembers || items.size)) {
+    let cid = null;
+    try {
+      cid = JSON.parse(e.oldValue).conversation_id;
+    } catch {}
+    if (!cid || !client.conversationId || cid === client.conversationId) forgetHere({ elsewhere: true });
+  }
+});
 ui.form.addEventListener("submit", (e) => {
   e.preventDefault();
   if (client.sendText(ui.say.value)) ui.say.value = "";
@@ -382,10 +473,12 @@ async function showStoredConversation() {
   const cid = client.conversationId;
   const token = client.resumeToken;
   if (!cid || !token) return;
+  const generation = shownGeneration;
   try {
     const r = await fetch(`${httpBase}/v1/conversations/${encodeURIComponent(cid)}/history`,
       { headers: { "X-Resume-Token": token } });
-    if (active) return; // the live session answers instead
+    // the live session answers instead; or the page was cleared (Forget, New conversation) meanwhile
+    if (active || generation !== shownGeneration || client.conversationId !== cid) return;
     if (r.status === 404) {
       client.forget();
       showAlert("Your previous conversation was not found (it may have expired or been ended). " +
@@ -395,9 +488,11 @@ async function showStoredConversation() {
     }
     if (!r.ok) return;
     const h = await r.json();
+    if (active || generation !== shownGeneration || client.conversationId !== cid) return;
     const history = (h.history || []).slice(-50);
     renderHistory(history, h.history_length || history.length, null);
     showRecovery(`Your conversation — ${turns(h.history_length || history.length)}. Press Start to continue.`);
+    renderMemory();
   } catch {
     // the server may be down: Start will say so
   }
@@ -410,11 +505,13 @@ try {
 if (wasActive) start();
 else showStoredConversation();
 renderStatus();
+renderMemory();
 
 // -- for tests and debugging -----------------------------------------------------------------------
 window.novagate = {
   client, mic, player,
-  start, stop, newConversation,
+  start, stop, newConversation, forget: forgetHere, setRememberMode,
+  get rememberMode() { return rememberMode; },
   get status() { return statusKey; },
   statusLog,
   get sent() { return client.sent; },

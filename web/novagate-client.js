@@ -13,8 +13,10 @@
 // What it does for you:
 // - session.start with the stored resume token and the receipts not yet acknowledged;
 // - resume token, conversation id and unsaved receipts kept in localStorage (or the `storage` you
-//   give) until `item.saved`; a new token from `session.updated` is stored; a token the server no
-//   longer knows (`resume_failed: "not_found"`) is forgotten;
+//   give, e.g. sessionStorage to remember only in this tab; `setStorage()` moves them) until
+//   `item.saved`; a new token from `session.updated` is stored; a token the server no longer knows
+//   (`resume_failed: "not_found"`) is forgotten; `forget()` drops them all (receipts are signed
+//   copies of transcript items: they hold the text, so they leave storage as soon as they can);
 // - reconnects by itself: at once (with a little jitter) on close 1012 or `session.reconnect`,
 //   with exponential backoff and jitter on a lost connection or 1013; never blindly on 4xxx;
 // - real-time audio up: your microphone frames, or silence while you have no microphone running;
@@ -73,15 +75,20 @@ function memoryStorage() {
   return { getItem: (k) => (m.has(k) ? m.get(k) : null), setItem: (k, v) => m.set(k, String(v)), removeItem: (k) => m.delete(k) };
 }
 
-function defaultStorage() {
+/**
+ * The browser's `localStorage` ("local": survives a browser restart) or `sessionStorage`
+ * ("session": this tab only, survives reloads), or an in-memory stand-in when that one is
+ * unavailable (private modes, no DOM): then the conversation lasts as long as the page.
+ */
+export function browserStorage(kind = "local") {
   try {
-    const s = globalThis.localStorage;
+    const s = kind === "session" ? globalThis.sessionStorage : globalThis.localStorage;
     const probe = "__novagate_probe__";
     s.setItem(probe, "1");
     s.removeItem(probe);
     return s;
   } catch {
-    return memoryStorage(); // private mode or no DOM: the conversation lasts as long as the page
+    return memoryStorage();
   }
 }
 
@@ -93,7 +100,7 @@ export class NovagateClient extends EventTarget {
    * @param {string} [options.voice]
    * @param {number} [options.inputSampleRate=16000]  rate of the PCM you send
    * @param {number} [options.outputSampleRate=24000] rate of the PCM you receive
-   * @param {Storage} [options.storage=localStorage]   where the token and receipts live
+   * @param {Storage} [options.storage=localStorage]   where the token and receipts live (sessionStorage: this tab only)
    * @param {string} [options.storageKey]
    * @param {typeof WebSocket} [options.WebSocket]
    */
@@ -102,7 +109,7 @@ export class NovagateClient extends EventTarget {
     if (!options.url) throw new TypeError("NovagateClient needs a url (ws://host/v1/voice)");
     this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff || {}) } };
     this.url = options.url;
-    this.storage = options.storage || defaultStorage();
+    this.storage = options.storage || browserStorage("local");
     this.WebSocketImpl = options.WebSocket || globalThis.WebSocket;
     this.state = "idle";
     this.serverStatus = null;
@@ -140,6 +147,7 @@ export class NovagateClient extends EventTarget {
   }
 
   _save() {
+    if (this._ending) return; // end() has cleared the storage: nothing of that conversation goes back in
     try {
       const s = this.saved;
       if (!s.resume_token && !Object.keys(s.pending).length) this.storage.removeItem(this.options.storageKey);
@@ -147,6 +155,12 @@ export class NovagateClient extends EventTarget {
     } catch {
       // storage full or unavailable: the session goes on, only reload-survival is lost
     }
+  }
+
+  _clearSaved() {
+    this.saved = { resume_token: null, conversation_id: null, pending: {} };
+    this.session = null; // session.ready carries the history
+    this._save();
   }
 
   /** The stored resume token (null when none). */
@@ -163,10 +177,39 @@ export class NovagateClient extends EventTarget {
     return { ...this.saved.pending };
   }
 
-  /** Forget the stored conversation (the next connect starts a new one). */
+  /** True when a resume token or unsaved receipts are held (in storage and in memory). */
+  get remembers() {
+    return !!this.saved.resume_token || Object.keys(this.saved.pending).length > 0;
+  }
+
+  /**
+   * Forget the conversation on this device: the resume token, the conversation id and the unsaved
+   * receipts leave memory and storage. A live connection is closed first (1000, no `session.end`),
+   * since it would otherwise store the next token again. Nothing is ended on the server: the
+   * conversation expires there with its token (use end() to end it). The next connect() starts a
+   * new conversation.
+   */
   forget() {
-    this.saved = { resume_token: null, conversation_id: null, pending: {} };
-    this._save();
+    if (this._wanted || this._ws || this._retryTimer) {
+      this._stop("forgotten on this device");
+      this._setState("idle");
+    }
+    this._clearSaved();
+  }
+
+  /**
+   * Keep the conversation in another Storage from now on (e.g. sessionStorage: this tab only).
+   * With `move` (the default) what is held now is written there; either way it is removed from the
+   * old storage, so it no longer lasts where it was.
+   */
+  setStorage(storage, { move = true } = {}) {
+    if (!storage || storage === this.storage) return;
+    try {
+      this.storage.removeItem(this.options.storageKey);
+    } catch {}
+    this.storage = storage;
+    if (move) this._save();
+    else this.forget();
   }
 
   // -- connection ---------------------------------------------------------------------------------
@@ -204,7 +247,9 @@ export class NovagateClient extends EventTarget {
    */
   async end({ timeoutMs = 4000 } = {}) {
     const wasWanted = this._wanted;
-    if (this.state === "ready" && this._ws) {
+    const live = this.state === "ready" && this._ws;
+    this._clearSaved(); // at once: nothing of this conversation stays stored, even if the page goes now
+    if (live) {
       const done = new Promise((resolve) => {
         this._ending = resolve;
         this._later(resolve, timeoutMs);
@@ -214,7 +259,7 @@ export class NovagateClient extends EventTarget {
     }
     this._ending = null;
     this._stop("conversation ended");
-    this.forget();
+    this._clearSaved();
     this.session = null;
     this._setState("ended");
     this._emit("ended", {});
