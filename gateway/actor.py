@@ -83,6 +83,10 @@ class SessionActor:
         self._tg: asyncio.TaskGroup | None = None
         self._stream_tasks: set[asyncio.Task] = set()
 
+    def conversation_gone(self, reason: str) -> None:
+        """Another connection took the conversation over, or it was deleted (gateway/app.py Services)."""
+        self.inbox.put_nowait(("conversation_gone", reason))
+
     def drain(self) -> None:
         """SIGTERM: the session sends the client elsewhere, stores what is final and closes 1012."""
         self.inbox.put_nowait(("drain", random.randint(0, 1000)))
@@ -295,7 +299,9 @@ class SessionActor:
                     case CreateConversation(owner=owner):
                         self.inbox.put_nowait(("conversation_created", await store.create(owner_hash(owner))))
                     case HoldConversation(conversation_id=cid):
-                        self.inbox.put_nowait(("conversation_held", await store.take(cid, session_id)))
+                        epoch = await store.take(cid, session_id)
+                        self.s.hold(cid, self)
+                        self.inbox.put_nowait(("conversation_held", epoch))
                     case StoreItem(conversation_id=cid, item=item, epoch=epoch):
                         stored_in = await store.append(cid, item, connection_id=session_id, epoch=epoch)
                         self.inbox.put_nowait(("item_stored", stored_in))

@@ -49,6 +49,25 @@ class Services:
     sessions: set = field(default_factory=set)   # every socket's actor, handshake or not
     draining: bool = False
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)  # set while `sessions` is empty
+    holders: dict = field(default_factory=dict)  # conversation id -> the actor that holds it here
+
+    def hold(self, conversation_id: str, actor) -> None:
+        """`actor` holds the conversation: one here before it is taken over at once (others, on other
+        instances, learn it at their next write)."""
+        previous = self.holders.get(conversation_id)
+        self.holders[conversation_id] = actor
+        if previous is not None and previous is not actor:
+            previous.conversation_gone("taken_over")
+
+    def release(self, conversation_id: str, reason: str | None = None, actor=None) -> None:
+        """The conversation is no longer held here: by `actor` (it ended), or by anyone (`reason`:
+        it was deleted or ended over HTTP, and its live session is told so)."""
+        holder = self.holders.get(conversation_id)
+        if holder is None or (actor is not None and holder is not actor):
+            return
+        del self.holders[conversation_id]
+        if reason is not None:
+            holder.conversation_gone(reason)
 
     def admit(self, actor, principal: str | None) -> tuple[int, str] | None:
         """Whether a client that has sent a valid session.start (and credentials) may have a live
@@ -74,6 +93,7 @@ def session_config(settings: Settings, transport: ModelTransport) -> SessionConf
         rotate_force_after_s=settings.rotate_force_after_s,
         drain_flush_s=max(1.0, settings.drain_grace_s - 5),
         deaf_after_s=settings.deaf_stream_s,
+        conversation_ttl_s=settings.conversation_ttl,
         idle_timeout_s=settings.idle_timeout_s,
         max_items=settings.max_items_per_conversation,
     )
@@ -197,6 +217,8 @@ async def voice(ws: WebSocket) -> None:
     finally:
         services.sessions.discard(actor)
         services.admission.close(actor)
+        for cid in [c for c, a in services.holders.items() if a is actor]:
+            services.release(cid, actor=actor)
         if not services.sessions:
             services.no_sessions.set()
         metrics.SESSIONS_ACTIVE.dec()
@@ -269,8 +291,11 @@ async def _owned(request: Request):
         owners.append(claim.owner)
     for owner in dict.fromkeys(owners):
         conv = await services.store.load(cid, max_items=1, owner=owner_hash(owner))
-        if conv is not None:
-            return conv
+        if conv is None:
+            continue
+        if owner != principal and claim is not None and claim.epoch < conv.epoch:
+            continue  # a token minted before the conversation was revoked
+        return conv
     return None
 
 
@@ -282,21 +307,37 @@ def _history_endpoint(shape):
         conv = await _owned(request)
         if conv is None or conv.ended:
             return JSONResponse(_NOT_FOUND, status_code=404)
-        items = await request.app.state.services.store.history(conv.conversation_id)
-        return JSONResponse(shape(conv, items))
+        store = request.app.state.services.store
+        limit, before = request.query_params.get("limit"), request.query_params.get("before")
+        if limit is None and before is None:
+            return JSONResponse(shape(conv, await store.history(conv.conversation_id), False))
+        try:
+            n = int(limit or HISTORY_PAGE_MAX)
+            if not 1 <= n <= HISTORY_PAGE_MAX:
+                raise ValueError
+            items, older = await store.history_page(conv.conversation_id, limit=n, before=before)
+        except ValueError:
+            return JSONResponse({"error": "invalid_field", "message": f"'limit' must be 1..{HISTORY_PAGE_MAX} and "
+                                 "'before' an item_id of this conversation"}, status_code=400)
+        return JSONResponse(shape(conv, items, older))
 
     return endpoint
 
 
-history_v1 = _history_endpoint(lambda conv, items: {
+HISTORY_PAGE_MAX = 1000
+
+# `?limit=N&before=<item_id>` (additive): the newest N items older than `before`, oldest first
+# (`history_length` counts them), and `next_before`, the cursor of the page before them (null: none).
+history_v1 = _history_endpoint(lambda conv, items, older: {
     "conversation_id": conv.conversation_id,
     "ended": conv.ended,
     "history_length": len(items),
     "history": [i.to_dict() for i in items],
+    **({"next_before": older} if older is not False else {}),
 })
 
 # The original guide's shape: {sessionId, bedrockSessionId, historyLength, history:[{role,text,timestamp}]}.
-history_guide = _history_endpoint(lambda conv, items: {
+history_guide = _history_endpoint(lambda conv, items, older: {
     "sessionId": conv.conversation_id,
     "bedrockSessionId": conv.conversation_id,
     "historyLength": len(items),
@@ -308,9 +349,11 @@ async def delete_conversation(request: Request) -> Response:
     conv = await _owned(request)
     if conv is None:
         return JSONResponse(_NOT_FOUND, status_code=404)
-    store = request.app.state.services.store
+    services: Services = request.app.state.services
+    store = services.store
     await store.end(conv.conversation_id)
     await store.delete(conv.conversation_id)
+    services.release(conv.conversation_id, "missing")  # its live session here closes now
     log(logger, logging.INFO, "conversation deleted", conversation_id=conv.conversation_id)
     return Response(status_code=204)
 

@@ -8,7 +8,7 @@ import sys
 
 from protocol import messages
 
-from .config import ConfigError, add_arguments, settings_from_args
+from .config import ConfigError, Settings, add_arguments, settings_from_args
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -63,6 +63,29 @@ def _client(args: argparse.Namespace) -> int:
         return 1
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    """Log out everywhere: resume tokens minted so far stop working; a live session, on any instance,
+    is closed (4409) at its next write."""
+    from .store import ConversationGone, StoreError, open_store
+
+    async def run() -> int:
+        store = open_store(Settings.from_env(store=args.store, sqlite_path=args.sqlite_path))
+        try:
+            epoch = await store.revoke(args.conversation_id)
+        except ConversationGone as e:
+            print(f"novagate revoke: {args.conversation_id}: {e.reason}", file=sys.stderr)
+            return 1
+        except StoreError as e:
+            print(f"novagate revoke: the store is unavailable: {e}", file=sys.stderr)
+            return 1
+        finally:
+            await store.aclose()
+        print(f"revoked {args.conversation_id}: epoch {epoch}; earlier resume tokens no longer work")
+        return 0
+
+    return asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="novagate", description="WebSocket gateway for Amazon Nova Sonic")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                         choices=messages.CLIENT_OUTPUT_RATES)
     client.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
     client.set_defaults(func=_client)
+
+    revoke = sub.add_parser("revoke", help="log a conversation out everywhere (its resume tokens stop working)")
+    revoke.add_argument("conversation_id")
+    revoke.add_argument("--store", help="sqlite | agent-runtime (default: NOVAGATE_STORE)")
+    revoke.add_argument("--sqlite-path", help="default: NOVAGATE_SQLITE_PATH")
+    revoke.set_defaults(func=_revoke)
 
     emulate = sub.add_parser("emulate", help="run a wire-level stand-in for an AWS service on loopback")
     services = emulate.add_subparsers(dest="service", required=True)

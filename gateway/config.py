@@ -147,6 +147,10 @@ class Settings:
     )
     handshake_timeout: float = field(default=5.0, metadata={"help": "seconds to wait for session.start (4408)"})
     resume_ttl: int = field(default=86400, metadata={"help": "seconds a resume token stays valid"})
+    conversation_ttl: int = field(
+        default=30 * 86400, metadata={"help": "seconds after a conversation starts when no resume token for it is "
+                                      "valid any more, however often it was resumed (absolute lifetime)"}
+    )
     playback_lead_ms: int = field(default=200, metadata={"help": "audio sent ahead of real time to the client"})
     truncate_wait_ms: int = field(
         default=1000, metadata={"help": "how long to wait for playback.truncate after a barge-in"}

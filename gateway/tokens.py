@@ -129,6 +129,8 @@ def _fsync_dir(d: Path) -> None:
 class ResumeClaim:
     conversation_id: str
     owner: str
+    epoch: int = 0                # the conversation's revocation epoch when the token was minted
+    not_after: int | None = None  # the conversation's absolute lifetime: no token for it outlives this
 
 
 class Signer:
@@ -137,9 +139,14 @@ class Signer:
         self.resume_ttl = resume_ttl
 
     # resume tokens ---------------------------------------------------------------------------
-    def resume_token(self, conversation_id: str, owner: str) -> str:
+    def resume_token(self, conversation_id: str, owner: str, epoch: int = 0, not_after: int | None = None) -> str:
+        """A token valid for `resume_ttl`, but never past `not_after` (the conversation's absolute
+        lifetime, carried from token to token), and only while the conversation's epoch is `epoch`."""
         now = int(time.time())
-        claims = {"aud": _RESUME_AUD, "cid": conversation_id, "own": owner, "iat": now, "exp": now + self.resume_ttl}
+        exp = now + self.resume_ttl if not_after is None else min(now + self.resume_ttl, int(not_after))
+        claims = {"aud": _RESUME_AUD, "cid": conversation_id, "own": owner, "iat": now, "exp": exp, "ep": int(epoch)}
+        if not_after is not None:
+            claims["naf"] = int(not_after)
         return jwt.encode(claims, self._key, algorithm=_ALG)
 
     def read_resume_token(self, token: str) -> ResumeClaim | None:
@@ -148,7 +155,10 @@ class Signer:
                            options={"require": ["exp", "cid", "own"]})
         except (jwt.PyJWTError, TypeError, ValueError):
             return None
-        return ResumeClaim(str(c["cid"]), str(c["own"]))
+        epoch, not_after = c.get("ep", 0), c.get("naf")
+        if not isinstance(epoch, int) or (not_after is not None and not isinstance(not_after, int)):
+            return None
+        return ResumeClaim(str(c["cid"]), str(c["own"]), epoch, not_after)
 
     # receipts --------------------------------------------------------------------------------
     def receipt(self, conversation_id: str, item: Item) -> str:

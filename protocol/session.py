@@ -204,13 +204,15 @@ Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | Cl
 class ResumeClaim(Protocol):
     conversation_id: str
     owner: str
+    epoch: int                 # revocation epoch at minting: older than the store's means revoked
+    not_after: int | None      # the conversation's absolute lifetime (seconds since the epoch)
 
 
 class Credentials(Protocol):
     """Signing and verification with the gateway's keys: resume tokens and receipts."""
 
     def read_resume_token(self, token: str) -> ResumeClaim | None: ...
-    def resume_token(self, conversation_id: str, owner: str) -> str: ...
+    def resume_token(self, conversation_id: str, owner: str, epoch: int, not_after: int) -> str: ...
     def receipt(self, conversation_id: str, item: Item) -> str: ...
     def read_receipt(self, token: str, conversation_id: str) -> Item | None: ...
 
@@ -254,6 +256,7 @@ class SessionConfig:
     rotate_force_after_s: float = 450.0
     drain_flush_s: float = 10.0
     deaf_after_s: float = 6.0
+    conversation_ttl_s: float = 30 * 86400   # resume tokens of a conversation never outlive its start + this
     idle_timeout_s: float = 300.0            # no message and no speech from the client this long: 4410
     max_items: int = 10_000                  # items a conversation may hold; at the cap no more turns
 
@@ -308,6 +311,8 @@ class Session:
         self._admitting = False
         self._asked = False                 # the client asked to resume a conversation
         self._requested: str | None = None  # ... and this is the one it may have
+        self._claim: ResumeClaim | None = None
+        self._not_after = 0                 # the conversation's absolute lifetime, for its tokens
         self._resumed = False
         self._loaded_at = now
         self._aliases: set[str] = set()
@@ -514,10 +519,13 @@ class Session:
         self._store_op = None
         if self.state is not State.LOADING:
             return
-        if conv is None or conv.ended:
+        revoked = self._claim is not None and self._claim.epoch < getattr(conv, "epoch", 0)
+        if conv is None or conv.ended or revoked:
             self._create(now)
             return
         self._resumed = True
+        if self._claim is not None and self._claim.not_after is not None:
+            self._not_after = self._claim.not_after
         self.history = list(conv.items)
         self._total = conv.total
         self._known(conv.conversation_id, now)
@@ -748,6 +756,7 @@ class Session:
             claim = self.env.credentials.read_resume_token(start.resume)
             if claim is None or not may_use(claim.owner, principal):
                 return None
+            self._claim = claim
             return claim.conversation_id, claim.owner
         if start.conversation_id and principal is not None:
             return start.conversation_id, principal
@@ -761,6 +770,8 @@ class Session:
     def _known(self, conversation_id: str, now: float) -> None:
         """The conversation is found or made: store the client's pending receipts, open the model."""
         self.conversation_id = conversation_id
+        if not self._not_after:
+            self._not_after = int(self.env.wall_time() + self.cfg.conversation_ttl_s)
         self._aliases = {conversation_id, self._requested} - {None}
         stored = {i.item_id for i in self.history}
         queued: set[str] = set()
@@ -794,7 +805,7 @@ class Session:
             protocol=m.PROTOCOL_VERSION,
             session_id=self.session_id,
             conversation_id=self.conversation_id,
-            resume_token=self.env.credentials.resume_token(self.conversation_id, self.owner),
+            resume_token=self._resume_token(self.conversation_id),
             resumed=self._resumed,
             history=[i.to_dict() for i in self.history[-HISTORY_TO_CLIENT:]],
             history_length=self._total,
@@ -1145,7 +1156,10 @@ class Session:
         self._log("info", "conversation moved by the store", old=self.conversation_id, new=conversation_id)
         self.conversation_id = conversation_id
         self._aliases.add(conversation_id)
-        self._send(m.SessionUpdated(conversation_id, self.env.credentials.resume_token(conversation_id, self.owner)))
+        self._send(m.SessionUpdated(conversation_id, self._resume_token(conversation_id)))
+
+    def _resume_token(self, conversation_id: str) -> str:
+        return self.env.credentials.resume_token(conversation_id, self.owner, self._epoch or 0, self._not_after)
 
     # -- closing ---------------------------------------------------------------------------------------
     def _begin_closing(self, now: float, code: int, reason: str, flush_s: float, *,

@@ -56,6 +56,8 @@ def speech(turn: int) -> bytes:
 class Claim:
     conversation_id: str
     owner: str
+    epoch: int = 0
+    not_after: int | None = None
 
 
 class FakeCredentials:
@@ -69,10 +71,12 @@ class FakeCredentials:
 
     def read_resume_token(self, token):
         parts = token.split("|")
-        return Claim(parts[1], parts[2]) if len(parts) == 3 and parts[0] == "resume" else None
+        if len(parts) == 3:
+            parts.append("0")
+        return Claim(parts[1], parts[2], int(parts[3])) if len(parts) == 4 and parts[0] == "resume" else None
 
-    def resume_token(self, cid, owner):
-        return f"resume|{cid}|{owner}"
+    def resume_token(self, cid, owner, epoch=0, not_after=None):
+        return f"resume|{cid}|{owner}" + (f"|{epoch}" if epoch else "")
 
     def receipt(self, cid, item):
         token = f"receipt-{len(self.receipts)}"

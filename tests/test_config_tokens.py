@@ -178,3 +178,16 @@ async def test_bearer_tokens():
     assert await Authenticator("").verify(good) is None
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         Authenticator("short-hs256-key")
+
+
+def test_resume_tokens_carry_the_epoch_and_never_outlive_the_conversation():
+    import time as _time
+
+    signer = Signer(b"k" * 32, resume_ttl=86400)
+    now = int(_time.time())
+    claim = signer.read_resume_token(signer.resume_token("c", "anon:x", 3, now + 60))
+    assert (claim.epoch, claim.not_after) == (3, now + 60)
+    token = signer.resume_token("c", "anon:x", 0, now - 1)  # past the conversation's lifetime
+    assert signer.read_resume_token(token) is None
+    legacy = signer.read_resume_token(signer.resume_token("c", "anon:x"))
+    assert (legacy.epoch, legacy.not_after) == (0, None)

@@ -663,3 +663,11 @@ def test_a_revoked_conversation_closes_the_session_at_its_next_write():
     h.text({"type": "input.text", "text": "hello"})
     h.run(0.5)
     assert h.closed == CloseCode.CONFLICT and ("conversation_gone", True) in h.errors()
+
+
+def test_a_token_minted_before_a_revocation_does_not_resume():
+    h = live()
+    token = h.ready.resume_token
+    h.store.convs[h.ready.conversation_id].epoch += 1
+    ready = Harness(store=h.store, creds=h.creds).connect(resume=token)
+    assert (ready.resumed, ready.resume_failed) == (False, "not_found")
