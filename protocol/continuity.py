@@ -83,11 +83,12 @@ def classify(kind: str, message: str) -> Failure:
     return _BY_KIND.get(kind, Failure.UNKNOWN)
 
 
-def failure_message(failure: Failure, detail: str) -> str:
-    """What the client is told when the model cannot go on: clear, without internals."""
+def failure_message(failure: Failure) -> str:
+    """What the client is told when the model cannot go on: clear, without internals (the service's
+    own text, which can name the AWS account and role, goes to the server log only)."""
     if failure is Failure.ACCESS_DENIED:
-        return (f"the model refused access ({detail}); the gateway's AWS identity needs bedrock:InvokeModel "
-                "and access to the model")
+        return ("the model refused access: the gateway's AWS identity needs bedrock:InvokeModel and access "
+                "to the model (details in the server log)")
     if failure is Failure.THROTTLED:
         return "the model is over its quota (throttled); try again shortly"
     return "the model stream failed and could not be recovered"

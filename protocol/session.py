@@ -1117,7 +1117,7 @@ class Session:
     def _fatal_model(self, failure: Failure, message: str, now: float) -> None:
         """The model cannot go on: say so, store what is final, close 1011."""
         self._log("error", "model unavailable", failure=failure.value, error=message)
-        self._send(m.Error(codes.MODEL_UNAVAILABLE, failure_message(failure, message), True))
+        self._send(m.Error(codes.MODEL_UNAVAILABLE, failure_message(failure), True))
         if self.state is State.OPENING:
             self._fail_client(CloseCode.INTERNAL_ERROR, "model unavailable")
         else:

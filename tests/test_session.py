@@ -671,3 +671,13 @@ def test_a_token_minted_before_a_revocation_does_not_resume():
     h.store.convs[h.ready.conversation_id].epoch += 1
     ready = Harness(store=h.store, creds=h.creds).connect(resume=token)
     assert (ready.resumed, ready.resume_failed) == (False, "not_found")
+
+
+def test_the_services_access_denied_text_stays_in_the_log():
+    h = Harness()
+    h.open_failures.append(("accessDeniedException", "User: arn:aws:sts::123456789012:assumed-role/x is not "
+                            "authorized to perform: bedrock:InvokeModel"))
+    h.connect()
+    [err] = h.of(m.Error)
+    assert "123456789012" not in err.message and "bedrock:InvokeModel" in err.message
+    assert any("123456789012" in str(x.fields) for x in h.logs)
