@@ -241,11 +241,11 @@ async def test_a_fetch_outlives_a_caller_that_gave_up(idp):
 
 async def test_slow_jwks_times_out(idp, caplog):
     caplog.set_level(logging.INFO, logger="novagate.auth")
-    idp.delay = 3.0
+    idp.delay = 10.0
     auth = auth_for(idp, timeout_s=0.3)
     start = time.monotonic()
     assert await auth.verify(sign(RSA_A, "rsa-a")) is None
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < idp.delay - 2  # it gave up at its timeout, not when the IdP answered
     assert any("cannot load the key set" in r.getMessage() for r in caplog.records)
 
 
