@@ -691,9 +691,6 @@ class Session:
 
     # -- the handshake ---------------------------------------------------------------------------------
     def _on_start(self, start: m.SessionStart, now: float) -> None:
-        if self._start is not None:
-            self._send(m.Error(codes.INVALID_FIELD, "session.start was already received"))
-            return
         self._start = start
         self._input_rate = start.input_sample_rate
         self._resample = self.env.resampler(start.input_sample_rate)
