@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
 
-.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local nginx browser
+.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local fuzz nginx browser
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -51,6 +51,10 @@ bench-rotation: $(VENV)/.dev
 # The local engine's demo configuration (whisper + hibari): model load, per-turn latency.
 bench-local: $(VENV)/.dev
 	$(PY) scripts/bench_local_engine.py
+
+# The live fuzzer against its own gateway: 100,000 random and mutated frames while a healthy session talks.
+fuzz: $(VENV)/.dev
+	$(PY) scripts/fuzz_live.py --spawn --cases 100000 --connections 50
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

@@ -15,21 +15,19 @@ class Queue:
         self.bytes = 0
         self._items: deque = deque()
         self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._drained = asyncio.Event()  # set by get(): a waiting put() looks again
 
     def put_nowait(self, item, size: int = 0) -> bool:
         self._items.append((item, size))
         self.bytes += size
         self._readable.set()
-        if self.bytes > self.max_bytes:
-            self._writable.clear()
-            return False
-        return True
+        return self.bytes <= self.max_bytes
 
     async def put(self, item, size: int = 0) -> None:
+        """Wait until the item fits (an item larger than the whole budget waits for an empty queue)."""
         while self.bytes and self.bytes + size > self.max_bytes:
-            await self._writable.wait()
+            self._drained.clear()
+            await self._drained.wait()
         self.put_nowait(item, size)
 
     async def get(self, timeout: float | None = None):
@@ -43,11 +41,10 @@ class Queue:
                 return None
         item, size = self._items.popleft()
         self.bytes -= size
-        if self.bytes <= self.max_bytes:
-            self._writable.set()
+        self._drained.set()
         return item
 
     def clear(self) -> None:
         self._items.clear()
         self.bytes = 0
-        self._writable.set()
+        self._drained.set()

@@ -358,6 +358,7 @@ class Session:
         self._writes_bytes = 0
         self._store_op: str | None = None           # load | create | hold | write | end: one at a time
         self._epoch: int | None = None              # the conversation's revocation epoch, once held
+        self._gone = False                          # the store refuses this connection's writes for good
         self._store_retry_at: float | None = None
         self._store_delay = STORE_RETRY_FIRST_S
         self._store_degraded_told = False
@@ -559,6 +560,7 @@ class Session:
             self._fail_client(CloseCode.TRY_AGAIN_LATER, "conversation gone", m.Error(
                 codes.CONVERSATION_GONE, f"the conversation is not available ({reason}); reconnect", True))
             return
+        self._gone = True  # nothing more can be written: what is unsaved is in the client's receipts
         self._writes.clear()
         self._writes_bytes = 0
         taken = reason == "taken_over"
@@ -1124,6 +1126,8 @@ class Session:
     def _queue_write(self, item: Item, now: float) -> None:
         """Writes wait here, in order, while the store is down. Past the bound the session ends (1013):
         the client still holds a receipt for every unsaved item and hands them back."""
+        if self._gone:
+            return
         if len(self._writes) >= STORE_QUEUE_ITEMS or self._writes_bytes + item.size > STORE_QUEUE_BYTES:
             if self._closing is None:
                 self._send(m.Error(codes.STORE_DEGRADED, f"the history store has been unavailable for "

@@ -681,3 +681,14 @@ def test_the_services_access_denied_text_stays_in_the_log():
     [err] = h.of(m.Error)
     assert "123456789012" not in err.message and "bedrock:InvokeModel" in err.message
     assert any("123456789012" in str(x.fields) for x in h.logs)
+
+
+def test_a_session_taken_over_mid_answer_closes_without_trying_to_store():
+    h = Harness(eos_s=0.2)
+    h.connect()
+    _answering(h)  # an answer the client has not heard to the end
+    h.s.conversation_gone("taken_over", h.now)
+    h.pump()
+    h.run(0.1)
+    assert h.closed == CloseCode.CONFLICT and h.state is State.CLOSED
+    assert not [x for x in h.logs if x.level == "error"]

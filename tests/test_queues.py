@@ -1,0 +1,28 @@
+"""The actor's byte-bounded queue: backpressure without spinning."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.queues import Queue
+
+
+async def test_a_put_that_does_not_fit_waits_without_spinning_and_goes_in_once_there_is_room():
+    q = Queue(100)
+    await q.put("a", 60)
+    waiter = asyncio.create_task(q.put("b", 60))  # 120 > 100: waits
+    ticks = 0
+    for _ in range(20):
+        await asyncio.sleep(0)
+        ticks += 1
+    assert not waiter.done() and ticks == 20  # the loop kept running: the waiting put yields
+    assert await q.get() == "a"
+    await asyncio.wait_for(waiter, 1)
+    assert await q.get() == "b" and q.bytes == 0
+
+
+async def test_put_nowait_says_when_the_budget_is_passed_and_get_times_out():
+    q = Queue(10)
+    assert q.put_nowait("x", 10) and not q.put_nowait("y", 1)
+    assert await q.get() == "x" and await q.get() == "y"
+    assert await q.get(timeout=0.01) is None
