@@ -54,7 +54,7 @@ bench-local: $(VENV)/.dev
 
 # The live fuzzer against its own gateway: 100,000 random and mutated frames while a healthy session talks.
 fuzz: $(VENV)/.dev
-	$(PY) scripts/fuzz_live.py --spawn --cases 100000 --connections 50
+	$(PY) scripts/fuzz_live.py --spawn --cases 100000 --connections 50 $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

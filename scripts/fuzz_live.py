@@ -2013,15 +2013,19 @@ async def monitor(ctx: Ctx, server: ServerHandle | None, done: asyncio.Event) ->
         await first_of(done, timeout=cfg.healthz_every)
 
 
-def scan_log(path: str, offset: int, ctx: Ctx) -> dict:
+def scan_log(path: str, offset: int, ctx: Ctx, end: int | None = None) -> dict:
     """ERROR-level lines (and tracebacks) the server logged during the run."""
     info = {"path": path, "lines": 0, "levels": collections.Counter(), "errors": collections.Counter()}
-    excerpts: dict[str, str] = {}
     by_session: dict[str, list[str]] = collections.defaultdict(list)
+    wanted = {f.session_id for f in ctx.report.findings if f.session_id}  # the server's account of those only
     try:
         with open(path, "rb") as f:
             f.seek(offset)
+            pos = offset
             for raw in f:
+                if end is not None and pos >= end:  # what the triage's replays logged is not the run's
+                    break
+                pos += len(raw)
                 info["lines"] += 1
                 line = raw.decode(errors="replace").rstrip()
                 try:
@@ -2032,12 +2036,11 @@ def scan_log(path: str, offset: int, ctx: Ctx) -> dict:
                     level = str(entry.get("level", "?"))
                     info["levels"][level] += 1
                     sid = entry.get("session_id")
-                    if isinstance(sid, str) and len(by_session[sid]) < 12:
+                    if isinstance(sid, str) and sid in wanted and len(by_session[sid]) < 12:
                         by_session[sid].append(line[:600])
                     if level in ("error", "critical"):
-                        key = str(entry.get("msg"))[:80]
+                        key = str(entry.get("msg")).strip()[:80]
                         info["errors"][key] += 1
-                        excerpts.setdefault(key, line[:3000])
                         if info["errors"][key] == 1:
                             conn = ctx.sessions.get(sid) if isinstance(sid, str) else None
                             ctx.report.add(Finding("server_log_error", f"{key!r} logged at level {level}", conn,
@@ -2155,6 +2158,7 @@ async def run_fuzz(cfg: FuzzConfig, *, server: ServerHandle | None = None) -> Re
                   f"{sum(report.finding_kinds.values())} findings", file=sys.stderr, flush=True)
 
     prog = asyncio.create_task(progress()) if cfg.progress_every else None
+    log_ends: dict[str, int] = {}
     try:
         while True:
             report.segments += 1
@@ -2207,6 +2211,7 @@ async def run_fuzz(cfg: FuzzConfig, *, server: ServerHandle | None = None) -> Re
                 report.incomplete = "the server failed and did not start again"
                 break
             report.restarts += 1
+        log_ends = {p: os.path.getsize(p) for p in (server.logs if server else []) if os.path.exists(p)}
         if report.outages and cfg.triage and server is not None and server.can_restart and cfg.replay is None:
             await triage(cfg, server, report)
     finally:
@@ -2225,7 +2230,9 @@ async def run_fuzz(cfg: FuzzConfig, *, server: ServerHandle | None = None) -> Re
     if server is not None:
         report.server = {"logs": []}
         for path in server.logs:
-            info = scan_log(path, offsets.get(path, 0), ctx)
+            if path not in log_ends:  # started by the triage
+                continue
+            info = scan_log(path, offsets.get(path, 0), ctx, end=log_ends[path])
             report.server["logs"].append(info)
     return report
 
@@ -2337,7 +2344,7 @@ def summary(report: Report, cfg: FuzzConfig, spawned: str | None = None) -> str:
         return (s + (f", … ({len(items) - limit} more)" if len(items) > limit else "")) if items else "none"
 
     w(f"novagate live fuzz — seed {r.seed}: {r.cases} cases sent over {r.scripts} connections "
-      f"({cfg.connections} concurrent) in {r.elapsed} s; {r.cases_skipped} cases not sent (the connection was "
+      f"({cfg.connections if cfg.replay is None else len(cfg.replay)} concurrent) in {r.elapsed} s; {r.cases_skipped} cases not sent (the connection was "
       f"already closed); {r.url}" + (f" (spawned, {spawned})" if spawned else ""))
     if r.segments > 1 or r.outages:
         w(f"  server failures: {len(r.outages)}; restarts: {r.restarts}; segments: {r.segments}")
@@ -2368,9 +2375,16 @@ def summary(report: Report, cfg: FuzzConfig, spawned: str | None = None) -> str:
     hl = r.health
     w(f"  server health: /healthz {hl.get('probes', 0)} probes, {hl.get('failures', 0)} failed; p50 "
       f"{hl.get('p50_ms', '-')} ms, p99 {hl.get('p99_ms', '-')} ms, max {hl.get('max_ms', '-')} ms")
-    for info in (r.server or {}).get("logs", []):
-        w(f"  server log {info.get('path')}: {info.get('lines', 0)} lines, levels {info.get('levels')}, "
-          f"errors: {info.get('errors') or 'none'}")
+    logs = (r.server or {}).get("logs", [])
+    if logs:
+        levels: collections.Counter = collections.Counter()
+        errors: collections.Counter = collections.Counter()
+        for info in logs:
+            levels.update(info.get("levels") or {})
+            errors.update(info.get("errors") or {})
+        where = logs[0]["path"] if len(logs) == 1 else f"{len(logs)} files in {os.path.dirname(logs[0]['path'])}"
+        w(f"  server log ({where}): {sum(i.get('lines', 0) for i in logs)} lines; levels {counts(levels)}; "
+          f"errors: {counts(errors)}")
     if r.fuzzer_errors:
         w(f"  FUZZER ERRORS ({len(r.fuzzer_errors)}; bugs of the fuzzer, not of the server):")
         for e in r.fuzzer_errors[:5]:
@@ -2552,8 +2566,9 @@ def main(argv: list[str] | None = None) -> int:
                          min_turns=args.min_turns, liveness_timeout=args.liveness_timeout,
                          healthy=not args.no_healthy, replay=args.replay, verbose=args.verbose,
                          max_findings=args.max_findings, progress_every=args.progress, restart=not args.no_restart)
-        print(f"fuzz_live: {cfg.cases} cases, {cfg.connections} connections, seed {cfg.seed} against {cfg.url}",
-              file=sys.stderr, flush=True)
+        what = (f"replaying connection(s) {', '.join(map(str, cfg.replay))}" if cfg.replay is not None
+                else f"{cfg.cases} cases, {cfg.connections} connections")
+        print(f"fuzz_live: {what}, seed {cfg.seed}, against {cfg.url}", file=sys.stderr, flush=True)
         report = asyncio.run(run_fuzz(cfg, server=server))
     except RuntimeError as e:
         print(f"fuzz_live: {e}", file=sys.stderr)
