@@ -79,6 +79,14 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
             self._disarm()
             super().on_response_complete()
 
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn answers a malformed request body with 400 while the app may still be answering
+            # the request; its later response then fails inside h11 and a traceback is logged (one per
+            # request, for anyone to trigger). The request is over: its cycle sends nothing more.
+            if self.cycle is not None:
+                self.cycle.disconnected = True
+            super().send_400_response(msg)
+
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)

@@ -263,3 +263,17 @@ async def test_query_strings_stay_out_of_the_logs(gw):
     await asyncio.sleep(0.3)
     logs = gw.logs()
     assert '"WebSocket /v1/voice\\" [accepted]' in logs and "sekrit-in-the-url" not in logs
+
+
+async def test_a_malformed_chunked_body_is_a_400_without_a_traceback(gw):
+    for path in ("/healthz", "/readyz"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         "zz\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.startswith(b"HTTP/1.1 400")
+        finally:
+            writer.close()
+    await asyncio.sleep(0.5)
+    assert "Exception in ASGI application" not in gw.logs()
