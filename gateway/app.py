@@ -26,7 +26,7 @@ from .audio import InputResampler, SpeechActivity
 from .config import Settings
 from .logs import log
 from .store import ConversationStore, open_store
-from .tokens import Authenticator, Credentials, Signer, load_secret, owner_hash
+from .tokens import Authenticator, Signer, load_secret, owner_hash
 from .transport import ModelTransport
 from .web import AppFiles, HostCheck, SecurityHeaders, allowed_hosts, origin_allowed
 
@@ -102,7 +102,7 @@ def session_config(settings: Settings, transport: ModelTransport) -> SessionConf
 def session_env(signer: Signer) -> SessionEnv:
     """What the sans-I/O session core is given: keys, ids, clocks, resampling, voice activity."""
     return SessionEnv(
-        credentials=Credentials(signer),
+        credentials=signer,  # signs and reads resume tokens and receipts (protocol.session.Credentials)
         new_id=clock.new_id,
         utc_now=clock.utc_now,
         wall_time=clock.wall_time,

@@ -375,16 +375,6 @@ class Authenticator:
         return any(isinstance(a, str) and a in self._audiences for a in auds)
 
 
-class Credentials:
-    """What the session core may ask of the server's keys (protocol.session.Credentials)."""
-
-    def __init__(self, signer: Signer):
-        self.read_resume_token = signer.read_resume_token
-        self.resume_token = signer.resume_token
-        self.receipt = signer.receipt
-        self.read_receipt = signer.read_receipt
-
-
 def owner_hash(owner: str) -> str:
     """What stores keep: a hash, so an owner's identity is not spread across systems."""
     return hashlib.sha256(owner.encode()).hexdigest()
