@@ -4,6 +4,10 @@ Per stream there is one engine task (reads input events, runs VAD endpointing, s
 idle and stream-age limits) and one responder task that answers turns in order (ASR → policy → TTS →
 output events), so input keeps being read while a reply is spoken and barge-in can be detected.
 
+The speech back ends (VAD, ASR, reply policy, TTS) are pluggable (backends.py); this module is the Nova
+protocol around them, whichever they are. ScriptedEngine is LocalEngine with the cheap scripted back ends
+(energy VAD, canned transcripts and reply, a precomputed tone): a load-test model, same events.
+
 Output of one user turn (reference/nova-sonic.md §3.1):
     completionStart (first turn of the prompt only)
     USER TEXT FINAL block with the transcript (spoken turns only)
@@ -37,7 +41,8 @@ import numpy as np
 import orjson
 import soxr
 
-from gateway.local import policy, speech
+from gateway.local import backends, speech
+from gateway.local.backends import DEFAULT_REPLY
 from gateway.logs import log
 from gateway.transport import (
     CONNECTION,
@@ -54,13 +59,12 @@ from protocol.event_order import EventOrderError, InputOrderValidator
 logger = logging.getLogger("novagate.local")
 
 FRAME_MS = speech.VAD_FRAME_MS  # 30 ms VAD frames at 16 kHz
-FRAME_BYTES = speech.VAD_FRAME_BYTES
+FRAME_BYTES = backends.FRAME_BYTES
 ONSET_FRAMES = 3  # ~90 ms of speech starts an utterance (and a barge-in)
 PREROLL_FRAMES = 10  # ~300 ms kept before the onset
 TRAIL_FRAMES = 10  # ~300 ms of the closing silence kept for the recogniser
 MIN_SPEECH_FRAMES = 5  # shorter blips are noise, not a turn
 MAX_UTTERANCE_S = 20.0
-VAD_AGGRESSIVENESS = 2
 CHUNK_MS = 80  # audioOutput chunk length
 IN_QUEUE_SIZE = 512
 OUT_QUEUE_SIZE = 256
@@ -75,9 +79,15 @@ _INTERRUPT = object()  # wakes an idle responder for a barge-in
 
 @dataclass
 class LocalEngineConfig:
-    asr: str = "whisper"  # "whisper" | "sphinx"
-    tts: str = "hibari"  # "hibari" | "espeak"
+    asr: str = "whisper"  # "whisper" | "sphinx" | "scripted"
+    tts: str = "hibari"  # "hibari" | "espeak" | "tone"
+    vad: str = "webrtc"  # "webrtc" | "energy"
+    policy: str = "rules"  # "rules" (policy.py) | "scripted" (the canned `reply`)
     grammar: tuple[str, ...] = ()  # sphinx phrase grammar; () = free-form language model
+    transcripts: tuple[str, ...] = ()  # scripted ASR: transcripts cycled per stream; () = "utterance N"
+    reply: str = DEFAULT_REPLY  # scripted policy: the reply to every turn
+    reply_s: float = backends.DEFAULT_REPLY_S  # tone TTS: seconds the scripted reply lasts (by length otherwise)
+    energy_threshold_db: float = backends.DEFAULT_ENERGY_DB  # energy VAD: frame RMS (dBFS) above which is speech
     endpoint_ms: int = 700  # silence that ends an utterance
     idle_timeout_s: float = nova.IDLE_TIMEOUT_S  # no audioInput for this long -> ValidationException 531
     max_stream_s: float = nova.MAX_STREAM_AGE_S  # stream age cap -> ModelTimeoutException
@@ -176,7 +186,8 @@ class LocalStream:
         self._system_text = ""
         self._history: list[tuple[str, str]] = []
         # audio input / endpointing
-        self._vad = speech.make_vad(VAD_AGGRESSIVENESS)
+        self._vad = engine.backends.new_vad()
+        self._recogniser = engine.backends.new_recogniser()
         self._resampler: soxr.ResampleStream | None = None
         self._raw = bytearray()
         self._pcm = bytearray()
@@ -440,10 +451,13 @@ class LocalStream:
             del self._raw[:usable]
             pcm = self._resampler.resample_chunk(chunk, last=False).astype(np.int16).tobytes()
         self._pcm += pcm
-        while len(self._pcm) >= FRAME_BYTES:
-            frame = bytes(self._pcm[:FRAME_BYTES])
-            del self._pcm[:FRAME_BYTES]
-            self._on_frame(frame)
+        size = len(self._pcm) // FRAME_BYTES * FRAME_BYTES
+        if not size:
+            return
+        frames = bytes(self._pcm[:size])
+        del self._pcm[:size]
+        for i, is_speech in enumerate(self._vad.classify(frames)):  # one VAD call for every whole frame
+            self._on_frame(frames[i * FRAME_BYTES : (i + 1) * FRAME_BYTES], is_speech)
 
     def _reset_vad(self) -> None:
         self._raw.clear()
@@ -453,8 +467,7 @@ class LocalStream:
         self._utt = None
         self._utt_speech = self._utt_silence = 0
 
-    def _on_frame(self, frame: bytes) -> None:
-        is_speech = self._vad.is_speech(frame, speech.ASR_SAMPLE_RATE)
+    def _on_frame(self, frame: bytes, is_speech: bool) -> None:
         self._speech_run = self._speech_run + 1 if is_speech else 0
         if (
             self._speech_run >= ONSET_FRAMES
@@ -596,7 +609,6 @@ class LocalStream:
         return played
 
     async def _run_turn(self, turn: _Turn) -> None:
-        cfg = self._cfg
         assert self._ids is not None
         delta = {"input_speech": 0, "input_text": 0, "output_speech": 0, "output_text": 0}
         if not self._context_counted:
@@ -604,7 +616,8 @@ class LocalStream:
             delta["input_text"] += _text_tokens(self._system_text) + sum(_text_tokens(t) for _, t in self._history)
         if turn.pcm is not None:
             delta["input_speech"] += int(len(turn.pcm) / 2 / speech.ASR_SAMPLE_RATE * SPEECH_TOKENS_PER_S)
-            text = await asyncio.to_thread(speech.transcribe, turn.pcm, cfg.asr, cfg.grammar or None)
+            rec = self._recogniser
+            text = await asyncio.to_thread(rec.transcribe, turn.pcm) if rec.blocking else rec.transcribe(turn.pcm)
             text = " ".join(text.split())
         else:
             text = " ".join((turn.text or "").split())
@@ -617,7 +630,7 @@ class LocalStream:
         history = list(self._history)
         if text:
             self._history.append(("USER", text))
-        sentences = policy.reply(text, history)
+        sentences = self._engine.backends.reply(text, history)
         spoken: list[str] = []
         rate = self._out_rate
         chunk_bytes = rate * CHUNK_MS // 1000 * 2
@@ -626,7 +639,9 @@ class LocalStream:
             if i == 0:
                 while await self._wait_unplayed():  # previous reply still playing beyond the lookahead
                     await self._emit_interruption()
-            pcm = await asyncio.to_thread(speech.synthesize, sentence, rate, cfg.tts, self._voice)
+            tts = self._engine.backends.synthesiser
+            pcm = (await asyncio.to_thread(tts.synthesize, sentence, rate, self._voice) if tts.blocking
+                   else tts.synthesize(sentence, rate, self._voice))
             if self._interrupt.is_set():
                 await self._emit_interruption()
                 if i > 0:  # this reply was playing: drop the rest of it
@@ -689,10 +704,7 @@ class LocalEngine:
 
     def __init__(self, config: LocalEngineConfig | None = None) -> None:
         self.config = config or LocalEngineConfig()
-        if self.config.asr not in speech.ASR_BACKENDS:
-            raise ValueError(f"unknown ASR backend {self.config.asr!r} (choose from {speech.ASR_BACKENDS})")
-        if self.config.tts not in speech.TTS_BACKENDS:
-            raise ValueError(f"unknown TTS backend {self.config.tts!r} (choose from {speech.TTS_BACKENDS})")
+        self.backends = backends.build(self.config)  # ValueError: an unknown back end
         self._trace = _Trace(self.config.trace_path) if self.config.trace_path else None
         self._streams: set[LocalStream] = set()
         self._count = 0
@@ -700,14 +712,13 @@ class LocalEngine:
 
     async def warm(self) -> None:
         """Load the configured ASR/TTS models now instead of on the first turn."""
-        c = self.config
-        await asyncio.to_thread(speech.warm, c.asr, c.tts, c.grammar or None)
+        await asyncio.to_thread(self.backends.warm)
 
     async def open(self) -> LocalStream:
         if self._closed:
             raise ModelError(CONNECTION, "the local engine is closed")
         self._count += 1
-        stream = LocalStream(self, f"local-{self._count}-{uuid.uuid4().hex[:8]}")
+        stream = LocalStream(self, f"{self.name}-{self._count}-{uuid.uuid4().hex[:8]}")
         self._streams.add(stream)
         return stream
 
@@ -725,3 +736,18 @@ class LocalEngine:
 
     def _forget(self, stream: LocalStream) -> None:
         self._streams.discard(stream)
+
+
+def scripted_config(**overrides: Any) -> LocalEngineConfig:
+    """A LocalEngineConfig with the scripted back ends (energy VAD, canned transcripts and reply, tone)."""
+    return LocalEngineConfig(**{"vad": "energy", "asr": "scripted", "policy": "scripted", "tts": "tone", **overrides})
+
+
+class ScriptedEngine(LocalEngine):
+    """The load-test model: LocalEngine (the same Nova events, pacing, barge-in and limits) with the
+    scripted back ends, so a stream costs the gateway's work and almost nothing of its own."""
+
+    name = "scripted"
+
+    def __init__(self, config: LocalEngineConfig | None = None) -> None:
+        super().__init__(config or scripted_config())
