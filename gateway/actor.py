@@ -82,6 +82,7 @@ class SessionActor:
         self.model_gate.set()
         self._tg: asyncio.TaskGroup | None = None
         self._stream_tasks: set[asyncio.Task] = set()
+        self._audio_since: float | None = None
 
     def conversation_gone(self, reason: str) -> None:
         """Another connection took the conversation over, or it was deleted (gateway/app.py Services)."""
@@ -115,8 +116,9 @@ class SessionActor:
             timeout = None if deadline is None else max(0.0, deadline - clock.monotonic())
             msg = await self.inbox.get(timeout)
             now = clock.monotonic()
-            if msg is not None:
+            while msg is not None:  # all that waits, then the effects: fewer wake-ups under load
                 self._dispatch(msg, now)
+                msg = self.inbox.get_nowait() if session.state is not State.CLOSED else None
             if deadline is not None and now >= deadline:
                 session.tick(now)
             self._perform(now)
@@ -126,8 +128,11 @@ class SessionActor:
                 self.model_gate.set()
 
     def _dispatch(self, msg: tuple, now: float) -> None:
-        """An inbox entry names the session input and its arguments: ("receive_audio", data)."""
+        """An inbox entry names the session input and its arguments: ("receive_audio", data). A model
+        event also carries when it arrived: the delay of its audio to the client counts from there."""
         name, *args = msg
+        if name == "model_event":
+            self._audio_since = args.pop()
         getattr(self.session, name)(*args, now)
 
     def _perform(self, now: float) -> None:
@@ -135,7 +140,7 @@ class SessionActor:
             for e in effects:
                 match e:
                     case SendAudio(pcm=pcm):
-                        self._to_client(pcm, len(pcm), now)
+                        self._to_client((pcm, self._audio_since or now), len(pcm), now)
                     case SendToStream(stream_id=sid, events=events, audio_bytes=n, source=source):
                         if n:
                             metrics.MODEL_AUDIO_BY_SOURCE[source].inc(n)
@@ -170,6 +175,7 @@ class SessionActor:
                         (counter.labels(label) if label else counter).inc(amount)
                     case Observe(metric=name, value=value):
                         metrics.SESSION_HISTOGRAMS[name].observe(value)
+        self._audio_since = None  # audio the pacer releases later counts from its release
 
     def _to_client(self, frame: str | bytes, size: int, now: float) -> None:
         if not self.outbox.put_nowait(frame, size):
@@ -198,14 +204,16 @@ class SessionActor:
                 await self.inbox.put(("receive_text", text), len(text))
 
     async def _write_client(self) -> None:
-        ws = self.ws
+        ws, send, delay = self.ws, self.ws.send, metrics.MODEL_TO_CLIENT
         while True:
             frame = await self.outbox.get()
             if frame is None:
                 return
             try:
-                if isinstance(frame, bytes):
-                    await ws.send_bytes(frame)
+                if isinstance(frame, tuple):
+                    pcm, since = frame
+                    await send({"type": "websocket.send", "bytes": pcm})
+                    delay.observe(clock.monotonic() - since)
                 elif isinstance(frame, str):
                     await ws.send_text(frame)
                 else:
@@ -278,7 +286,7 @@ class SessionActor:
                     return
                 body = raw.get("event", {}) if isinstance(raw, dict) else {}
                 size = len(body["audioOutput"].get("content", "")) + 256 if "audioOutput" in body else 256
-                await self.inbox.put(("model_event", sid, raw), size)
+                await self.inbox.put(("model_event", sid, raw, clock.monotonic()), size)
         except ModelError as e:
             if link.closing is None:
                 self.inbox.put_nowait(("stream_failed", sid, e.kind, e.message))

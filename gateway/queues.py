@@ -34,11 +34,20 @@ class Queue:
         """The next item, or None when `timeout` seconds pass first."""
         if not self._items:
             self._readable.clear()
-            try:
-                async with asyncio.timeout(timeout):
+            if timeout is None:
+                await self._readable.wait()
+            else:  # a plain timer: cheaper than asyncio.timeout, and this runs for every frame
+                timer = asyncio.get_running_loop().call_later(timeout, self._readable.set)
+                try:
                     await self._readable.wait()
-            except TimeoutError:
-                return None
+                finally:
+                    timer.cancel()
+        return self.get_nowait()
+
+    def get_nowait(self):
+        """The next item, or None when the queue is empty."""
+        if not self._items:
+            return None
         item, size = self._items.popleft()
         self.bytes -= size
         self._drained.set()

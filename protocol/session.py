@@ -53,7 +53,11 @@ from .items import Item
 from .limits import AudioRateLimiter, TokenBucket
 from .playback import Audio, PlaybackPacer
 
-MODEL_FRAME = 2048                # bytes of 16 kHz audio per audioInput event (64 ms)
+MODEL_FRAME = 2048                # at most this many bytes of 16 kHz audio per audioInput event (64 ms)
+# The model's cost (and the SDK's: serialising, signing) is per event, so the client's short frames
+# (20 ms from a browser) are joined: held until 60 ms are ready, never longer than 50 ms.
+MODEL_EVENT_BYTES = 1920
+MODEL_HOLD_S = 0.05
 MODEL_BYTES_PER_S = nova.MODEL_INPUT_RATE * 2
 HISTORY_TO_CLIENT = 50            # items in session.ready
 PRE_READY_AUDIO_S = 3.0           # audio kept between session.start and session.ready (PROTOCOL §3)
@@ -278,6 +282,8 @@ class _Stream:
     opened: bool = False
     current_since: float = 0.0
     heard: bool = False       # it has said something since it became current
+    held: bytearray = field(default_factory=bytearray)  # client audio not yet sent (MODEL_EVENT_BYTES)
+    held_since: float | None = None
 
 
 @dataclass(slots=True)
@@ -391,6 +397,8 @@ class Session:
                 if t is not None:
                     times.append(t)
             cur = self._current
+            if cur.held_since is not None:
+                times.append(cur.held_since + MODEL_HOLD_S)
             # checks that only time can make true (each also runs on every input)
             for t in (cur.current_since + self.cfg.rotate_after_s, cur.current_since + self.cfg.rotate_force_after_s,
                       self._handover_retry_at, self._last_voiced + QUIET_AFTER_S,
@@ -507,6 +515,9 @@ class Session:
         if self.state is State.HANDSHAKE and now >= self._handshake_deadline:  # covers verifying the token too
             self._fail_client(CloseCode.HANDSHAKE_TIMEOUT, "no session.start in time")
             return
+        cur = self._current
+        if cur is not None and cur.held_since is not None and now >= cur.held_since + MODEL_HOLD_S:
+            self._release_held(cur)
         if (self._keepalive_at is not None and now >= self._keepalive_at
                 and self.state in (State.LIVE, State.HANDING_OVER)):
             self._keepalive(now)
@@ -883,11 +894,36 @@ class Session:
         return now - self._last_voiced < QUIET_AFTER_S
 
     def _to_model(self, stream: _Stream, pcm: bytes, now: float, source: str) -> None:
+        self._last_model_audio = now
+        if source != "client":
+            self._release_held(stream)
+        elif stream.held or len(pcm) < MODEL_EVENT_BYTES:
+            if not stream.held:
+                stream.held_since = now
+            stream.held += pcm
+            if len(stream.held) < MODEL_EVENT_BYTES:
+                return
+            pcm = self._take_held(stream)
+        self._send_pcm(stream, pcm, source)
+
+    def _release_held(self, stream: _Stream | None) -> None:
+        """Send the client audio a stream holds: when it has waited MODEL_HOLD_S, before anything else
+        goes to the stream, and before the stream closes."""
+        if stream is not None and stream.held:
+            self._send_pcm(stream, self._take_held(stream), "client")
+
+    @staticmethod
+    def _take_held(stream: _Stream) -> bytes:
+        pcm = bytes(stream.held)
+        stream.held.clear()
+        stream.held_since = None
+        return pcm
+
+    def _send_pcm(self, stream: _Stream, pcm: bytes, source: str) -> None:
         setup = stream.setup
         for i in range(0, len(pcm), MODEL_FRAME):
             piece = pcm[i : i + MODEL_FRAME]
             self._emit(SendToStream(stream.id, [setup.audio(piece)], len(piece), source))
-        self._last_model_audio = now
 
     def _keepalive(self, now: float) -> None:
         """Silence while the client sends none, so the model's idle timeout (531) never fires. A
@@ -929,6 +965,7 @@ class Session:
                         self._item_final(item, now)
                     case SendTextTurn(text=text):
                         if self._current is not None and self.state in (State.LIVE, State.HANDING_OVER):
+                            self._release_held(self._current)
                             self._emit(SendToStream(self._current.id, self._current.setup.text_turn(text)))
                         # else: no stream now; the one being opened is asked it again (`owed`)
 
@@ -1072,14 +1109,14 @@ class Session:
         if s.owed is not None:
             self._emit(SendToStream(s.id, s.setup.text_turn(s.owed.text)))
         if self._unheard_since is not None:
-            for pcm in self._replay.since(self._unheard_since - REPLAY_PREROLL_S):
-                self._to_model(s, pcm, now, "replay")
+            self._to_model(s, b"".join(self._replay.since(self._unheard_since - REPLAY_PREROLL_S)), now, "replay")
             if not self._speaking(now) and self._deaf_utterance != self._utterance_start:
                 self._deaf_at = now + self.cfg.deaf_after_s  # it must answer what it was just told
         self._keepalive_at = now + KEEPALIVE_AFTER_S
 
     def _retire(self, s: _Stream | None) -> None:
         if s is not None:
+            self._release_held(s)
             self._emit(CloseStream(s.id, s.setup.closing() if s.opened else []))
 
     def _deaf(self, now: float) -> None:

@@ -199,7 +199,8 @@ async def test_pending_receipts_are_stored_exactly_once(gateway):
 async def raw(gw, *frames, wait=3.0, subprotocols=("novagate.v1",), headers=None):
     """Send frames on a bare socket; return (messages received, close code)."""
     got = []
-    ws = await websockets.connect(gw.ws, subprotocols=list(subprotocols), additional_headers=headers)
+    # no subprotocol offered: no header (an empty Sec-WebSocket-Protocol header is malformed, and refused 400)
+    ws = await websockets.connect(gw.ws, subprotocols=list(subprotocols) or None, additional_headers=headers)
     try:
         for f in frames:
             await ws.send(f)

@@ -230,6 +230,7 @@ def test_zero_loss_across_hand_overs_with_a_slow_end_of_speech():
     assert users == [f"turn {n}" for n in range(1, 21)]
     assert [t.text for t in h.finals("assistant")] == [f"answer to turn {n}" for n in range(1, 21)]
     assert h.counts[("rotations", "quiet")] >= 10 and h.counts[("rotations", "forced")] == 0
+    h.run(0.1)  # the last frames held to make a model event (MODEL_HOLD_S) go out
     # every client byte went to exactly one stream, none was replayed
     assert h.model_audio["client"] == sent
     assert sum(mod.audio["client"] for mod in h.models.values()) == sent
