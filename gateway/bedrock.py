@@ -1,8 +1,12 @@
 """BedrockTransport: the ModelTransport for Amazon Nova Sonic on Bedrock Runtime
 (`InvokeModelWithBidirectionalStream`) over aws-sdk-bedrock-runtime 0.12.0 (reference/nova-sonic.md §7).
 
-* One `AsyncBedrockRuntimeClient` per transport, built lazily on the first `open()` with
+* A pool of `AsyncBedrockRuntimeClient`s, each built with
   `AsyncBedrockRuntimeConfig.resolve(region=..., endpoint_uri=..., transport=AWSCRTHTTPClient(force_http_2))`.
+  Each client keeps one HTTP/2 connection, and the service caps the streams one connection carries
+  (SETTINGS_MAX_CONCURRENT_STREAMS): the SDK holds a stream past the cap unsent, and its caller only sees
+  a timeout. So a client carries at most `streams_per_connection` streams and the next stream gets a new
+  client (a new connection); a client left without streams is closed, except the first.
   The endpoint is the explicit `endpoint_url`, else what the SDK resolves: `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`,
   `AWS_ENDPOINT_URL`, the profile's `endpoint_url`, else the regional endpoint. Credentials come from
   botocore's default chain (`default_identity`), resolved off the event loop for each `open()` and fixed for
@@ -51,6 +55,7 @@ logger = logging.getLogger("novagate.bedrock")
 
 NOVA_2_MARKER = "nova-2-sonic"
 QUEUE_SIZE = 256
+STREAMS_PER_CONNECTION = 100  # what Bedrock's HTTP/2 connections carry (and h2's default, the emulator's)
 
 _WAKE = object()
 
@@ -171,6 +176,7 @@ class BedrockTransport:
         output_timeout_s: float = 30.0,
         close_timeout_s: float = 3.0,
         queue_size: int = QUEUE_SIZE,
+        streams_per_connection: int = STREAMS_PER_CONNECTION,
     ) -> None:
         self.model_id = model_id
         self.region = region
@@ -179,7 +185,8 @@ class BedrockTransport:
         self.output_timeout_s = output_timeout_s
         self.close_timeout_s = close_timeout_s
         self.queue_size = queue_size
-        self._client: Any = None
+        self.streams_per_connection = streams_per_connection
+        self._pool: list[_Pooled] = []  # oldest first
         self._config: Any = None
         self._lock = asyncio.Lock()
         self._streams: set[BedrockStream] = set()
@@ -201,44 +208,72 @@ class BedrockTransport:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    async def _ensure_client(self) -> Any:
-        if self._client is not None:
-            return self._client
-        async with self._lock:
-            if self._client is not None:
-                return self._client
+    @property
+    def connections(self) -> int:
+        """SDK clients (HTTP/2 connections) in the pool."""
+        return len(self._pool)
+
+    async def _client_with_room(self) -> _Pooled:
+        """A pooled client carrying fewer than `streams_per_connection` streams, its slot taken; a new
+        client when all are full."""
+        for pooled in self._pool:
+            if pooled.streams < self.streams_per_connection:
+                pooled.streams += 1
+                return pooled
+        async with self._lock:  # one new connection at a time
+            for pooled in self._pool:
+                if pooled.streams < self.streams_per_connection:
+                    pooled.streams += 1
+                    return pooled
             if self._closed:
                 raise ModelError(CONNECTION, "the Bedrock transport is closed")
-            try:
-                from aws_sdk_bedrock_runtime.client import AsyncBedrockRuntimeClient
-                from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
-                from smithy_http.aio.crt import AWSCRTHTTPClient, AWSCRTHTTPClientConfig
-            except ImportError as exc:  # pragma: no cover
-                raise BedrockSetupError(
-                    f"aws-sdk-bedrock-runtime[awscrt]==0.12.0 is required for the bedrock engine: {exc}"
-                ) from exc
-            overrides: dict[str, Any] = {
-                # the CRT client reads SSL_CERT_FILE here, when it builds its TLS context
-                "transport": AWSCRTHTTPClient(client_config=AWSCRTHTTPClientConfig(force_http_2=True)),
-            }
-            if self.region:
-                overrides["region"] = self.region
-            if self.endpoint_url:  # passing None would override (disable) the env/profile resolution
-                overrides["endpoint_uri"] = self.endpoint_url
-            try:
-                config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
-            except Exception as exc:
-                if not self.region and "region" in str(exc).lower():
-                    raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's "
-                                     "Bedrock region)") from exc
-                raise ModelError(CONNECTION, f"cannot configure the Bedrock client: {_message(exc)}") from exc
-            if not config.region:
-                raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's region)")
+            pooled = _Pooled(await self._new_client())
+            pooled.streams = 1
+            self._pool.append(pooled)
+            if len(self._pool) > 1:
+                log(logger, logging.INFO, "bedrock: another connection", connections=len(self._pool),
+                    streams_per_connection=self.streams_per_connection)
+            return pooled
+
+    def _release_slot(self, pooled: _Pooled) -> None:
+        pooled.streams -= 1
+        if pooled.streams == 0 and pooled in self._pool[1:]:
+            self._pool.remove(pooled)  # an idle extra connection
+            task = asyncio.get_running_loop().create_task(_close_client(pooled.client, self.close_timeout_s))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+    async def _new_client(self) -> Any:
+        try:
+            from aws_sdk_bedrock_runtime.client import AsyncBedrockRuntimeClient
+            from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+            from smithy_http.aio.crt import AWSCRTHTTPClient, AWSCRTHTTPClientConfig
+        except ImportError as exc:  # pragma: no cover
+            raise BedrockSetupError(
+                f"aws-sdk-bedrock-runtime[awscrt]==0.12.0 is required for the bedrock engine: {exc}"
+            ) from exc
+        overrides: dict[str, Any] = {
+            # the CRT client reads SSL_CERT_FILE here, when it builds its TLS context
+            "transport": AWSCRTHTTPClient(client_config=AWSCRTHTTPClientConfig(force_http_2=True)),
+        }
+        if self.region:
+            overrides["region"] = self.region
+        if self.endpoint_url:  # passing None would override (disable) the env/profile resolution
+            overrides["endpoint_uri"] = self.endpoint_url
+        try:
+            config = await AsyncBedrockRuntimeConfig.resolve(**overrides)
+        except Exception as exc:
+            if not self.region and "region" in str(exc).lower():
+                raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's "
+                                 "Bedrock region)") from exc
+            raise ModelError(CONNECTION, f"cannot configure the Bedrock client: {_message(exc)}") from exc
+        if not config.region:
+            raise ModelError(CONNECTION, "no AWS region configured (set AWS_REGION or the gateway's region)")
+        if self._config is None:
             self._config = config
-            self._client = AsyncBedrockRuntimeClient(config=config)
             log(logger, logging.INFO, "bedrock client created", model_id=self.model_id, region=config.region,
                 endpoint=str(config.endpoint_uri) if config.endpoint_uri else "(regional)")
-            return self._client
+        return AsyncBedrockRuntimeClient(config=config)
 
     async def _identity(self) -> Any:
         """Credentials for one stream, from botocore's default chain (env, profile, SSO, web identity
@@ -254,7 +289,18 @@ class BedrockTransport:
         """Start a bidirectional stream. Does not wait for the HTTP response (see the module docstring)."""
         if self._closed:
             raise ModelError(CONNECTION, "the Bedrock transport is closed")
-        client = await self._ensure_client()
+        pooled = await self._client_with_room()
+        try:
+            sdk_stream = await self._start(pooled.client)
+        except BaseException:
+            self._release_slot(pooled)
+            raise
+        self._opened += 1
+        stream = BedrockStream(self, sdk_stream, f"bedrock-{self._opened}", pooled)
+        self._streams.add(stream)
+        return stream
+
+    async def _start(self, client: Any) -> Any:
         from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOperationInput
 
         identity = await self._identity()
@@ -263,16 +309,12 @@ class BedrockTransport:
             plugins=[_fixed_identity(identity)],
         ))
         try:
-            sdk_stream = await asyncio.wait_for(asyncio.shield(call), self.output_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(call), self.output_timeout_s)
         except TimeoutError as exc:
             call.add_done_callback(_consume)
             raise ModelError(CONNECTION, f"could not start a Bedrock stream within {self.output_timeout_s:g}s") from exc
         except Exception as exc:
             raise map_sdk_error(exc) from exc
-        self._opened += 1
-        stream = BedrockStream(self, sdk_stream, f"bedrock-{self._opened}")
-        self._streams.add(stream)
-        return stream
 
     async def aclose(self) -> None:
         """Close every stream and the client (its CRT connection pool). Never raises."""
@@ -280,20 +322,39 @@ class BedrockTransport:
         streams = list(self._streams)
         if streams:
             await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), self.close_timeout_s)
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(_close_client(p.client, self.close_timeout_s) for p in pool))
 
     def _forget(self, stream: BedrockStream) -> None:
-        self._streams.discard(stream)
+        if stream in self._streams:
+            self._streams.discard(stream)
+            self._release_slot(stream.pooled)
+
+
+class _Pooled:
+    """One SDK client (one HTTP/2 connection) and the streams it carries now."""
+
+    __slots__ = ("client", "streams")
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.streams = 0
+
+
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+async def _close_client(client: Any, timeout_s: float) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), timeout_s)
 
 
 class BedrockStream:
     """One Nova Sonic stream over the SDK (implements gateway.transport.ModelStream)."""
 
-    def __init__(self, transport: BedrockTransport, sdk_stream: Any, stream_id: str) -> None:
+    def __init__(self, transport: BedrockTransport, sdk_stream: Any, stream_id: str, pooled: _Pooled) -> None:
         self._t = transport
+        self.pooled = pooled
         self._sdk = sdk_stream
         self.stream_id = stream_id
         self._queue: asyncio.Queue = asyncio.Queue(transport.queue_size)

@@ -300,6 +300,33 @@ async def test_bedrock_transport_round_trip_and_flow_control(make_emu, make_bedr
     assert bt.open_streams == 0
 
 
+async def test_more_streams_than_one_connection_carries(make_emu, make_bedrock):
+    """The emulator's connections carry two streams each (SETTINGS_MAX_CONCURRENT_STREAMS), as Bedrock's
+    carry a hundred. The SDK holds a stream past that unsent, so the transport opens a connection for
+    every two streams, and five streams open at once all complete a session."""
+    fake = FakeTransport()
+    emu = await make_emu(fake, max_concurrent_streams=2)
+    bt = make_bedrock(emu, streams_per_connection=2)
+    streams = [await bt.open() for _ in range(5)]
+    assert bt.connections == 3
+
+    async def talk(i: int, stream) -> tuple[list[dict], ModelError | None]:
+        for ev in full_session(f"p{i}", f"a{i}"):
+            await stream.send(ev)
+        return await drain(stream, timeout=20.0)
+
+    results = await asyncio.gather(*(talk(i, s) for i, s in enumerate(streams)))
+    for out, err in results:
+        assert err is None and any("audioOutput" in e["event"] for e in out)
+    assert emu.streams_opened == 5 and emu.connections_accepted == 3
+    for s in streams:
+        await s.close()
+    assert bt.open_streams == 0 and bt.connections == 1  # the idle extra connections are closed
+    again = await bt.open()  # and the first one still carries new streams
+    assert bt.connections == 1
+    await again.close()
+
+
 @pytest.mark.parametrize(
     ("kind", "sdk_name", "message"),
     [

@@ -19,6 +19,9 @@ Errors the emulator produces, as the service does:
   400 `ValidationException` (malformed model id), 404 `ResourceNotFoundException` (well-formed, unknown model id);
 * transport faults: RST_STREAM or a TCP reset after N input events, corrupt bytes after N output events.
 
+Each connection advertises `max_concurrent_streams` (SETTINGS_MAX_CONCURRENT_STREAMS, default 100): the
+SDK's client then holds a stream past it unsent, as it does against Bedrock.
+
 Fault-injection API (tests): `emu.inject(kind, message, after_events=N | after_s=T)` arms a fault for the
 next stream opened; `emu.reject_403 = True`; `emu.reset_after_events = N` (+ `emu.reset_connection = True`
 for a TCP reset instead of RST_STREAM); `emu.invalid_bytes_after = N` (output events). The one-shot faults
@@ -216,6 +219,7 @@ class NovaEmulator:
         reject_403: bool = False,
         validate_order: bool = True,
         input_end_grace_s: float = 5.0,
+        max_concurrent_streams: int | None = None,
     ) -> None:
         self.transport = transport
         self.host = host
@@ -229,6 +233,7 @@ class NovaEmulator:
         self.models = tuple(models)
         self.validate_order = validate_order
         self.input_end_grace_s = input_end_grace_s
+        self.max_concurrent_streams = max_concurrent_streams  # SETTINGS_MAX_CONCURRENT_STREAMS (None: h2's 100)
         # fault injection
         self.reject_403 = reject_403
         self.reject_403_message = ACCESS_DENIED_403
@@ -425,6 +430,14 @@ class _Connection:
         import h2.events
         import h2.exceptions
 
+        if self.emu.max_concurrent_streams is not None:
+            import h2.settings
+
+            codes = h2.settings.SettingCodes
+            self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+                codes.MAX_CONCURRENT_STREAMS: self.emu.max_concurrent_streams,
+                codes.MAX_HEADER_LIST_SIZE: self.h2.DEFAULT_MAX_HEADER_LIST_SIZE,
+            })
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONN_WINDOW - 65535)
         self.flush()
@@ -987,6 +1000,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", dest="models", metavar="MODEL_ID",
                         help="accepted model id (repeatable; default: both Nova Sonic ids)")
     parser.add_argument("--no-order-check", action="store_true", help="do not enforce the input event order")
+    parser.add_argument("--max-concurrent-streams", type=int, metavar="N",
+                        help="HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection (default 100, as h2's and as "
+                        "Bedrock's behaves): a client's stream past it waits for a free slot")
     parser.add_argument("--reject-403", action="store_true", help="answer every request with 403 AccessDeniedException")
     parser.add_argument("--inject", metavar="KIND", help="error kind to inject into the first stream "
                         f"(one of {', '.join(sorted(ERROR_KINDS))})")
@@ -997,9 +1013,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reset-after-events", type=int, help="RST_STREAM the first stream after N input events")
     parser.add_argument("--reset-connection", action="store_true", help="with --reset-after-events: reset the TCP connection")
     parser.add_argument("--invalid-bytes-after", type=int, help="send corrupt bytes after N output events (first stream)")
+    parser.add_argument("--engine", choices=("local", "scripted"), default="local",
+                        help="the model behind the wire: local (speech models) or scripted (canned transcripts and "
+                        "reply, a tone for a voice, energy endpointing: for load tests) (default local)")
     parser.add_argument("--asr", choices=("sphinx", "whisper"), default="sphinx", help="local engine ASR (default sphinx)")
     parser.add_argument("--tts", choices=("espeak", "hibari"), default="espeak", help="local engine TTS (default espeak)")
-    parser.add_argument("--endpoint-ms", type=int, default=700, help="local engine: silence that ends a turn")
+    parser.add_argument("--endpoint-ms", type=int, default=700, help="local / scripted engine: silence that ends a turn")
+    parser.add_argument("--scripted-reply", default="",
+                        help="scripted engine: the reply to every turn (default: a built-in two-sentence reply)")
+    parser.add_argument("--scripted-reply-s", type=float, default=2.0,
+                        help="scripted engine: seconds of reply audio (default 2)")
+    parser.add_argument("--scripted-transcripts", default="",
+                        help='scripted engine: user transcripts cycled per stream, separated by "|" '
+                        "(default: utterance N)")
+    parser.add_argument("--scripted-energy-db", type=float, default=-40.0,
+                        help="scripted engine: frame RMS (dBFS) above which input is speech (default -40)")
     parser.add_argument("--engine-trace", default="",
                         help="debug: JSONL file of every input event the engine receives (contains text)")
     parser.add_argument("--grammar", default="", help='sphinx phrase grammar, phrases separated by "|" (default: free-form)')
@@ -1040,15 +1068,23 @@ async def _serve_cli(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    from gateway.local.engine import LocalEngine, LocalEngineConfig
+    from gateway.local.engine import DEFAULT_REPLY, LocalEngine, LocalEngineConfig, ScriptedEngine, scripted_config
 
     certfile, keyfile, bundle = _tls_files(args)
-    grammar = tuple(p.strip() for p in (args.grammar or "").split("|") if p.strip())
-    engine = LocalEngine(LocalEngineConfig(
-        asr=args.asr, tts=args.tts, grammar=grammar, endpoint_ms=args.endpoint_ms,
-        idle_timeout_s=args.idle_timeout_s + 1.0, max_stream_s=args.max_stream_s + 1.0,
-        trace_path=args.engine_trace or None,
-    ))
+    limits = {"endpoint_ms": args.endpoint_ms, "idle_timeout_s": args.idle_timeout_s + 1.0,
+              "max_stream_s": args.max_stream_s + 1.0, "trace_path": args.engine_trace or None}
+    if args.engine == "scripted":
+        try:
+            engine: LocalEngine = ScriptedEngine(scripted_config(
+                reply=args.scripted_reply or DEFAULT_REPLY, reply_s=args.scripted_reply_s,
+                transcripts=tuple(t.strip() for t in args.scripted_transcripts.split("|") if t.strip()),
+                energy_threshold_db=args.scripted_energy_db, **limits,
+            ))
+        except ValueError as exc:
+            raise SystemExit(f"novagate emulate nova: {exc}") from None
+    else:
+        grammar = tuple(p.strip() for p in (args.grammar or "").split("|") if p.strip())
+        engine = LocalEngine(LocalEngineConfig(asr=args.asr, tts=args.tts, grammar=grammar, **limits))
     if not args.no_warm:
         await engine.warm()
     creds = (args.access_key_id, args.secret_access_key) if args.verify_signatures else None
@@ -1056,7 +1092,7 @@ async def _serve_cli(args: argparse.Namespace) -> int:
         engine, host=args.host, port=args.port, certfile=certfile, keyfile=keyfile, credentials=creds,
         region=args.region, idle_timeout_s=args.idle_timeout_s, max_stream_s=args.max_stream_s,
         models=tuple(args.models) if args.models else DEFAULT_MODELS, reject_403=args.reject_403,
-        validate_order=not args.no_order_check,
+        validate_order=not args.no_order_check, max_concurrent_streams=args.max_concurrent_streams,
     )
     if args.inject:
         if args.inject not in ERROR_KINDS:
