@@ -1,16 +1,21 @@
 """Prometheus metrics, including the original guide's three: recovery rate, history load time and
 persistence success rate (see docs/operations.md for alarms)."""
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-SESSIONS_ACTIVE = Gauge("novagate_sessions_active", "WebSocket sessions open now")
-HANDSHAKES = Gauge("novagate_handshakes_pending", "sockets that have not yet completed session.start and credentials")
+# Under several workers (gateway/workers.py) every process writes its own values and /metrics adds them up:
+# gauges say how (livesum: the sum over the live workers; liveall: one series per live worker, label pid).
+SESSIONS_ACTIVE = Gauge("novagate_sessions_active", "WebSocket sessions open now", multiprocess_mode="livesum")
+HANDSHAKES = Gauge("novagate_handshakes_pending", "sockets that have not yet completed session.start and credentials",
+                   multiprocess_mode="livesum")
 SESSIONS = Counter("novagate_sessions_total", "WebSocket sessions accepted")
-REJECTED = Counter("novagate_sessions_rejected_total", "sockets refused (origin, draining, capacity, busy, "
+REJECTED = Counter("novagate_sessions_rejected_total", "sockets refused (origin, draining, overload, capacity, busy, "
                    "per_address, per_user) or evicted from their handshake", ["reason"])
 RESUMES = Counter("novagate_resumes_total", "resume attempts by result", ["result"])
 HISTORY_LOAD = Histogram(
@@ -27,6 +32,21 @@ MODEL_AUDIO_BY_SOURCE = {s: MODEL_AUDIO.labels(s) for s in ("client", "keepalive
 DEAF_STREAMS = Counter("novagate_deaf_streams_total", "model streams replaced because they said nothing after user "
                        "speech")
 DRAINS = Counter("novagate_drains_total", "graceful drains (SIGTERM)")
+# Capacity (docs/capacity.md): what the gateway itself adds, and how far behind its event loop runs.
+MODEL_TO_CLIENT = Histogram(
+    "novagate_model_to_client_delay_seconds", "model audio received (or released by the playback pacer) until "
+    "its bytes are written to the client's socket: what the gateway adds",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
+LOOP_LAG = Histogram(
+    "novagate_event_loop_lag_seconds", "how late the event loop ran a timer it was asked to run",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+# Overload (gateway/health.py) and workers.
+OVERLOADED = Gauge("novagate_overloaded", "worker processes refusing new sockets because their event loop lags or "
+                   "their CPU is spent (0 or 1 with one process)", multiprocess_mode="livesum")
+WORKER_SOCKETS = Gauge("novagate_worker_sockets", "sockets (sessions and handshakes) each worker process holds "
+                       "(label pid under several workers)", multiprocess_mode="liveall")
 
 # What protocol.session.Session counts (its Count / Observe effects name these).
 SESSION_COUNTERS = {
@@ -42,7 +62,12 @@ SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD}
 
 
 async def endpoint(request: Request) -> Response:
-    """GET /metrics: the Prometheus text format."""
+    """GET /metrics: the Prometheus text format; under several workers, of all of them (gateway/workers.py)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from .workers import aggregate_registry
+
+        return Response(generate_latest(aggregate_registry(os.environ["PROMETHEUS_MULTIPROC_DIR"])),
+                        media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

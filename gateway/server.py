@@ -1,7 +1,9 @@
 """uvicorn with a graceful drain: on SIGTERM the gateway stops taking sessions, moves its clients
 elsewhere, stores what they said, and only then lets uvicorn shut down. Beside it, in the same
-process and loop, the admin port (/metrics). HTTP/1.1 connections must send a complete request
-within NOVAGATE_HEADER_TIMEOUT (uvicorn itself has no header timeout)."""
+process and loop, the admin port (/metrics; under several workers, the supervisor's:
+gateway/workers.py) and the health monitor (loop lag, CPU, overload, the lag-proof WebSocket
+keepalive: gateway/health.py). HTTP/1.1 connections must send a complete request within
+NOVAGATE_HEADER_TIMEOUT (uvicorn itself has no header timeout)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import h11
 import uvicorn
@@ -19,14 +22,15 @@ from protocol import messages
 
 from . import metrics
 from .config import Settings
+from .health import HealthMonitor, KeepaliveWatchdog, OverloadGate
 from .logs import log
 
 logger = logging.getLogger("novagate.server")
 
 
-def build(settings: Settings, app) -> Server:
-    """The serving port's uvicorn (limits from the settings) and, unless NOVAGATE_METRICS_PORT=0, the
-    admin port's."""
+def build(settings: Settings, app, *, admin: bool = True) -> Server:
+    """The serving port's uvicorn (limits from the settings) and, unless NOVAGATE_METRICS_PORT=0 or
+    `admin` is False (a worker: the supervisor serves it), the admin port's."""
     http = header_timeout_protocol(settings.header_timeout)
     concurrency = settings.limit_concurrency or settings.max_sessions + settings.max_pending_handshakes + 100
     config = uvicorn.Config(
@@ -34,10 +38,16 @@ def build(settings: Settings, app) -> Server:
         host=settings.host,
         port=settings.port,
         http=http,
+        # python-websockets' protocol. uvicorn's sans-I/O one is cheaper but not yet robust: the live fuzzer
+        # makes it raise inside the transport (invalid UTF-8 on a closing socket) and drop sockets with 1006.
         ws="websockets",
+        loop="uvloop",
+        ws_per_message_deflate=False,  # PCM does not compress; deflating it cost ~15 % of the loop
         ws_max_size=messages.MAX_TEXT_MESSAGE_BYTES,  # PROTOCOL §2: a bigger message closes 1009
         ws_ping_interval=settings.ws_ping_interval or None,
-        ws_ping_timeout=settings.ws_ping_timeout or None,
+        # uvicorn sends the pings but never times them out: a pong we are late to read (our loop lags, or the
+        # session has not read its socket) would close the socket 1011. KeepaliveWatchdog (health.py) judges.
+        ws_ping_timeout=None,
         limit_concurrency=concurrency,  # counts every connection, sockets too; only HTTP requests get its 503
         timeout_keep_alive=settings.keep_alive_timeout,
         proxy_headers=bool(settings.forwarded_allow_ips),  # uvicorn would trust 127.0.0.1 by default
@@ -47,14 +57,22 @@ def build(settings: Settings, app) -> Server:
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
     )
-    admin = None
-    if settings.metrics_port:
-        admin = AdminServer(uvicorn.Config(
-            metrics.admin_app(), host=settings.metrics_host, port=settings.metrics_port, http=http,
-            proxy_headers=False, server_header=False, access_log=False, log_config=None, lifespan="off",
-            limit_concurrency=32, timeout_graceful_shutdown=1,
-        ))
-    return Server(config, app, grace_s=settings.drain_grace_s, admin=admin)
+    monitor = HealthMonitor(OverloadGate(settings.overload_lag_ms / 1000, settings.overload_cpu))
+    ping = settings.ws_ping_interval
+    watchdog = KeepaliveWatchdog(ping + settings.ws_ping_timeout if ping and settings.ws_ping_timeout else 0,
+                                 monitor.clock)
+    return Server(config, app, grace_s=settings.drain_grace_s,
+                  admin=admin_server(settings, metrics.admin_app()) if admin and settings.metrics_port else None,
+                  monitor=monitor, watchdog=watchdog)
+
+
+def admin_server(settings: Settings, app) -> AdminServer:
+    """The admin port (NOVAGATE_METRICS_HOST:NOVAGATE_METRICS_PORT) serving `app`."""
+    return AdminServer(uvicorn.Config(
+        app, host=settings.metrics_host, port=settings.metrics_port, http=header_timeout_protocol(settings.header_timeout),
+        proxy_headers=False, server_header=False, access_log=False, log_config=None, lifespan="off",
+        limit_concurrency=32, timeout_graceful_shutdown=1,
+    ))
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
@@ -109,6 +127,19 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
     return Protocol
 
 
+def _every(n: int, chore: Callable[[], None]) -> Callable[[], None]:
+    """`chore` on every n-th call."""
+    calls = 0
+
+    def tick() -> None:
+        nonlocal calls
+        calls += 1
+        if calls % n == 0:
+            chore()
+
+    return tick
+
+
 class AdminServer(uvicorn.Server):
     """The admin port: run inside the serving Server's loop, which owns the signals."""
 
@@ -118,12 +149,17 @@ class AdminServer(uvicorn.Server):
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app, *, grace_s: float, admin: AdminServer | None = None):
+    def __init__(self, config: uvicorn.Config, app, *, grace_s: float, admin: AdminServer | None = None,
+                 monitor: HealthMonitor | None = None, watchdog: KeepaliveWatchdog | None = None):
         super().__init__(config)
         self.app = app
         self.grace_s = grace_s
         self.admin = admin
+        self.monitor = monitor
+        self.watchdog = watchdog
+        self.on_started: Callable[[], None] | None = None  # called once serving (gateway/workers.py)
         self._admin_task: asyncio.Task | None = None
+        self._monitor_task: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -131,7 +167,24 @@ class Server(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         if self.admin is not None:
             await self._start_admin()
+        if self.watchdog is not None:
+            self.config.ws_protocol_class = self.watchdog.protocol(self.config.ws_protocol_class)
         await super().startup(sockets)
+        if self.started and self.monitor is not None:
+            self._start_monitor()
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+    def _start_monitor(self) -> None:
+        """The health monitor: overload gate for admission, chores once per tick (gateway/health.py)."""
+        monitor, services = self.monitor, getattr(self.app.state, "services", None)
+        if services is not None:
+            services.admission.health = monitor.gate
+            monitor.chores.append(services.admission.reconcile)
+            monitor.chores.append(lambda: metrics.WORKER_SOCKETS.set(len(services.sessions)))
+        if self.watchdog is not None:
+            monitor.chores.append(_every(max(1, round(1.0 / monitor.tick_s)), self.watchdog.sweep))  # about 1/s
+        self._monitor_task = asyncio.create_task(monitor.run())
 
     async def _start_admin(self) -> None:
         """The admin port opens first. If it cannot (uvicorn logs why), the gateway serves without
@@ -150,6 +203,8 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         await super().shutdown(sockets)
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
         if self._admin_task is not None:
             self.admin.should_exit = True
             with contextlib.suppress(TimeoutError):

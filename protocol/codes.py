@@ -25,6 +25,9 @@ CONVERSATION_FULL = "conversation_full"
 # connection takes it over (`taken_over`) or when it is revoked, ended or deleted (`conversation_gone`).
 TAKEN_OVER = "taken_over"
 CONVERSATION_GONE = "conversation_gone"
+# Additive: a new socket refused because the server is overloaded (its event loop runs late, or its CPU is
+# spent): fatal, just before close 1013, with `retry_after_ms` (when to try again; docs/protocol.md).
+OVERLOADED = "overloaded"
 
 
 class CloseCode(IntEnum):

@@ -2443,6 +2443,9 @@ class Spawned(ServerHandle):
             "NOVAGATE_MAX_PENDING_HANDSHAKES": "0",
             "NOVAGATE_METRICS_PORT": "0",     # no separate admin port (it would clash with other gateways)
             "NOVAGATE_DRAIN_GRACE_S": "5",
+            "NOVAGATE_WORKERS": "1",          # one process (py-spy profiles it)
+            "NOVAGATE_OVERLOAD_LAG_MS": "0",  # no overload refusals: the fuzzer itself loads the machine
+            "NOVAGATE_OVERLOAD_CPU": "0",
         }
         if handshake_timeout is not None:
             self.env["NOVAGATE_HANDSHAKE_TIMEOUT"] = str(handshake_timeout)

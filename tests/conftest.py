@@ -78,6 +78,11 @@ class Gateway:
             "NOVAGATE_ENGINE_TRACE": str(self.tmp / "engine-trace.jsonl"),
             "NOVAGATE_HANDSHAKE_TIMEOUT": "1.5",
             "NOVAGATE_METRICS_PORT": "0",  # /metrics on the serving port: many gateways run at once
+            "NOVAGATE_WORKERS": "1",  # one process unless a test asks for workers (tests/test_workers.py)
+            # no overload refusals unless a test asks (tests/test_overload.py): the suite runs many processes per
+            # core, so a gateway's loop runs late because of its neighbours, not its own load
+            "NOVAGATE_OVERLOAD_LAG_MS": "0",
+            "NOVAGATE_OVERLOAD_CPU": "0",
             **self.env,
         }
         self.env = env
