@@ -4,8 +4,10 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
+# `make run WORKERS=0`: one worker process per CPU (novagate serve --workers)
+WORKERS ?= 1
 
-.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local fuzz nginx browser
+.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity fuzz nginx browser
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -27,7 +29,7 @@ dev: $(VENV)/.dev
 run: $(VENV)/.runtime
 	@mkdir -p var
 	@echo "novagate: http://$(HOST):$(PORT)/  (WebSocket ws://$(HOST):$(PORT)/v1/voice; Ctrl-C to stop)"
-	NOVAGATE_HOST=$(HOST) NOVAGATE_PORT=$(PORT) $(VENV)/bin/novagate serve --engine local --store sqlite --sqlite-path var/novagate.db
+	NOVAGATE_HOST=$(HOST) NOVAGATE_PORT=$(PORT) $(VENV)/bin/novagate serve --engine local --store sqlite --sqlite-path var/novagate.db --workers $(WORKERS)
 
 # Real-time audio dominates the suite, not CPU: test files run in parallel worker processes.
 PYTEST_ARGS ?= -n 4 --dist loadfile
@@ -47,6 +49,18 @@ bench: $(VENV)/.dev
 
 bench-rotation: $(VENV)/.dev
 	$(PY) scripts/bench_rotation.py
+
+# CPU per talking session on the Bedrock wire path, side by side with another checkout (BASELINE=path of a
+# git worktree, e.g. of 3bd6c99), then overload at OVERLOAD sessions (docs/capacity.md): about 10 minutes.
+BASELINE ?=
+OVERLOAD ?= 0
+bench-capacity: $(VENV)/.dev
+	@mkdir -p var
+	$(PY) scripts/bench_capacity.py $(if $(BASELINE),--baseline $(BASELINE)) --overload $(OVERLOAD) --plot var/capacity.svg --json var/capacity.json
+
+# Sessions per machine with 1 and 2 worker processes (scripted engine, novagate loadtest): about 8 minutes.
+bench-workers: $(VENV)/.dev
+	$(PY) scripts/bench_workers.py
 
 # The local engine's demo configuration (whisper + hibari): model load, per-turn latency.
 bench-local: $(VENV)/.dev

@@ -21,7 +21,7 @@ from protocol.session import SessionConfig, SessionEnv, may_use
 
 from . import clock, metrics
 from .actor import SessionActor
-from .admission import Admission, Limits, client_address
+from .admission import Admission, Limits, client_address, refuse
 from .audio import InputResampler, SpeechActivity
 from .config import Settings
 from .logs import log
@@ -124,11 +124,25 @@ def open_transport(settings: Settings) -> ModelTransport:
             max_stream_s=settings.local_max_stream_s,
             trace_path=settings.engine_trace or None,
         ))
+    if settings.engine == "scripted":  # the local engine with canned replies, for load tests
+        from .local.engine import DEFAULT_REPLY, ScriptedEngine, scripted_config
+
+        return ScriptedEngine(scripted_config(
+            reply=settings.scripted_reply or DEFAULT_REPLY,
+            reply_s=settings.scripted_reply_s,
+            transcripts=tuple(t.strip() for t in settings.scripted_transcripts.split("|") if t.strip()),
+            energy_threshold_db=settings.scripted_energy_db,
+            endpoint_ms=settings.local_endpoint_ms,
+            idle_timeout_s=settings.local_idle_timeout_s,
+            max_stream_s=settings.local_max_stream_s,
+            trace_path=settings.engine_trace or None,
+        ))
     if settings.engine == "bedrock":
         from .bedrock import BedrockTransport
 
         return BedrockTransport(model_id=settings.model_id, region=settings.aws_region,
-                                endpoint_url=settings.bedrock_endpoint or None)
+                                endpoint_url=settings.bedrock_endpoint or None,
+                                streams_per_connection=settings.bedrock_streams_per_connection)
     raise ValueError(f"unknown engine {settings.engine!r}")
 
 
@@ -206,7 +220,7 @@ async def voice(ws: WebSocket) -> None:
     evicted = asyncio.Event()
     refusal = services.admission.open(actor, client_address(ws.scope), evicted.set)
     if refusal is not None:
-        await ws.close(*refusal)
+        await refuse(ws, refusal)  # an overload refusal says when to retry first
         return
     services.sessions.add(actor)
     services.no_sessions.clear()

@@ -39,6 +39,11 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         print(f"novagate: AWS region {found.region}, credentials {found.access_key_id}"
               + (" (temporary)" if found.temporary else ""), file=sys.stderr)
+    from . import workers
+
+    n = settings.workers or workers.default_workers()
+    if n > 1:  # a supervisor and n worker processes on one socket (gateway/workers.py)
+        return workers.serve(settings, n)
     from . import server
 
     try:  # e.g. NOVAGATE_ALLOWED_HOSTS unset while listening beyond loopback
@@ -119,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("--store", help="sqlite | agent-runtime (default: NOVAGATE_STORE)")
     revoke.add_argument("--sqlite-path", help="default: NOVAGATE_SQLITE_PATH")
     revoke.set_defaults(func=_revoke)
+
+    from .loadtest import command as loadtest_cmd  # light: the load tool itself loads when it runs
+
+    loadtest = sub.add_parser("loadtest", help="N scripted voice users against a gateway: latency, gaps, errors, "
+                              "server CPU and memory (docs/loadtest.md)")
+    loadtest_cmd.add_arguments(loadtest)
+    loadtest.set_defaults(func=loadtest_cmd.main)
 
     emulate = sub.add_parser("emulate", help="run a wire-level stand-in for an AWS service on loopback")
     services = emulate.add_subparsers(dest="service", required=True)

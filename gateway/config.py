@@ -30,8 +30,9 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     engine: str = field(
-        default="local", metadata={"help": "model engine: local (offline stand-in) | bedrock (Nova Sonic)",
-                                   "choices": ("local", "bedrock")}
+        default="local", metadata={"help": "model engine: local (offline stand-in) | scripted (the local engine with "
+                                   "canned replies and no speech models, for load tests) | bedrock (Nova Sonic)",
+                                   "choices": ("local", "scripted", "bedrock")}
     )
     store: str = field(
         default="sqlite", metadata={"help": "conversation store: sqlite | agent-runtime (Bedrock Agent Runtime "
@@ -52,6 +53,10 @@ class Settings:
     bedrock_endpoint: str = field(
         default="", metadata={"help": "Bedrock Runtime endpoint URL (default: AWS_ENDPOINT_URL_BEDROCK_RUNTIME, "
                               "else the region's)"}
+    )
+    bedrock_streams_per_connection: int = field(
+        default=100, metadata={"help": "model streams one HTTP/2 connection to Bedrock carries (the service's "
+                               "SETTINGS_MAX_CONCURRENT_STREAMS); the next stream opens another connection"}
     )
     agent_runtime_endpoint: str = field(
         default="", metadata={"help": "Bedrock Agent Runtime endpoint URL (default: "
@@ -117,6 +122,20 @@ class Settings:
         default=5, metadata={"help": "live sessions per authenticated user (4429); anonymous clients are capped "
                              "per address only; 0: no cap"}
     )
+    # -- workers and overload (gateway/workers.py, gateway/health.py; docs/operations.md)
+    workers: int = field(
+        default=0, metadata={"help": "worker processes sharing the listening socket (a supervisor binds it, serves "
+                             "the admin port and restarts workers that die); 0: one per CPU the process may use; "
+                             "1: one process, no supervisor"}
+    )
+    overload_lag_ms: float = field(
+        default=50.0, metadata={"help": "event-loop lag (median over about 1 s) past which a worker refuses new "
+                                "sockets (1013, error overloaded with retry_after_ms); 0: not checked"}
+    )
+    overload_cpu: float = field(
+        default=0.85, metadata={"help": "CPU of a worker process in cores (over 2 s) past which it refuses new "
+                                "sockets (1013 overloaded); 0: not checked"}
+    )
     forwarded_allow_ips: str = field(
         default="", metadata={"help": "comma-separated proxy addresses or networks (10.0.0.0/8; `*`: any) whose "
                               "X-Forwarded-For / X-Forwarded-Proto name the client; empty: none trusted"}
@@ -178,10 +197,12 @@ class Settings:
         default=25.0, metadata={"help": "on SIGTERM: seconds to drain sessions before the process exits"}
     )
     local_idle_timeout_s: float = field(
-        default=IDLE_TIMEOUT_S, metadata={"help": "local engine: no audio this long ends a stream (as Nova's 531)"}
+        default=IDLE_TIMEOUT_S, metadata={"help": "local / scripted engine: no audio this long ends a stream (as "
+                                          "Nova's 531)"}
     )
     local_max_stream_s: float = field(
-        default=MAX_STREAM_AGE_S, metadata={"help": "local engine: stream age cap (as Nova's modelTimeoutException)"}
+        default=MAX_STREAM_AGE_S, metadata={"help": "local / scripted engine: stream age cap (as Nova's "
+                                            "modelTimeoutException)"}
     )
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt given to the model"})
     voice: str = field(default="matthew", metadata={"help": "default voice"})
@@ -196,10 +217,28 @@ class Settings:
     local_grammar: str = field(
         default="", metadata={"help": "sphinx only: `|`-separated phrases to recognise (deterministic tests)"}
     )
-    local_endpoint_ms: int = field(default=700, metadata={"help": "local engine: silence that ends a user turn"})
+    local_endpoint_ms: int = field(
+        default=700, metadata={"help": "local / scripted engine: silence that ends a user turn"}
+    )
+    scripted_reply: str = field(
+        default="", metadata={"help": "scripted engine: the reply to every turn, spoken sentence by sentence; empty: "
+                              "a built-in two-sentence reply"}
+    )
+    scripted_reply_s: float = field(
+        default=2.0, metadata={"help": "scripted engine: seconds of reply audio (a quiet tone, shared among the "
+                               "reply's sentences by length)"}
+    )
+    scripted_transcripts: str = field(
+        default="", metadata={"help": "scripted engine: `|`-separated user transcripts, cycled per stream; empty: "
+                              "`utterance N`"}
+    )
+    scripted_energy_db: float = field(
+        default=-40.0, metadata={"help": "scripted engine: a 30 ms input frame whose RMS is above this (dBFS) is "
+                                 "speech"}
+    )
     engine_trace: str = field(
-        default="", metadata={"help": "debug: a JSONL file recording every input event the local engine receives "
-                              "(contains text)"}
+        default="", metadata={"help": "debug: a JSONL file recording every input event the local (or scripted) "
+                              "engine receives (contains text)"}
     )
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     log_transcripts: bool = field(
@@ -228,12 +267,27 @@ class Settings:
                 )
         if not 0 < self.port < 65536:
             raise ConfigError(f"NOVAGATE_PORT={self.port} is not a valid port")
+        if not 0 <= self.workers <= 256:
+            raise ConfigError(f"NOVAGATE_WORKERS={self.workers} must be between 0 (one per CPU) and 256")
+        if self.overload_lag_ms < 0 or self.overload_cpu < 0:
+            raise ConfigError("NOVAGATE_OVERLOAD_LAG_MS and NOVAGATE_OVERLOAD_CPU must be >= 0 (0: not checked)")
+        if self.bedrock_streams_per_connection < 1:
+            raise ConfigError(f"NOVAGATE_BEDROCK_STREAMS_PER_CONNECTION={self.bedrock_streams_per_connection} must be >= 1")
         self._validate_auth()
+        self._validate_scripted()
         if (self.engine == "bedrock" or self.store == "agent-runtime") and not self.aws_region:
             raise ConfigError(
                 f"NOVAGATE_ENGINE={self.engine} / NOVAGATE_STORE={self.store} need an AWS region: set "
                 "NOVAGATE_REGION or AWS_REGION (Nova 2 Sonic: us-east-1, us-west-2, ap-northeast-1)"
             )
+
+    def _validate_scripted(self) -> None:
+        if not 0 < self.scripted_reply_s <= 600:
+            raise ConfigError(f"NOVAGATE_SCRIPTED_REPLY_S={self.scripted_reply_s} must be in (0, 600] seconds")
+        if not -100 < self.scripted_energy_db < 0:
+            raise ConfigError(f"NOVAGATE_SCRIPTED_ENERGY_DB={self.scripted_energy_db} must be between -100 and 0 dBFS")
+        if self.scripted_reply and not self.scripted_reply.strip():
+            raise ConfigError("NOVAGATE_SCRIPTED_REPLY is blank; leave it unset for the built-in reply")
 
     def _validate_auth(self) -> None:
         for name in ("secret", "auth_jwt_secret"):
