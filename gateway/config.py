@@ -133,7 +133,7 @@ class Settings:
                                 "sockets (1013, error overloaded with retry_after_ms); 0: not checked"}
     )
     overload_cpu: float = field(
-        default=0.85, metadata={"help": "CPU of a worker process in cores (over 2 s) past which it refuses new "
+        default=0.7, metadata={"help": "CPU of a worker process in cores (over 2 s) past which it refuses new "
                                 "sockets (1013 overloaded); 0: not checked"}
     )
     forwarded_allow_ips: str = field(

@@ -95,7 +95,8 @@ class Gateway:
             AWS_REGION="us-east-1", NOVAGATE_ENGINE="bedrock", NOVAGATE_STORE="sqlite",
             NOVAGATE_SQLITE_PATH=f"/tmp/novagate-bench-capacity-{self.port}.db", NOVAGATE_PORT=str(self.port),
             NOVAGATE_METRICS_PORT="0", NOVAGATE_LOG_LEVEL="warning", NOVAGATE_MAX_SOCKETS_PER_IP="0",
-            NOVAGATE_WORKERS="1", NOVAGATE_MAX_SESSIONS="10000", **extra)
+            NOVAGATE_WORKERS="1", NOVAGATE_MAX_SESSIONS="10000")
+        self.env.update(extra)
         self.tree = tree
         self.proc: subprocess.Popen | None = None
 
