@@ -30,6 +30,15 @@ DISCUSS = "what did we discuss"
 STORY = "tell me a story"
 GRAMMAR = (SMITH, DISCUSS, STORY)
 CHUNK = 1024  # 32 ms of 16 kHz PCM16, the service's typical input frame
+TWO_SENTENCE_TURN = [  # (type, role, stage, stopReason) of each output block
+    ("TEXT", "USER", "FINAL", "END_TURN"),
+    ("TEXT", "ASSISTANT", "SPECULATIVE", "PARTIAL_TURN"),
+    ("AUDIO", "ASSISTANT", None, "PARTIAL_TURN"),
+    ("TEXT", "ASSISTANT", "FINAL", "PARTIAL_TURN"),
+    ("TEXT", "ASSISTANT", "SPECULATIVE", "PARTIAL_TURN"),
+    ("AUDIO", "ASSISTANT", None, "END_TURN"),
+    ("TEXT", "ASSISTANT", "FINAL", "END_TURN"),
+]
 
 
 @functools.cache
@@ -169,15 +178,7 @@ async def test_spoken_turn_gives_transcript_and_assistant_blocks(make_engine):
     assert isinstance(events[0], nv.CompletionStart)
     assert isinstance(events[-1], nv.UsageEvent) and events[-1].total_tokens > 0
     bs = blocks(events)
-    assert shape(bs) == [
-        ("TEXT", "USER", "FINAL", "END_TURN"),
-        ("TEXT", "ASSISTANT", "SPECULATIVE", "PARTIAL_TURN"),
-        ("AUDIO", "ASSISTANT", None, "PARTIAL_TURN"),
-        ("TEXT", "ASSISTANT", "FINAL", "PARTIAL_TURN"),
-        ("TEXT", "ASSISTANT", "SPECULATIVE", "PARTIAL_TURN"),
-        ("AUDIO", "ASSISTANT", None, "END_TURN"),
-        ("TEXT", "ASSISTANT", "FINAL", "END_TURN"),
-    ]
+    assert shape(bs) == TWO_SENTENCE_TURN
     assert bs[0].texts == [SMITH]
     assert bs[1].texts == bs[3].texts == ["Got it, you said: I met with Doctor Smith today at two pm."]
     assert bs[4].texts == bs[6].texts

@@ -22,18 +22,10 @@ from gateway.transport import IDLE_TIMEOUT_MESSAGE, MODEL_TIMEOUT, VALIDATION, M
 from protocol import nova_events as nv
 
 from .conftest import ROOT, Gateway, _wait, free_port
-from .test_local_engine import Session, blocks, collect, is_usage, shape
+from .test_local_engine import TWO_SENTENCE_TURN, Session, blocks, collect, is_usage, shape
 
 DEFAULT_SENTENCES = backends.sentences(backends.DEFAULT_REPLY)
-TURN_SHAPE = [
-    ("TEXT", "USER", "FINAL", "END_TURN"),
-    ("TEXT", "ASSISTANT", "SPECULATIVE", "PARTIAL_TURN"),
-    ("AUDIO", "ASSISTANT", None, "PARTIAL_TURN"),
-    ("TEXT", "ASSISTANT", "FINAL", "PARTIAL_TURN"),
-    ("TEXT", "ASSISTANT", "SPECULATIVE", "PARTIAL_TURN"),
-    ("AUDIO", "ASSISTANT", None, "END_TURN"),
-    ("TEXT", "ASSISTANT", "FINAL", "END_TURN"),
-]
+TURN_SHAPE = TWO_SENTENCE_TURN  # the built-in reply has two sentences
 
 
 def burst(seconds: float, db: float = -20.0, rate: int = 16000) -> bytes:

@@ -28,6 +28,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Gateway, free_port
+from .test_admission import _open
 
 PER_ADDRESS = 3
 
@@ -97,14 +98,7 @@ async def start_session(g: Gateway, address: str, resume: str | None = None):
 
 async def open_idle(g: Gateway, address: str) -> tuple[websockets.ClientConnection, int | None]:
     """A socket from `address` that sends nothing; its close code if the gateway closes it at once."""
-    ws = await websockets.connect(g.ws, local_addr=(address, 0), open_timeout=10, ping_interval=None)
-    try:
-        await asyncio.wait_for(ws.recv(), 0.5)
-    except TimeoutError:
-        return ws, None
-    except websockets.ConnectionClosed:
-        return ws, ws.close_code
-    raise AssertionError("the gateway said something before session.start")
+    return await _open(g.ws, local_addr=(address, 0))
 
 
 async def settled_sockets(g: Gateway, total: int) -> dict[int, int]:
@@ -172,9 +166,11 @@ async def test_per_address_cap_is_exact_across_workers_and_a_dead_workers_share_
 async def test_sessions_spread_over_workers_and_resume_on_another(gw):
     sessions = []
     try:
-        for n in range(1, 31):
-            ws, ready = await start_session(gw, f"127.0.3.{n}")
-            sessions.append((ws, ready, session_worker(gw, ready["session_id"])))
+        # Whichever worker accepts first takes a connection: one at a time, an idle worker may take them
+        # all. Clients arrive together, as under load, and the other worker takes some.
+        for batch in range(6):
+            started = await asyncio.gather(*(start_session(gw, f"127.0.3.{10 * batch + n}") for n in range(1, 11)))
+            sessions += [(ws, ready, session_worker(gw, ready["session_id"])) for ws, ready in started]
             if len({pid for *_, pid in sessions}) == 2:
                 break
         pids = Counter(pid for *_, pid in sessions)
