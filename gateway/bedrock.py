@@ -19,8 +19,9 @@
 * Per stream exactly one pump task calls the SDK's `await_output()` (under a timeout, shielded) and then
   `receive()` in a loop, feeding a bounded queue that `receive()` reads. The pump is never cancelled while it
   is blocked in the SDK (cancelling races the CRT's native callbacks: `InvalidStateError`, aws-sdk-python#13).
-* `send()` is bounded by `send_timeout_s` (a dead connection blocks the 17th send forever) and fails fast
-  once the pump has failed. `close()` closes the SDK input stream (bounded), then waits (bounded) for the
+* `send()` encodes and signs each event itself (`EventWriter`: the SDK's frames, for about half the SDK's
+  CPU) onto the SDK's own request body. It is bounded by `send_timeout_s` (a dead connection blocks the
+  17th send forever) and fails fast once the pump has failed. `close()` closes the SDK input stream (bounded), then waits (bounded) for the
   pump to drain; it never raises and is idempotent.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as _dt
 import logging
 import os
 import weakref
@@ -36,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from gateway import eventstream as es
 from gateway.transport import (
     ACCESS_DENIED,
     CONNECTION,
@@ -364,6 +367,7 @@ class BedrockStream:
         self._closing = False
         self._closed = False
         self._send_lock = asyncio.Lock()
+        self._writer = EventWriter(sdk_stream.input_stream)
         self.output_ready = asyncio.Event()  # the HTTP response (200) has arrived
         loop = asyncio.get_running_loop()
         self._failed = loop.create_future()  # resolves when the pump ends
@@ -424,14 +428,8 @@ class BedrockStream:
             raise ModelError(CONNECTION, "the Bedrock stream is closed")
         if self._pump_done:
             raise ModelError(CONNECTION, "the Bedrock stream has ended")
-        from aws_sdk_bedrock_runtime.models import (
-            BidirectionalInputPayloadPart,
-            InvokeModelWithBidirectionalStreamInputChunk,
-        )
-
-        chunk = InvokeModelWithBidirectionalStreamInputChunk(value=BidirectionalInputPayloadPart(bytes_=orjson.dumps(event)))
         async with self._send_lock:
-            task = asyncio.ensure_future(self._sdk.input_stream.send(chunk))
+            task = asyncio.ensure_future(self._writer.send(event))
             done, _ = await asyncio.wait({task, self._failed}, timeout=self._t.send_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:
@@ -505,6 +503,54 @@ class BedrockStream:
     @property
     def failed(self) -> ModelError | None:
         return self._error
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+class EventWriter:
+    """Writes input events onto the SDK's request body exactly as the SDK's `AWSEventPublisher.send` would.
+
+    The SDK (0.12) spends about 0.14 ms of CPU per event before the bytes reach the CRT: a shape serializer,
+    a fresh copy of the signing properties, four HMACs to derive the day's SigV4 key, header encoding
+    through generic codecs. This writes the same frame (the chunk message inside a signed `:date` /
+    `:chunk-signature` envelope, gateway.eventstream) with the key kept per day, and carries the SDK
+    signer's chain forward so that the SDK's own `close()` signs the end frame that follows. It reads three
+    private attributes of the pinned SDK (the publisher's writer and signing config, the signer's prior
+    signature); tests check its frames against the SDK's byte for byte, and the emulator verifies every
+    signature.
+    """
+
+    def __init__(self, publisher: Any) -> None:
+        self._publisher = publisher
+        self._signing = publisher._signing_config
+        self._signer: es.ChunkSigner | None = None
+
+    async def send(self, event: dict) -> None:
+        publisher = self._publisher
+        if publisher.closed:
+            raise OSError("Attempted to write to closed stream.")
+        if self._signing is None:  # an unsigned stream (not Bedrock's): the SDK sends the bare message
+            frame = es.chunk_message(event)
+        else:
+            chain = await self._chain()
+            chain.prior = self._signing.signer._prior_signature.decode()
+            frame = es.encode_input_frame(event, signer=chain, date=_now())
+            self._signing.signer._prior_signature = chain.prior.encode()
+        try:
+            await publisher._writer.write(frame)
+        except Exception as exc:
+            await publisher.close()
+            raise OSError("Failed to write to stream.") from exc
+
+    async def _chain(self) -> es.ChunkSigner:
+        if self._signer is None:
+            cfg = self._signing
+            identity = await cfg.identity_resolver.get_identity(properties=cfg.identity_properties)
+            props = cfg.signing_properties
+            self._signer = es.ChunkSigner(identity.secret_access_key, props["region"], "", props["service"])
+        return self._signer
 
 
 def _consume(fut: asyncio.Future) -> None:

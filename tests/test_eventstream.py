@@ -1,4 +1,4 @@
-"""The AWS event-stream codec and the chunk-signature chain (gateway/emulate/eventstream.py).
+"""The AWS event-stream codec and the chunk-signature chain (gateway/eventstream.py).
 
 Cross-checked against the real SDK's own codec (smithy_aws_event_stream) and signers (aws_sdk_signers)."""
 
@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from gateway.emulate import eventstream as es
+from gateway import eventstream as es
 
 EVENT = {"event": {"audioInput": {"promptName": "p", "contentName": "a", "content": "AAAA"}}}
 ALL_TYPES = {
@@ -194,3 +194,68 @@ async def test_request_signature_matches_the_sdk_signer():
     es.verify_request_signature("s3cret", auth, "POST", req.destination.path, "", wire)
     with pytest.raises(es.SignatureError):
         es.verify_request_signature("other", auth, "POST", req.destination.path, "", wire)
+
+
+async def test_event_writer_writes_the_sdk_publishers_frames(monkeypatch):
+    """gateway.bedrock.EventWriter (the transport's send path) writes byte for byte what the SDK's own
+    AWSEventPublisher writes for the same events at the same instant, and the SDK's close() continues its
+    signature chain with a valid end frame."""
+    import types
+
+    import orjson
+    from aws_sdk_bedrock_runtime.models import BidirectionalInputPayloadPart, InvokeModelWithBidirectionalStreamInputChunk
+    from aws_sdk_signers import AsyncEventSigner, AWSCredentialIdentity
+    from aws_sdk_signers import signers as sdk_signers
+    from smithy_aws_event_stream.aio import AWSEventPublisher, SigningConfig
+    from smithy_aws_event_stream.events import EventHeaderEncoder
+    from smithy_json import JSONCodec
+
+    from gateway import bedrock
+
+    when = dt.datetime(2026, 11, 29, 21, 0, 7, 250000, tzinfo=dt.UTC)
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return when
+
+    monkeypatch.setattr(sdk_signers, "datetime", types.SimpleNamespace(**{**vars(dt), "datetime": Frozen}))
+    monkeypatch.setattr(bedrock, "_now", lambda: when)
+    identity = AWSCredentialIdentity(access_key_id="AKID", secret_access_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+
+    class Resolver:
+        async def get_identity(self, *, properties):
+            return identity
+
+    class Body:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        async def write(self, data: bytes) -> None:
+            self.frames.append(data)
+
+    def publisher() -> tuple[AWSEventPublisher, Body]:
+        body = Body()
+        signer = AsyncEventSigner(initial_signature=b"3" * 64, event_encoder_cls=EventHeaderEncoder)
+        cfg = SigningConfig(signer=signer, signing_properties={"region": "eu-north-1", "service": "bedrock"},
+                            identity_resolver=Resolver(), identity_properties={})
+        return AWSEventPublisher(payload_codec=JSONCodec(), async_writer=body, signing_config=cfg), body
+
+    events = [EVENT, {"event": {"textInput": {"promptName": "p", "contentName": "t", "content": "héllo \"quoted\""}}},
+              {"event": {"sessionEnd": {}}}]
+    sdk, sdk_body = publisher()
+    for ev in events:
+        await sdk.send(InvokeModelWithBidirectionalStreamInputChunk(value=BidirectionalInputPayloadPart(bytes_=orjson.dumps(ev))))
+    await sdk.close()
+    ours, our_body = publisher()
+    writer = bedrock.EventWriter(ours)
+    for ev in events:
+        await writer.send(ev)
+    await ours.close()  # the SDK's own end frame, after our frames
+    assert len(our_body.frames) == len(sdk_body.frames) == 4
+    assert our_body.frames == sdk_body.frames
+    verifier = es.ChunkVerifier(identity.secret_access_key, "eu-north-1", "3" * 64)
+    for frame in our_body.frames:
+        verifier.verify(es.decode_message(frame))
+    with pytest.raises(OSError, match="closed"):
+        await writer.send(EVENT)

@@ -48,7 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from gateway.emulate import eventstream as es
+from gateway import eventstream as es
 from gateway.transport import (
     ACCESS_DENIED,
     CONNECTION,

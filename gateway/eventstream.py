@@ -1,6 +1,7 @@
 """AWS event-stream codec (`application/vnd.amazon.eventstream`) and the Bedrock chunk-signature chain.
 
-Pure: no I/O, no clocks (callers pass dates in). Reference: reference/nova-sonic.md §8.2–§8.4.
+The Bedrock transport encodes and signs its input events with it (gateway.bedrock.EventWriter); the Nova
+emulator decodes and verifies them. Pure: no I/O, no clocks (callers pass dates in). Reference: reference/nova-sonic.md §8.2–§8.4.
 
 Message framing (all integers big-endian, CRC32 as zlib computes it):
 
@@ -178,7 +179,10 @@ def encode_headers(headers: Mapping[str, Any]) -> bytes:
 
 def encode_message(headers: Mapping[str, Any], payload: bytes = b"") -> bytes:
     """One complete event-stream message with both CRCs."""
-    hb = encode_headers(headers)
+    return _frame(encode_headers(headers), payload)
+
+
+def _frame(hb: bytes, payload: bytes) -> bytes:
     if len(hb) > MAX_HEADERS_LEN:
         raise FrameError(f"headers are {len(hb)} bytes (max {MAX_HEADERS_LEN})")
     if len(payload) > MAX_PAYLOAD_LEN:
@@ -363,7 +367,8 @@ def iter_messages(data: bytes) -> list[Message]:
 # ---------------------------------------------------------------------------------------------
 # Bedrock payloads
 
-CHUNK_HEADERS = {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}
+CHUNK_HEADERS = {":message-type": "event", ":event-type": "chunk", ":content-type": "application/json"}  # the SDK's order
+_CHUNK_HEADER_BYTES = encode_headers(CHUNK_HEADERS)
 
 # union members of InvokeModelWithBidirectionalStreamOutput that are exceptions (and their HTTP codes)
 EXCEPTION_MEMBERS = {
@@ -398,7 +403,7 @@ def decode_chunk_payload(payload: bytes) -> dict:
 
 def chunk_message(event: dict) -> bytes:
     """An encoded inner/unsigned `chunk` event message carrying `event`."""
-    return encode_message(CHUNK_HEADERS, encode_event_json(event))
+    return _frame(_CHUNK_HEADER_BYTES, encode_event_json(event))
 
 
 output_chunk = chunk_message  # server → client output events are unsigned chunk messages
@@ -497,7 +502,7 @@ def encode_input_frame(
     date = date or _dt.datetime.now(_dt.UTC)
     date_header = encode_header(":date", Timestamp.from_datetime(date))
     sig = signer.sign(date_header, payload, date) if signer is not None else bytes(32)
-    return encode_message({":date": Timestamp.from_datetime(date), ":chunk-signature": sig}, payload)
+    return _frame(date_header + encode_header(":chunk-signature", sig), payload)
 
 
 # ---------------------------------------------------------------------------------------------
