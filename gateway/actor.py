@@ -18,11 +18,13 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from protocol import codes
 from protocol import messages as m
+from protocol import tool_calls
 from protocol.codes import CloseCode
 from protocol.continuity import CONNECTION
 from protocol.session import (
     Admit,
     Authenticate,
+    CancelTool,
     CloseSocket,
     CloseStream,
     Count,
@@ -33,6 +35,7 @@ from protocol.session import (
     Log,
     Observe,
     OpenStream,
+    RunTool,
     SendAudio,
     SendMessage,
     SendToStream,
@@ -82,6 +85,7 @@ class SessionActor:
         self.model_gate.set()
         self._tg: asyncio.TaskGroup | None = None
         self._stream_tasks: set[asyncio.Task] = set()
+        self._tools: dict[str, asyncio.Task] = {}  # running tool calls, by call_id
         self._audio_since: float | None = None
 
     def conversation_gone(self, reason: str) -> None:
@@ -101,6 +105,8 @@ class SessionActor:
                 writer = tg.create_task(self._write_client())
                 await self._consume()
                 self.outbox.put_nowait(None)  # the writer ends once what is queued is sent
+                for t in self._tools.values():  # the session has answered or given up on them
+                    t.cancel()
                 await asyncio.wait({writer, *self._stream_tasks}, timeout=CLOSE_TIMEOUT_S)
                 for t in (*workers, writer, *self._stream_tasks):
                     t.cancel()
@@ -161,6 +167,11 @@ class SessionActor:
                         if discard:
                             self.outbox.clear()
                         self.outbox.put_nowait(CloseSocket(code, reason))
+                    case RunTool(call_id=call_id, name=name, arguments=arguments):
+                        self._tools[call_id] = self._tg.create_task(self._run_tool(call_id, name, arguments))
+                    case CancelTool(call_id=call_id):
+                        if (task := self._tools.pop(call_id, None)) is not None:
+                            task.cancel()
                     case Authenticate(token=token):
                         self._tg.create_task(self._authenticate(token))
                     case Admit(principal=principal):
@@ -290,6 +301,17 @@ class SessionActor:
         except ModelError as e:
             if link.closing is None:
                 self.inbox.put_nowait(("stream_failed", sid, e.kind, e.message))
+
+    async def _run_tool(self, call_id: str, name: str, arguments: dict) -> None:
+        try:
+            result = await self.s.toolbox.call(name, arguments)
+            answer = (result.ok, result.content)
+        except Exception as e:  # noqa: BLE001 - a tool's failure is the model's answer, never the session's
+            logger.warning("tool call raised", exc_info=True, extra={"fields": {"tool": name}})
+            answer = (False, tool_calls.error_result("tool_error", f"{type(e).__name__}: the tool failed"))
+        finally:
+            self._tools.pop(call_id, None)
+        await self.inbox.put(("tool_finished", call_id, *answer), len(answer[1]))
 
     async def _authenticate(self, token: str) -> None:
         self.inbox.put_nowait(("authenticated", await self.s.authenticator.verify(token)))

@@ -32,6 +32,12 @@ MODEL_AUDIO_BY_SOURCE = {s: MODEL_AUDIO.labels(s) for s in ("client", "keepalive
 DEAF_STREAMS = Counter("novagate_deaf_streams_total", "model streams replaced because they said nothing after user "
                        "speech")
 DRAINS = Counter("novagate_drains_total", "graceful drains (SIGTERM)")
+TOOL_CALLS = Counter("novagate_tool_calls_total", "tool calls the model made, by how they went (started, finished, "
+                     "failed, timed_out, cancelled)", ["status"])
+TOOL_CALL_TIME = Histogram(
+    "novagate_tool_call_seconds", "from the model's toolUse to the tool's answer",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60),
+)
 # Capacity (docs/capacity.md): what the gateway itself adds, and how far behind its event loop runs.
 MODEL_TO_CLIENT = Histogram(
     "novagate_model_to_client_delay_seconds", "model audio received (or released by the playback pacer) until "
@@ -57,8 +63,9 @@ SESSION_COUNTERS = {
     "rotations": ROTATIONS,
     "recoveries": RECOVERIES,
     "deaf_streams": DEAF_STREAMS,
+    "tool_calls": TOOL_CALLS,
 }
-SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD}
+SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD, "tool_call_seconds": TOOL_CALL_TIME}
 
 
 async def endpoint(request: Request) -> Response:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from jwt import PyJWK, PyJWKClient, PyJWKSet
 
-from protocol.items import Item
+from protocol.items import ROLES, Item
 
 from .config import MAKE_SECRET, MIN_SECRET_BYTES, ConfigError
 from .logs import log
@@ -174,7 +174,7 @@ class Signer:
             item = Item.from_dict(c["item"])
         except (jwt.PyJWTError, KeyError, TypeError, ValueError):
             return None
-        return item if item.role in ("user", "assistant") else None
+        return item if item.role in ROLES else None
 
 
 # -- identity providers' keys -------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import nova_events as nova
@@ -170,13 +170,14 @@ class StreamSetup:
         output_sample_rate: int,
         endpointing_sensitivity: str | None = None,
         drop_trailing_user: bool = False,
+        tools: Sequence[dict] = (),
         new_name: Callable[[], str] = nova.new_name,
     ) -> StreamSetup:
         prompt = new_name()
         audio = new_name()
         events = [
             nova.session_start(endpointing_sensitivity=endpointing_sensitivity),
-            nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate),
+            nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate, tools=list(tools)),
             *nova.text_block(prompt, "SYSTEM", split_chunks(system_prompt.strip() or "You are a helpful assistant.")),
             *history_events(prompt, shape_history(history, drop_trailing_user=drop_trailing_user)),
             nova.audio_content_start(prompt, audio),
@@ -189,6 +190,15 @@ class StreamSetup:
     def text_turn(self, text: str) -> list[dict]:
         """A typed user turn: an interactive USER text block (Nova 2 cross-modal input)."""
         return nova.text_block(self.prompt_name, "USER", split_chunks(text), interactive=True)
+
+    def tool_result(self, tool_use_id: str, content: str, new_name: Callable[[], str] = nova.new_name) -> list[dict]:
+        """The answer to a toolUse of this stream: a TOOL block with the result (a JSON text)."""
+        name = new_name()
+        return [
+            nova.tool_content_start(self.prompt_name, name, tool_use_id),
+            nova.tool_result(self.prompt_name, name, content),
+            nova.content_end(self.prompt_name, name),
+        ]
 
     def closing(self) -> list[dict]:
         """The service's shutdown order: audio contentEnd, promptEnd, sessionEnd."""

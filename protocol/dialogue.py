@@ -259,6 +259,11 @@ class Dialogue:
         return self._turn is None and not self._speaking and self._thinking is None and not self._turns
 
     @property
+    def answering(self) -> bool:
+        """The model is speaking, or in the middle of a turn (it may still add to it)."""
+        return self._turn is not None or self._speaking
+
+    @property
     def unanswered(self) -> Item | None:
         """The user's last turn, if the model has not finished answering it (a stream that fails
         mid-answer leaves it owed)."""

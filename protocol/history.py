@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocol import nova_events
+from protocol import nova_events, tool_calls
 from protocol.items import Item
 from protocol.nova_events import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES
 
-_ROLES = {"user": "USER", "assistant": "ASSISTANT"}
+_ROLES = {"user": "USER", "assistant": "ASSISTANT", "tool": "ASSISTANT"}  # a tool call reads as the assistant's
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,8 @@ def _merge(items: Sequence[Item]) -> list[tuple[str, str]]:
     """(ROLE, text) turns: empty items skipped, consecutive same-role items joined by a space."""
     turns: list[tuple[str, str]] = []
     for item in items:
-        role, text = _ROLES.get(item.role), item.text.strip()
+        role = _ROLES.get(item.role)
+        text = (tool_calls.for_model(item) if item.role == "tool" else item.text).strip()
         if role is None or not text:
             continue
         if turns and turns[-1][0] == role:

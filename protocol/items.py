@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Role = Literal["user", "assistant"]
+Role = Literal["user", "assistant", "tool"]
+ROLES = ("user", "assistant", "tool")  # a tool item's text is a JSON record of the call (protocol.tool_calls)
 
 
 @dataclass(frozen=True, slots=True)

@@ -306,6 +306,23 @@ class SessionUpdated:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """Additive (not in PROTOCOL v1): a tool the model called, when it starts and when it ends, so an
+    app can show a spinner or play a filler sound. `arguments` and `result` only for public tools;
+    once it has ended, `item_id` and `receipt` are those of the tool item kept in the history."""
+
+    type: ClassVar[str] = "tool.call"
+    call_id: str
+    name: str
+    status: str  # started | finished | failed | timed_out | cancelled
+    duration_ms: int | None = None
+    item_id: str | None = None
+    receipt: str | None = None
+    arguments: dict | None = None
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     type: ClassVar[str] = "pong"
     id: str | int | float | bool | None
@@ -314,7 +331,7 @@ class Pong:
 
 ServerMessage = (
     SessionReady | Transcript | ResponseAudioStart | ResponseAudioEnd | Interrupted | ItemSaved | SessionReconnect
-    | Status | Usage | Error | SessionEnded | SessionUpdated | Pong
+    | Status | Usage | Error | SessionEnded | SessionUpdated | ToolCall | Pong
 )
 
 

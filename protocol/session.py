@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from . import codes
 from . import messages as m
 from . import nova_events as nova
+from . import tool_calls
 from .codes import CloseCode
 from .continuity import (
     DEAF,
@@ -181,6 +182,22 @@ class EndConversation:
 
 
 @dataclass(frozen=True, slots=True)
+class RunTool:
+    """Run a tool beside the conversation; answer `tool_finished(call_id, ok, content)` (content: JSON text)."""
+
+    call_id: str
+    name: str
+    arguments: dict = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTool:
+    """Stop a tool that ran past its deadline (its answer was given); no answer is expected."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     level: str  # debug | info | warning | error
     message: str
@@ -201,7 +218,8 @@ class Observe:
 
 
 Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | Admit | LoadConversation
-          | CreateConversation | HoldConversation | StoreItem | EndConversation | Log | Count | Observe)
+          | CreateConversation | HoldConversation | StoreItem | EndConversation | RunTool | CancelTool | Log | Count
+          | Observe)
 
 
 # -- what the gateway passes in --------------------------------------------------------------------
@@ -263,6 +281,9 @@ class SessionConfig:
     conversation_ttl_s: float = 30 * 86400   # resume tokens of a conversation never outlive its start + this
     idle_timeout_s: float = 300.0            # no message and no speech from the client this long: 4410
     max_items: int = 10_000                  # items a conversation may hold; at the cap no more turns
+    tools: tuple[dict, ...] = ()             # Nova toolSpecs, told to every stream in promptStart
+    public_tools: frozenset[str] = frozenset()  # their arguments and results may be shown to the client
+    tool_timeout_s: float = 20.0             # a tool not done by then is answered with a timeout error
 
 
 def may_use(owner: str, principal: str | None) -> bool:
@@ -284,6 +305,17 @@ class _Stream:
     heard: bool = False       # it has said something since it became current
     held: bytearray = field(default_factory=bytearray)  # client audio not yet sent (MODEL_EVENT_BYTES)
     held_since: float | None = None
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    call_id: str
+    tool_use_id: str          # the model's id: it exists only on the stream that asked
+    name: str
+    arguments: dict
+    stream_id: int
+    started_at: float
+    deadline: float
 
 
 @dataclass(slots=True)
@@ -369,6 +401,11 @@ class Session:
         self._store_delay = STORE_RETRY_FIRST_S
         self._store_degraded_told = False
         self._closing: _Closing | None = None
+        # tools
+        self._tool_names = frozenset(t["toolSpec"]["name"] for t in config.tools)
+        self._calls: dict[str, _ToolCall] = {}      # running, by call_id
+        self._late: deque[tuple[str, str]] = deque()  # (name, result) whose stream is gone: told as a user turn
+        self._tool_turn: Item | None = None         # the user turn a tool was called for (not asked again)
 
     # -- draining ------------------------------------------------------------------------------------
     def effects(self) -> list[Effect]:
@@ -388,6 +425,7 @@ class Session:
             times.append(self._store_retry_at)
         if self._closing is not None:
             times.append(self._closing.deadline)
+        times.extend(c.deadline for c in self._calls.values())
         if self._reopen_at is not None:
             times.append(self._reopen_at)
         if self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
@@ -698,8 +736,22 @@ class Session:
             return
         cur.heard = True
         self._deaf_at = None
+        if isinstance(ev, nova.ToolUse):
+            self._tool_use(cur, ev, now)
         self._dialogue.model_event(ev)
         self._run_dialogue(now)
+        self._advance(now)
+
+    # -- inputs: tools ---------------------------------------------------------------------------------
+    def tool_finished(self, call_id: str, ok: bool, content: str, now: float) -> None:
+        """A tool ended (`content`: its result, or its error object, as a JSON text)."""
+        self._now = now
+        call = self._calls.get(call_id)
+        if call is None:
+            return  # already answered (timed out, or the session closed)
+        if ok:
+            ok, content = tool_calls.checked_result(content)
+        self._answer(call, "finished" if ok else "failed", content, now)
         self._advance(now)
 
     # -- the handshake ---------------------------------------------------------------------------------
@@ -972,17 +1024,21 @@ class Session:
     def _item_final(self, item: Item, now: float) -> None:
         receipt = self.env.credentials.receipt(self.conversation_id, item)
         self._send(m.Transcript(item.item_id, item.role, item.text, True, receipt))
-        self.history.append(item)
-        self._total += 1
-        if self._total >= self.cfg.max_items and self._closing is None:
-            self._send(self._full())
-            self._begin_closing(now, CloseCode.RATE_LIMITED, "conversation full", CLOSE_FLUSH_S)
+        self._keep(item, now)
         if item.role == "user":
             self._ladder.turn_completed()
             if not self._typing:  # the model transcribed speech: what is unheard now is a later utterance
                 voice_now = now - self._last_voiced < UTTERANCE_GAP_S
                 self._unheard_since = self._utterance_start if voice_now else None
+
+    def _keep(self, item: Item, now: float) -> None:
+        """A final item joins the history and the store's queue."""
+        self.history.append(item)
+        self._total += 1
         self._queue_write(item, now)
+        if self._total >= self.cfg.max_items and self._closing is None:
+            self._send(self._full())
+            self._begin_closing(now, CloseCode.RATE_LIMITED, "conversation full", CLOSE_FLUSH_S)
 
     def _release(self, now: float) -> None:
         """Assistant audio and the messages ordered with it, as playback allows; items played out."""
@@ -1001,6 +1057,72 @@ class Session:
                 self._dialogue.played_out(item_id)
             self._run_dialogue(now)
 
+    # -- tools ------------------------------------------------------------------------------------------
+    def _tool_use(self, stream: _Stream, ev: nova.ToolUse, now: float) -> None:
+        """The model asks for a tool: run it beside the conversation (audio keeps flowing), or answer at
+        once when it cannot run. Every toolUse is answered exactly once."""
+        call = _ToolCall(self.env.new_id("call"), ev.tool_use_id, ev.tool_name, {}, stream.id, now,
+                         now + self.cfg.tool_timeout_s)
+        if self._dialogue.unanswered is not None:
+            self._tool_turn = self._dialogue.unanswered  # its answer comes from the tool: never ask it again
+        self._calls[call.call_id] = call
+        self._emit(Count("tool_calls", "started"))
+        if ev.tool_name not in self._tool_names:
+            self._answer(call, "failed", tool_calls.error_result(
+                "unknown_tool", f"there is no tool named {ev.tool_name!r}"), now)
+            return
+        try:
+            call.arguments = tool_calls.parse_arguments(ev.content)
+        except ValueError as e:
+            self._answer(call, "failed", tool_calls.error_result("invalid_arguments", str(e)), now)
+            return
+        public = call.name in self.cfg.public_tools
+        self._send(m.ToolCall(call.call_id, call.name, "started", arguments=call.arguments if public else None))
+        self._log("info", "tool call started", call_id=call.call_id, tool=call.name)
+        self._emit(RunTool(call.call_id, call.name, call.arguments))
+
+    def _answer(self, call: _ToolCall, status: str, content: str, now: float) -> None:
+        """The one answer to a call: to the stream that asked if it is still current (a TOOL block),
+        else to the current one as a user turn once the model is idle; kept in the history as an item."""
+        del self._calls[call.call_id]
+        duration_ms = max(0, round((now - call.started_at) * 1000))
+        item = Item(self.env.new_id("item"), "tool", tool_calls.record(
+            call_id=call.call_id, name=call.name, arguments=call.arguments, status=status, result=content,
+            duration_ms=duration_ms), self.env.utc_now())
+        public = call.name in self.cfg.public_tools
+        self._send(m.ToolCall(call.call_id, call.name, status, duration_ms, item.item_id,
+                              self.env.credentials.receipt(self.conversation_id, item),
+                              call.arguments if public else None,
+                              tool_calls.read_record(item)["result"] if public else None))
+        self._emit(Count("tool_calls", status))
+        self._emit(Observe("tool_call_seconds", now - call.started_at))
+        self._log("info" if status == "finished" else "warning", "tool call ended", call_id=call.call_id,
+                  tool=call.name, status=status, duration_ms=duration_ms)
+        self._keep(item, now)
+        cur = self._current
+        if cur is not None and cur.id == call.stream_id and self.state in (State.LIVE, State.HANDING_OVER):
+            self._release_held(cur)
+            self._emit(SendToStream(cur.id, cur.setup.tool_result(call.tool_use_id, content)))
+        elif self._closing is None and self.cfg.text_input:
+            self._late.append((call.name, content))  # the history of the next stream has it too
+
+    def _tool_deadlines(self, now: float) -> None:
+        for call in [c for c in self._calls.values() if now >= c.deadline]:
+            self._emit(CancelTool(call.call_id))
+            self._answer(call, "timed_out", tool_calls.error_result(
+                "timeout", f"the tool did not answer within {self.cfg.tool_timeout_s:g} s"), now)
+
+    def _tell_late_results(self, now: float) -> None:
+        """Results whose stream was replaced reach the current one as a user turn, when nobody speaks."""
+        cur = self._current
+        if (not self._late or self.state is not State.LIVE or cur is None or self._dialogue.answering
+                or self._speaking(now)):
+            return
+        self._release_held(cur)
+        while self._late:
+            name, content = self._late.popleft()
+            self._emit(SendToStream(cur.id, cur.setup.text_turn(tool_calls.late_result_text(name, content))))
+
     # -- time-driven decisions -------------------------------------------------------------------------
     def _advance(self, now: float) -> None:
         """Everything that may have become due, in one place (runs after every input)."""
@@ -1013,6 +1135,9 @@ class Session:
                     self._dialogue.truncate_timeout(item_id, estimate)
                     self._run_dialogue(now)
             self._release(now)
+        if self._calls:
+            self._tool_deadlines(now)
+        self._tell_late_results(now)
         if self._unheard_since is not None and now - self._last_voiced >= UNHEARD_GIVE_UP_S:
             self._unheard_since = None  # never transcribed: it was not speech
         if (self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)
@@ -1036,8 +1161,10 @@ class Session:
 
     # -- model streams: open, hand over, recover ---------------------------------------------------------
     def _owed(self) -> Item | None:
-        """The user turn the model owes an answer to, if a new stream can be asked it again."""
-        return self._dialogue.unanswered if self.cfg.text_input else None
+        """The user turn the model owes an answer to, if a new stream can be asked it again (not if a
+        tool was called for it: asked again, the model would call it again; the result is told instead)."""
+        owed = self._dialogue.unanswered if self.cfg.text_input else None
+        return None if owed is self._tool_turn else owed
 
     def _prepare(self, now: float) -> None:
         """Open a stream with the system prompt and the history as it is now."""
@@ -1050,6 +1177,7 @@ class Session:
             output_sample_rate=self._start.output_sample_rate,
             endpointing_sensitivity=self.cfg.endpointing_sensitivity,
             drop_trailing_user=owed is not None,
+            tools=self.cfg.tools,
         )
         self._next = _Stream(self._stream_ids, setup, len(self.history), owed, prepared_at=now)
         self._emit(OpenStream(self._next.id, setup.events))
@@ -1067,7 +1195,8 @@ class Session:
     def _quiet(self) -> bool:
         """Nobody speaks, nothing said is still untranscribed, no answer is due and every item is
         settled: a hand-over now loses nothing and needs no replay."""
-        return not self._speaking(self._now) and self._unheard_since is None and self._dialogue.idle
+        return (not self._speaking(self._now) and self._unheard_since is None and self._dialogue.idle
+                and not self._calls and not self._late)
 
     def _rotate(self, now: float) -> None:
         """Rotation: from `rotate_after_s` of stream age, prepare the next stream at a quiet moment and
@@ -1221,12 +1350,16 @@ class Session:
         """Close once every write is stored (and, for session.end, the conversation ended: then
         `conversation_ended` closes), or when the flush deadline passes."""
         c = self._closing
-        busy = bool(self._writes) or self._store_op is not None or (c.end_conversation and not c.end_sent)
+        busy = (bool(self._writes) or self._store_op is not None or (c.end_conversation and not c.end_sent)
+                or bool(self._calls))  # a running tool's result is kept when it comes in time
         if not busy:
             self._finish()
             return
         if now < c.deadline:
             return
+        for call in list(self._calls.values()):
+            self._emit(CancelTool(call.call_id))
+            self._answer(call, "cancelled", tool_calls.error_result("cancelled", "the session closed"), now)
         if self._writes:  # the client still holds receipts for these and hands them back
             self._log("error", "store flush timed out", unsaved=len(self._writes))
         if c.end_conversation:

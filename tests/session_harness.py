@@ -18,6 +18,7 @@ from protocol.items import Item
 from protocol.session import (
     Admit,
     Authenticate,
+    CancelTool,
     CloseSocket,
     CloseStream,
     Count,
@@ -28,6 +29,7 @@ from protocol.session import (
     Log,
     Observe,
     OpenStream,
+    RunTool,
     SendAudio,
     SendMessage,
     SendToStream,
@@ -132,8 +134,13 @@ class FakeModel:
     utterance ("turn N") and answers it: a plan, `REPLY_MS` of audio, the FINAL text. A typed turn is
     answered at once. A deaf model says nothing."""
 
-    def __init__(self, sid: int, setup: list[dict], *, eos_s: float, deaf: bool = False, reply_ms: int = REPLY_MS):
+    def __init__(self, sid: int, setup: list[dict], *, eos_s: float, deaf: bool = False, reply_ms: int = REPLY_MS,
+                 tool: str | None = None):
         self.sid = sid
+        self.tool = tool            # call this tool for every utterance, and answer with its result
+        self.tool_uses: set[str] = set()  # toolUseIds asked and not yet answered
+        self.tool_results: list[tuple[str, str]] = []  # (toolUseId, content) received
+        self._tool_block: str | None = None
         self.reply_ms = reply_ms
         self.setup = setup
         self.eos_s = eos_s
@@ -169,6 +176,18 @@ class FakeModel:
             self._answer(f"answer to typed {body['content']}", now)
         elif name == "contentStart":
             self._interactive = body.get("interactive", False)
+            if body.get("type") == "TOOL":  # Nova's rule: only a toolUseId this stream asked, once
+                tool_use_id = body["toolResultInputConfiguration"]["toolUseId"]
+                assert tool_use_id in self.tool_uses, f"unknown toolUseId {tool_use_id}"
+                self.tool_uses.discard(tool_use_id)
+                self._tool_block = tool_use_id
+        elif name == "toolResult":
+            assert self._tool_block is not None, "toolResult outside its TOOL block"
+            self.tool_results.append((self._tool_block, body["content"]))
+            orjson.loads(body["content"])  # "Tool Response parsing error" otherwise
+        elif name == "contentEnd" and self._tool_block is not None:
+            self._tool_block = None
+            self._answer(f"the tool said {self.tool_results[-1][1]}", now)
 
     _interactive = False
 
@@ -184,7 +203,15 @@ class FakeModel:
                 nova.output_text(IDS, f"u{k}", "USER", text),
                 nova.output_content_end(IDS, f"u{k}", type="TEXT", stop_reason="END_TURN"),
             )]
-            self._answer(f"answer to {text}", now + 0.2)
+            if self.tool is not None:
+                self.tool_uses.add(f"tooluse_{self.sid}_{k}")
+                self.pending += [(now + 0.1, e) for e in (
+                    nova.output_content_start(IDS, f"t{k}", type="TOOL", role="TOOL"),
+                    nova.output_tool_use(IDS, f"t{k}", f"tooluse_{self.sid}_{k}", self.tool, orjson.dumps({"q": text}).decode()),
+                    nova.output_content_end(IDS, f"t{k}", type="TOOL", stop_reason="TOOL_USE"),
+                )]
+            else:
+                self._answer(f"answer to {text}", now + 0.2)
         due = [e for t, e in self.pending if t <= now]
         self.pending = [(t, e) for t, e in self.pending if t > now]
         return due
@@ -238,6 +265,9 @@ class Harness:
         self.slow_store = False
         self.reply_ms = REPLY_MS              # the length of each answer's audio
         self.refuse = None                # principal -> (code, reason) or None: the gateway's caps
+        self.tool = None                  # the next streams call this tool for every utterance
+        self.tool_runs: list[RunTool] = []
+        self.cancelled: list[str] = []
 
     # -- inputs ----------------------------------------------------------------------------------
     def text(self, obj) -> None:
@@ -301,7 +331,8 @@ class Harness:
                 assert self.closed is None
                 self.closed = code
             case OpenStream(stream_id=sid, events=events):
-                model = FakeModel(sid, events, eos_s=self.eos_s, deaf=self.deaf_next > 0, reply_ms=self.reply_ms)
+                model = FakeModel(sid, events, eos_s=self.eos_s, deaf=self.deaf_next > 0, reply_ms=self.reply_ms,
+                                  tool=self.tool)
                 self.deaf_next = max(0, self.deaf_next - 1)
                 self.models[sid] = model
                 if self.open_failures:
@@ -328,6 +359,10 @@ class Harness:
                 self.store_delay_ops.append(e)
             case LoadConversation() | CreateConversation() | HoldConversation() | StoreItem() | EndConversation():
                 self.store_op(e)
+            case RunTool():
+                self.tool_runs.append(e)
+            case CancelTool(call_id=call_id):
+                self.cancelled.append(call_id)
             case Log():
                 self.logs.append(e)
             case Count(metric=name, label=label, amount=amount):
@@ -360,6 +395,10 @@ class Harness:
             case EndConversation(conversation_id=cid):
                 store.convs[cid].ended = True
                 s.conversation_ended(now)
+
+    def finish_tool(self, call_id: str, content: str, ok: bool = True) -> None:
+        self.s.tool_finished(call_id, ok, content, self.now)
+        self.pump()
 
     def release_store(self) -> None:
         ops, self.store_delay_ops = self.store_delay_ops, []

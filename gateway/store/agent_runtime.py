@@ -86,7 +86,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from protocol.items import Item
+from protocol.items import ROLES, Item
 from protocol.nova_events import MAX_HISTORY_BYTES
 
 from ..logs import log
@@ -179,7 +179,7 @@ def _item_from_step(step: dict) -> Item | None:
     try:
         text = "".join(b["text"] for b in step["payload"]["contentBlocks"] if "text" in b)
         doc = json.loads(text)
-        if doc.get("v") != 1 or doc.get("role") not in ("user", "assistant"):
+        if doc.get("v") != 1 or doc.get("role") not in ROLES:
             return None
         return Item.from_dict(doc)
     except (KeyError, TypeError, ValueError):
