@@ -318,7 +318,9 @@ async def test_more_streams_than_one_connection_carries(make_emu, make_bedrock):
     results = await asyncio.gather(*(talk(i, s) for i, s in enumerate(streams)))
     for out, err in results:
         assert err is None and any("audioOutput" in e["event"] for e in out)
-    assert emu.streams_opened == 5 and emu.connections_accepted == 3
+    # at least one connection per client; the CRT may open one more of its own (before it has the server's
+    # SETTINGS it does not know a connection's limit), so not exactly three
+    assert emu.streams_opened == 5 and emu.connections_accepted >= 3
     for s in streams:
         await s.close()
     assert bt.open_streams == 0 and bt.connections == 1  # the idle extra connections are closed
