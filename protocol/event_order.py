@@ -12,6 +12,10 @@ message reads like the service's `ValidationException` text when the event break
 * `audioInput` needs the open AUDIO block and is rejected while any TEXT/TOOL block is open.
   `textInput` only inside its open TEXT block (≤ 1 KB each in non-interactive blocks; history ≤ 40 KB in
   total). `toolResult` only inside its open TOOL block. `contentEnd` closes an open block.
+* A TOOL block answers one `toolUse` of this stream's model: its `toolResultInputConfiguration.toolUseId` must
+  be an id the model issued (the engine or emulator reports each one with `model_tool_use(id)`, since the
+  validator sees input events only) and not answered yet. Like every TOOL/TEXT block it cannot start while
+  another TEXT/TOOL block is open.
 * `promptEnd` only when no block is open; `sessionEnd` only when no prompt is open; nothing after `sessionEnd`.
 
 Pure: no I/O, no clocks.
@@ -78,6 +82,8 @@ class _State:
     interactive_started: bool = False
     history_blocks: int = 0
     history_bytes: int = 0
+    tool_uses_pending: set[str] = field(default_factory=set)  # toolUseIds the model issued, not answered yet
+    tool_uses_answered: set[str] = field(default_factory=set)
 
 
 def _fail(message: str) -> EventOrderError:
@@ -91,10 +97,22 @@ def _q(name: object) -> str:
 class InputOrderValidator:
     """Checks the order and shape of Nova Sonic input events, one event at a time.
 
-    A rejected event leaves the state unchanged (the stream is dead anyway, as with the service)."""
+    A rejected event leaves the state unchanged (the stream is dead anyway, as with the service).
 
-    def __init__(self) -> None:
+    `check_tool_use_ids=False` accepts any toolUseId in a TOOL block (for a caller that cannot see the
+    model's output, so cannot report its toolUse events)."""
+
+    def __init__(self, *, check_tool_use_ids: bool = True) -> None:
         self._s = _State()
+        self._check_tool_use_ids = check_tool_use_ids
+
+    # -- what the model emitted -------------------------------------------------------------------
+    def model_tool_use(self, tool_use_id: object) -> None:
+        """The model emitted a `toolUse` with this id: one TOOL result block may now answer it. Call it
+        before the toolUse reaches the client (its result cannot come earlier)."""
+        s = self._s
+        if isinstance(tool_use_id, str) and tool_use_id and tool_use_id not in s.tool_uses_answered:
+            s.tool_uses_pending.add(tool_use_id)
 
     # -- properties useful to an engine -----------------------------------------------------------
     @property
@@ -130,6 +148,11 @@ class InputOrderValidator:
     @property
     def history_bytes(self) -> int:
         return self._s.history_bytes
+
+    @property
+    def pending_tool_uses(self) -> frozenset[str]:
+        """toolUseIds the model issued that no TOOL block has answered yet."""
+        return frozenset(self._s.tool_uses_pending)
 
     def block(self, content_name: str) -> ContentBlock | None:
         """The block declared with this contentName (open or closed)."""
@@ -283,6 +306,17 @@ class InputOrderValidator:
                 raise _fail(
                     f"TOOL contentStart {_q(cname)} requires toolResultInputConfiguration.toolUseId"
                 )
+            if self._check_tool_use_ids:
+                if tool_use_id in s.tool_uses_answered:
+                    raise _fail(
+                        f"TOOL contentStart {_q(cname)} has unknown toolUseId {_q(tool_use_id)}: that toolUse "
+                        "was already answered (send one result per toolUse)"
+                    )
+                if tool_use_id not in s.tool_uses_pending:
+                    raise _fail(
+                        f"TOOL contentStart {_q(cname)} has unknown toolUseId {_q(tool_use_id)}: the model "
+                        "issued no toolUse with that id"
+                    )
             block.tool_use_id = tool_use_id
         # accepted: commit
         s.blocks[cname] = block
@@ -291,6 +325,9 @@ class InputOrderValidator:
             s.audio_started = True
         else:
             s.open_text = block
+            if block.tool_use_id is not None:
+                s.tool_uses_pending.discard(block.tool_use_id)
+                s.tool_uses_answered.add(block.tool_use_id)
             if block.is_history:
                 s.history_blocks += 1
             elif interactive or ctype == "TOOL":

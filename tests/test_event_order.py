@@ -11,10 +11,18 @@ from protocol.nova_events import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES
 P = "prompt-1"
 
 
-def _run(events: list[dict]) -> InputOrderValidator:
-    v = InputOrderValidator()
+def _tool_use(tool_use_id: str) -> dict:
+    """Not an input event: the model emitting a toolUse with this id (what the engine reports)."""
+    return {"model toolUse": tool_use_id}
+
+
+def _run(events: list[dict], v: InputOrderValidator | None = None) -> InputOrderValidator:
+    v = v or InputOrderValidator()
     for e in events:
-        v.check(e)
+        if "model toolUse" in e:
+            v.model_tool_use(e["model toolUse"])
+        else:
+            v.check(e)
     return v
 
 
@@ -59,6 +67,7 @@ def test_valid_full_session_with_history_interactive_text_and_tool_result():
         nv.audio_input(P, "mic", b"\0\0" * 512),
         *_text("USER", "t1", "x" * 3000, interactive=True),  # interactive text: no 1 KB limit, audio stays open
         nv.audio_input(P, "mic", b"\0\0" * 512),
+        _tool_use("tooluse_1"),
         nv.tool_content_start(P, "tool1", "tooluse_1"),
         nv.tool_result(P, "tool1", '{"ok": true}'),
         nv.content_end(P, "tool1"),
@@ -69,8 +78,7 @@ def test_valid_full_session_with_history_interactive_text_and_tool_result():
     ]
     v = InputOrderValidator()
     assert not v.audio_started
-    for e in events:
-        v.check(e)
+    _run(events, v)
     assert v.audio_started and v.session_ended and v.prompt_ended
     assert v.prompt_name == P
     assert v.history_bytes == len("I met with Doctor Smith today at two pm.") + len("Got it.") + 2 * MAX_TEXT_INPUT_BYTES
@@ -119,8 +127,8 @@ def test_minimal_session_and_text_only_session():
         ([*_with_audio(), nv.text_content_start(P, "t", "USER", interactive=True)],
          nv.audio_input(P, "mic", b"\0\0"), ["audioInput received while TEXT content 't' is open",
                                              "no audio inside an open text block"]),
-        ([*_with_audio(), nv.tool_content_start(P, "tl", "tu1")], nv.audio_input(P, "mic", b"\0\0"),
-         ["TOOL content 'tl' is open"]),
+        ([*_with_audio(), _tool_use("tu1"), nv.tool_content_start(P, "tl", "tu1")],
+         nv.audio_input(P, "mic", b"\0\0"), ["TOOL content 'tl' is open"]),
         (_with_audio(), nv.audio_input(P, "other", b"\0\0"), ["audioInput for content 'other'"]),
         ([*_with_audio(), nv.content_end(P, "mic")], nv.audio_input(P, "mic", b"\0\0"),
          ["after that content block was closed"]),
@@ -152,6 +160,56 @@ def test_minimal_session_and_text_only_session():
 )
 def test_rule_violations_are_rejected(events, bad, fragments):
     _rejects(events, bad, *fragments)
+
+
+def _tool_result(name: str, tool_use_id: str, content: str = '{"ok": true}') -> list[dict]:
+    return [nv.tool_content_start(P, name, tool_use_id), nv.tool_result(P, name, content), nv.content_end(P, name)]
+
+
+def test_tool_results_answer_the_models_tool_uses_once():
+    v = _run([*_with_audio(), _tool_use("tooluse_a"), _tool_use("tooluse_b")])
+    assert v.pending_tool_uses == {"tooluse_a", "tooluse_b"}
+    _run([*_tool_result("r1", "tooluse_b"), nv.audio_input(P, "mic", b"\0\0" * 512)], v)
+    assert v.pending_tool_uses == {"tooluse_a"}
+    assert v.block("r1").tool_use_id == "tooluse_b" and v.open_text is None
+    # never issued
+    with pytest.raises(EventOrderError, match="unknown toolUseId 'tooluse_x': the model issued no toolUse") as info:
+        v.check(nv.tool_content_start(P, "r2", "tooluse_x"))
+    assert info.value.message.startswith("Invalid input request: TOOL contentStart 'r2'")
+    # already answered
+    with pytest.raises(EventOrderError, match="unknown toolUseId 'tooluse_b': that toolUse was already answered"):
+        v.check(nv.tool_content_start(P, "r2", "tooluse_b"))
+    v.model_tool_use("tooluse_b")  # an id is issued once: reporting it again does not reopen it
+    with pytest.raises(EventOrderError, match="already answered"):
+        v.check(nv.tool_content_start(P, "r2", "tooluse_b"))
+    _run(_tool_result("r2", "tooluse_a"), v)  # the rejections left the state as it was
+    assert v.pending_tool_uses == frozenset()
+    _run([nv.content_end(P, "mic"), nv.prompt_end(P), nv.session_end()], v)
+
+
+def test_tool_blocks_and_results_keep_to_their_block():
+    base = [*_with_audio(), _tool_use("tu")]
+    # a TOOL block cannot start while a TEXT block is open, nor a TEXT block inside a TOOL block
+    _rejects([*base, nv.text_content_start(P, "t", "USER", interactive=True)], nv.tool_content_start(P, "r", "tu"),
+             "contentStart 'r' (TOOL) received while TEXT content 't' is open")
+    _rejects([*base, nv.tool_content_start(P, "r", "tu")], nv.text_content_start(P, "t", "USER", interactive=True),
+             "received while TOOL content 'r' is open")
+    # toolResult: not inside a TEXT block, not before or after its TOOL block, not in another TOOL block
+    _rejects([*base, nv.text_content_start(P, "t", "USER", interactive=True)], nv.tool_result(P, "t", "{}"),
+             "toolResult for content 't' received but that block is TEXT")
+    _rejects(base, nv.tool_result(P, "r", "{}"), "no content block with that name was started")
+    _rejects([*base, *_tool_result("r", "tu")], nv.tool_result(P, "r", "{}"), "after that content block was closed")
+    _rejects([*base, _tool_use("tu2"), *_tool_result("r", "tu"), nv.tool_content_start(P, "r2", "tu2")],
+             nv.tool_result(P, "r", "{}"), "toolResult belongs inside its open TOOL block")
+    _rejects([*base, nv.tool_content_start(P, "r", "tu")],
+             {"event": {"toolResult": {"promptName": P, "contentName": "r", "content": {"ok": True}}}},
+             "requires a string content")
+
+
+def test_tool_use_ids_unchecked_for_a_caller_that_cannot_see_the_output():
+    v = InputOrderValidator(check_tool_use_ids=False)
+    _run([*_with_audio(), *_tool_result("r", "tooluse_anything")], v)
+    _run(_tool_result("r2", "tooluse_anything"), v)
 
 
 def test_first_content_block_must_be_system_text():

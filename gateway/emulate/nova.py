@@ -5,7 +5,13 @@ HTTP/2 over TLS (ALPN h2) built on `h2` + asyncio + `ssl` (reference/nova-sonic.
 open together (true duplex, with HTTP/2 flow control both ways), and serves a `ModelTransport` behind the
 wire: each request opens one stream on the transport; every decoded input event is checked against the
 service's input-order rules (InputOrderValidator) and forwarded with `send()`, and every output event from
-`receive()` goes back as an unsigned `chunk` message.
+`receive()` goes back as an unsigned `chunk` message. The model's `toolUse` events are reported to the
+stream's validator on their way out, so a TOOL result block must answer a toolUse of that stream, once
+(else `validationException` "Invalid input request: … unknown toolUseId …").
+
+Behind the CLI the model is the local engine (gateway/local): `--engine local|scripted`. `--tool-calls
+JSON|@path` scripts it to call a tool when the user's words contain a phrase (the engine module's docstring
+has the format and the event sequences), so a client's whole tool path runs offline.
 
 Errors the emulator produces, as the service does:
 
@@ -931,6 +937,11 @@ class _Stream:
                 self.timer_wake.set()
                 self.outq.put_nowait(_END)
                 return
+            if self.validator is not None:
+                inner = event.get("event") if isinstance(event, dict) else None
+                tool_use = inner.get("toolUse") if isinstance(inner, dict) else None
+                if isinstance(tool_use, dict):  # before the client can see it: its result may answer it
+                    self.validator.model_tool_use(tool_use.get("toolUseId"))
             self.outq.put_nowait(es.output_chunk(event))
             self.n_out += 1
             if self.record is not None:
@@ -1028,6 +1039,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: utterance N)")
     parser.add_argument("--scripted-energy-db", type=float, default=-40.0,
                         help="scripted engine: frame RMS (dBFS) above which input is speech (default -40)")
+    parser.add_argument("--tool-calls", default="", metavar="JSON",
+                        help='local / scripted engine: call a tool when the user says a phrase, a JSON list (or '
+                        '@path of a JSON file) of {"phrase": "record the call", "tool": "record_call", '
+                        '"arguments": {...}, "filler": "One moment."}; the tool must be declared in promptStart')
     parser.add_argument("--engine-trace", default="",
                         help="debug: JSONL file of every input event the engine receives (contains text)")
     parser.add_argument("--grammar", default="", help='sphinx phrase grammar, phrases separated by "|" (default: free-form)')
@@ -1072,7 +1087,8 @@ async def _serve_cli(args: argparse.Namespace) -> int:
 
     certfile, keyfile, bundle = _tls_files(args)
     limits = {"endpoint_ms": args.endpoint_ms, "idle_timeout_s": args.idle_timeout_s + 1.0,
-              "max_stream_s": args.max_stream_s + 1.0, "trace_path": args.engine_trace or None}
+              "max_stream_s": args.max_stream_s + 1.0, "trace_path": args.engine_trace or None,
+              "tool_calls": args.tool_calls}
     if args.engine == "scripted":
         try:
             engine: LocalEngine = ScriptedEngine(scripted_config(
@@ -1084,7 +1100,10 @@ async def _serve_cli(args: argparse.Namespace) -> int:
             raise SystemExit(f"novagate emulate nova: {exc}") from None
     else:
         grammar = tuple(p.strip() for p in (args.grammar or "").split("|") if p.strip())
-        engine = LocalEngine(LocalEngineConfig(asr=args.asr, tts=args.tts, grammar=grammar, **limits))
+        try:
+            engine = LocalEngine(LocalEngineConfig(asr=args.asr, tts=args.tts, grammar=grammar, **limits))
+        except ValueError as exc:
+            raise SystemExit(f"novagate emulate nova: {exc}") from None
     if not args.no_warm:
         await engine.warm()
     creds = (args.access_key_id, args.secret_access_key) if args.verify_signatures else None

@@ -13,15 +13,22 @@ utterance into text, a user turn into reply sentences and a sentence into PCM. T
     recognition, no synthesis, no resampling (the tone is made at the rate asked for, once).
 
 Any combination works (say, the energy VAD in front of sphinx).
+
+Tool calls on a phrase (both families): `tool_calls` rules (parse_tool_calls) say which tool the model calls
+when the user's words contain a phrase, with what arguments and after which filler sentence; `tool_reply`
+makes the sentences spoken about a tool's result, and `reply` answers a result delivered as user text
+("Result of the <tool> tool call: …") the same way (policy.late_tool_result).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -41,6 +48,8 @@ WEBRTC_AGGRESSIVENESS = 2
 
 DEFAULT_REPLY = "Thanks, I heard you. This is a scripted reply from the load-test engine."
 DEFAULT_REPLY_S = 2.0
+DEFAULT_TOOL_FILLER = "One moment."  # spoken before a scripted tool call ("" for none)
+TOOL_RULE_KEYS = ("phrase", "tool", "arguments", "filler")
 DEFAULT_ENERGY_DB = -40.0
 TONE_PEAK = 0.1  # of full scale (-20 dBFS): a quiet tone
 TONE_HZ = 180.0
@@ -191,6 +200,95 @@ class ScriptedPolicy:
         return list(self.sentences)
 
 
+# -- tool calls on a phrase -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCallRule:
+    """When the user's words contain `phrase`, the model calls `tool` with `arguments`, after `filler`."""
+
+    phrase: str  # normalised (lowercase words, policy._norm)
+    tool: str
+    arguments: str  # the toolUse content: a JSON object, compact
+    filler: tuple[str, ...] = ()  # sentences spoken before the call
+
+
+def parse_tool_calls(value: Any, default_filler: str = DEFAULT_TOOL_FILLER) -> tuple[ToolCallRule, ...]:
+    """Tool-call rules from a JSON string (or "@path" of a JSON file), a list of objects
+    `{"phrase": "record the call", "tool": "record_call", "arguments": {...}, "filler": "One moment."}`
+    (`arguments` default {}, `filler` default `default_filler`; "" for none) or one such object.
+    ValueError for anything else."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).expanduser().read_text("utf-8")
+            except OSError as exc:
+                raise ValueError(f"tool calls: cannot read {text[1:]}: {exc}") from None
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"tool calls are not valid JSON: {exc}") from None
+    if value is None:
+        return ()
+    if isinstance(value, (dict, ToolCallRule)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError('tool calls must be a JSON list of {"phrase", "tool", "arguments"} objects')
+    rules = []
+    for i, item in enumerate(value):
+        if isinstance(item, ToolCallRule):
+            rules.append(item)
+            continue
+        where = f"tool call rule {i + 1}"
+        if not isinstance(item, dict):
+            raise ValueError(f'{where} is not an object {{"phrase", "tool", "arguments"}}')
+        unknown = sorted(set(item) - set(TOOL_RULE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(TOOL_RULE_KEYS)})")
+        phrase, tool = item.get("phrase"), item.get("tool")
+        if not isinstance(phrase, str) or not policy._norm(phrase):
+            raise ValueError(f'{where}: "phrase" must be a non-empty string of words')
+        if not isinstance(tool, str) or not tool.strip() or len(tool.split()) != 1:
+            raise ValueError(f'{where}: "tool" must be a tool name (a non-empty string without spaces)')
+        arguments = item.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise ValueError(f'{where}: "arguments" must be a JSON object')
+        filler = item.get("filler", default_filler)
+        if not isinstance(filler, str):
+            raise ValueError(f'{where}: "filler" must be a string ("" for none)')
+        rules.append(ToolCallRule(policy._norm(phrase), tool.strip(),
+                                  json.dumps(arguments, ensure_ascii=False, separators=(",", ":")),
+                                  tuple(sentences(filler))))
+    return tuple(rules)
+
+
+def tool_call_for(rules: tuple[ToolCallRule, ...], text: str) -> ToolCallRule | None:
+    """The first rule whose phrase is in `text` (case and punctuation ignored), if any."""
+    if not rules:
+        return None
+    norm = policy._norm(text)
+    return next((r for r in rules if r.phrase in norm), None)
+
+
+def reply_to_tool_result(tool: str, content: str) -> list[str]:
+    """The sentences spoken about `tool`'s result `content`."""
+    return sentences(policy.tool_reply_text(tool, content))
+
+
+def answering_late_tool_results(reply: Callable[[str, list[tuple[str, str]]], list[str]]
+                                ) -> Callable[[str, list[tuple[str, str]]], list[str]]:
+    """`reply`, except that a tool result delivered as user text gets the tool reply."""
+
+    def answer(text: str, history: list[tuple[str, str]]) -> list[str]:
+        late = policy.late_tool_result(text)
+        return reply_to_tool_result(*late) if late is not None else reply(text, history)
+
+    return answer
+
+
 # -- one engine's set -------------------------------------------------------------------------------
 
 
@@ -201,6 +299,8 @@ class Backends:
     synthesiser: Synthesiser
     reply: Callable[[str, list[tuple[str, str]]], list[str]]  # (user text, history) -> sentences
     warm: Callable[[], None]  # load the models (blocking); nothing to do for the scripted back ends
+    tool_calls: tuple[ToolCallRule, ...] = ()  # tool calls on a phrase
+    tool_reply: Callable[[str, str], list[str]] = reply_to_tool_result  # (tool, result content) -> sentences
 
 
 def build(cfg: LocalEngineConfig) -> Backends:
@@ -230,8 +330,9 @@ def build(cfg: LocalEngineConfig) -> Backends:
         synthesiser = ToneSynthesiser(cfg.reply_s / chars)  # the canned reply lasts reply_s
     else:
         synthesiser = ModelSynthesiser(cfg.tts)
-    reply = ScriptedPolicy(cfg.reply) if cfg.policy == "scripted" else policy.reply
+    reply = answering_late_tool_results(ScriptedPolicy(cfg.reply) if cfg.policy == "scripted" else policy.reply)
+    tool_calls = parse_tool_calls(cfg.tool_calls, cfg.tool_filler)
     asr = cfg.asr if cfg.asr in speech.ASR_BACKENDS else ""
     tts = cfg.tts if cfg.tts in speech.TTS_BACKENDS else ""
     grammar = tuple(cfg.grammar) or None
-    return Backends(new_vad, new_recogniser, synthesiser, reply, lambda: speech.warm(asr, tts, grammar))
+    return Backends(new_vad, new_recogniser, synthesiser, reply, lambda: speech.warm(asr, tts, grammar), tool_calls)

@@ -22,6 +22,32 @@ before synthesising the next sentence. Speech onset (VAD) while audio is still p
 a FINAL block carries the part of the current sentence actually played, then `{ "interrupted" : true }`, and
 contentEnd INTERRUPTED; the rest of the reply is dropped and the new utterance becomes the next turn.
 Endpointing runs on audio time (frames received), so tests may feed audio faster than real time.
+
+Tool calls on a phrase (demos and tests: the whole tool path runs offline). `LocalEngineConfig.tool_calls`
+holds rules, a JSON list (`NOVAGATE_ENGINE_TOOL_CALLS`, `novagate emulate nova --tool-calls JSON|@path`):
+    [{"phrase": "record the call", "tool": "record_call", "arguments": {"reason": "demo"},
+      "filler": "One moment."}]
+(`arguments` default {}, `filler` default "One moment.", "" for none). When a user turn's words (a spoken
+turn's transcript or an interactive USER text) contain a rule's phrase (case and punctuation ignored; the
+first rule that matches) and promptStart declared that tool (`toolConfiguration.tools[].toolSpec.name`;
+otherwise the rule is logged and the turn answered as usual), the model's turn is (reference §3):
+    completionStart (first turn of the prompt only), USER TEXT FINAL (spoken turns)
+    the filler, if any: ASSISTANT TEXT SPECULATIVE → AUDIO → ASSISTANT TEXT FINAL, ending PARTIAL_TURN
+    contentStart TOOL role TOOL (toolUseOutputConfiguration application/json)
+    toolUse {toolName, toolUseId "tooluse_…", content: the arguments as a JSON string}
+    contentEnd TOOL stopReason TOOL_USE
+    usageEvent
+and the model waits for the result: contentStart TOOL (toolResultInputConfiguration.toolUseId) → toolResult
+(a JSON string) → contentEnd. Then it speaks "The <tool> tool says: <summary>" (policy.tool_reply_text) as
+any reply: sentences SPECULATIVE → AUDIO → FINAL, the last ending END_TURN, then usageEvent. A result that is
+not JSON fails the stream as Nova does: validationException "Tool Response parsing error". A TOOL block for
+an id the model did not issue, or answered already, is an order violation (protocol/event_order.py). If the
+filler is cut by a barge-in, the call is not made (the turn was interrupted).
+While a result is awaited, the stream goes on as usual: audio is read, barge-in works as ever, and speech
+or typed text starts a new turn that is answered at once; the result, whenever it comes, is answered
+after whatever is being said. No result: nothing happens (the idle timeout still applies).
+A tool result the gateway delivers as interactive USER text, "Result of the <tool> tool call …: <JSON>",
+gets the same "The <tool> tool says: …" reply (backends.answering_late_tool_results).
 """
 
 from __future__ import annotations
@@ -34,6 +60,7 @@ import logging
 import math
 import uuid
 from collections import deque
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +68,7 @@ import numpy as np
 import orjson
 import soxr
 
-from gateway.local import backends, speech
+from gateway.local import backends, policy, speech
 from gateway.local.backends import DEFAULT_REPLY
 from gateway.logs import log
 from gateway.transport import (
@@ -75,6 +102,7 @@ TEXT_TOKENS_PER_WORD = 1.3
 _WAKE = object()  # wakes a blocked receive()
 _END = object()  # end of output
 _INTERRUPT = object()  # wakes an idle responder for a barge-in
+TOOL_RESULT_PARSE_ERROR = "Tool Response parsing error"  # Nova's ValidationException for a result that is not JSON
 
 
 @dataclass
@@ -93,12 +121,17 @@ class LocalEngineConfig:
     max_stream_s: float = nova.MAX_STREAM_AGE_S  # stream age cap -> ModelTimeoutException
     lookahead_s: float = 1.5  # max unplayed audio before the next sentence is produced
     trace_path: str | None = None  # JSON lines of every input event received
+    # tool calls on a phrase: a JSON string (or "@path"), or a list of {"phrase", "tool", "arguments",
+    # "filler"} objects (backends.parse_tool_calls); () = none
+    tool_calls: Any = ()
+    tool_filler: str = backends.DEFAULT_TOOL_FILLER  # spoken before a tool call unless a rule says otherwise
 
 
 @dataclass(slots=True)
 class _Turn:
-    text: str | None = None  # interactive text turn
+    text: str | None = None  # interactive text turn (or the result of `tool`)
     pcm: bytes | None = None  # spoken turn: PCM16LE mono 16 kHz
+    tool: str | None = None  # a tool result turn: `text` is the result of this tool
 
 
 @dataclass(slots=True)
@@ -117,6 +150,7 @@ class _InBlock:
     role: str
     interactive: bool
     chunks: list[str]
+    tool_use_id: str | None = None  # TOOL blocks
 
 
 class _Trace:
@@ -157,6 +191,19 @@ def _text_tokens(text: str) -> int:
     return int(round(len(text.split()) * TEXT_TOKENS_PER_WORD))
 
 
+def _declared_tools(prompt_start: dict) -> frozenset[str]:
+    """The tool names a promptStart declares (toolConfiguration.tools[].toolSpec.name)."""
+    config = prompt_start.get("toolConfiguration")
+    tools = config.get("tools") if isinstance(config, dict) else None
+    names = set()
+    for tool in tools if isinstance(tools, list) else ():
+        spec = tool.get("toolSpec") if isinstance(tool, dict) else None
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and name:
+            names.add(name)
+    return frozenset(names)
+
+
 class LocalStream:
     """One bidirectional stream of the local engine (implements gateway.transport.ModelStream)."""
 
@@ -185,6 +232,8 @@ class LocalStream:
         self._trace_blocks: dict[str, tuple[Any, Any, Any]] = {}
         self._system_text = ""
         self._history: list[tuple[str, str]] = []
+        self._declared_tools: frozenset[str] = frozenset()  # promptStart toolConfiguration
+        self._tool_uses: dict[str, str] = {}  # toolUseId -> tool name, awaiting a result
         # audio input / endpointing
         self._vad = engine.backends.new_vad()
         self._recogniser = engine.backends.new_recogniser()
@@ -340,7 +389,7 @@ class LocalStream:
         }
         if cname is not None:
             record["contentName"] = cname
-        if name == "textInput":
+        if name in ("textInput", "toolResult"):
             record["content"] = body.get("content")
         elif name == "audioInput":
             content = body.get("content")
@@ -385,9 +434,12 @@ class LocalStream:
             self._ids = {
                 "sessionId": self.session_id, "promptName": body["promptName"], "completionId": str(uuid.uuid4())
             }
+            self._declared_tools = _declared_tools(body)
         elif name == "contentStart":
             block = _InBlock(body.get("type", ""), body.get("role", ""), bool(body.get("interactive", False)), [])
             self._blocks[body["contentName"]] = block
+            if block.type == "TOOL":
+                block.tool_use_id = (body.get("toolResultInputConfiguration") or {}).get("toolUseId")
             if block.type == "AUDIO":
                 rate = int((body.get("audioInputConfiguration") or {}).get("sampleRateHertz") or nova.MODEL_INPUT_RATE)
                 self._resampler = (
@@ -395,7 +447,7 @@ class LocalStream:
                     if rate != speech.ASR_SAMPLE_RATE else None
                 )
                 self._reset_vad()
-        elif name == "textInput":
+        elif name in ("textInput", "toolResult"):
             block = self._blocks.get(body["contentName"])
             if block is not None:
                 block.chunks.append(body.get("content", ""))
@@ -422,8 +474,11 @@ class LocalStream:
             self._end_utterance(final=True)
             self._reset_vad()
             return
+        if block.type == "TOOL":
+            self._on_tool_result(block)
+            return
         if block.type != "TEXT":
-            return  # tool results: the local model never asks for tools
+            return
         text = "".join(block.chunks)
         if block.role == "SYSTEM":
             self._system_text = text
@@ -435,6 +490,18 @@ class LocalStream:
                                                  or not self._responder_idle):
                 self._request_interrupt()  # typing over the reply interrupts it, as speaking does
             self._turns.put_nowait(_Turn(text=text))
+
+    def _on_tool_result(self, block: _InBlock) -> None:
+        content = "".join(block.chunks)
+        try:
+            orjson.loads(content)
+        except orjson.JSONDecodeError:
+            self._fail(ModelError(VALIDATION, TOOL_RESULT_PARSE_ERROR))
+            return
+        tool = self._tool_uses.pop(block.tool_use_id or "", None)
+        if tool is None:  # the validator admits only ids this stream issued; nothing to answer otherwise
+            return
+        self._turns.put_nowait(_Turn(text=content, tool=tool))  # answered after what is being said
 
     def _on_audio(self, body: dict) -> None:
         try:
@@ -619,23 +686,50 @@ class LocalStream:
             rec = self._recogniser
             text = await asyncio.to_thread(rec.transcribe, turn.pcm) if rec.blocking else rec.transcribe(turn.pcm)
             text = " ".join(text.split())
+        elif turn.tool is not None:
+            text = turn.text or ""
+            delta["input_text"] += _text_tokens(text)
         else:
             text = " ".join((turn.text or "").split())
             delta["input_text"] += _text_tokens(text)
         if self._interrupt.is_set():  # barge-in on the tail of the previous reply
             await self._emit_interruption()
         await self._ensure_completion()
-        if turn.pcm is not None and text:
-            await self._text_block("USER", "FINAL", text, "END_TURN")
-        history = list(self._history)
-        if text:
-            self._history.append(("USER", text))
-        sentences = self._engine.backends.reply(text, history)
+        if turn.tool is not None:  # a tool's result: the model speaks about it
+            spoken, _ = await self._speak(self._engine.backends.tool_reply(turn.tool, text), delta)
+        else:
+            if turn.pcm is not None and text:
+                await self._text_block("USER", "FINAL", text, "END_TURN")
+            history = list(self._history)
+            if text:
+                self._history.append(("USER", text))
+            rule = self._tool_call_for(text)
+            if rule is not None:
+                spoken, complete = await self._speak(list(rule.filler), delta, end_turn=False)
+                if complete:
+                    await self._call_tool(rule, delta)
+                else:
+                    log(logger, logging.INFO, "local engine: filler interrupted, tool not called",
+                        stream_id=self.stream_id, tool=rule.tool)
+            else:
+                spoken, _ = await self._speak(self._engine.backends.reply(text, history), delta)
+        said = " ".join(s for s in spoken if s)
+        if said:
+            self._history.append(("ASSISTANT", said))
+        delta["output_text"] += _text_tokens(said)
+        await self._emit_usage(delta)
+
+    async def _speak(self, sentences: list[str], delta: dict[str, int], *,
+                     end_turn: bool = True) -> tuple[list[str], bool]:
+        """Each sentence: ASSISTANT TEXT SPECULATIVE → AUDIO → TEXT FINAL, paced; the last one ends END_TURN
+        (PARTIAL_TURN when `end_turn` is false: more of the turn follows). Returns what was spoken and
+        whether every sentence was (False: a barge-in cut the reply)."""
+        assert self._ids is not None
         spoken: list[str] = []
         rate = self._out_rate
         chunk_bytes = rate * CHUNK_MS // 1000 * 2
         for i, sentence in enumerate(sentences):
-            last = i == len(sentences) - 1
+            last = end_turn and i == len(sentences) - 1
             if i == 0:
                 while await self._wait_unplayed():  # previous reply still playing beyond the lookahead
                     await self._emit_interruption()
@@ -645,7 +739,7 @@ class LocalStream:
             if self._interrupt.is_set():
                 await self._emit_interruption()
                 if i > 0:  # this reply was playing: drop the rest of it
-                    break
+                    return spoken, False
                 # i == 0: the barge-in hit the previous reply's tail; this reply has not started yet
             duration = len(pcm) / 2 / rate
             self._pending = _Sentence(sentence, duration)
@@ -665,19 +759,38 @@ class LocalStream:
             delta["output_speech"] += int(self._pending.emitted * SPEECH_TOKENS_PER_S)
             if self._interrupt.is_set():
                 spoken.append(await self._emit_interruption())
-                break
+                return spoken, False
             await self._end_block("END_TURN" if last else "PARTIAL_TURN")
             if await self._wait_unplayed():
                 spoken.append(await self._emit_interruption())
-                break
+                return spoken, False
             self._pending = None
             await self._text_block("ASSISTANT", "FINAL", sentence, "END_TURN" if last else "PARTIAL_TURN")
             spoken.append(sentence)
-        said = " ".join(s for s in spoken if s)
-        if said:
-            self._history.append(("ASSISTANT", said))
-        delta["output_text"] += _text_tokens(said)
-        await self._emit_usage(delta)
+        return spoken, True
+
+    def _tool_call_for(self, text: str) -> backends.ToolCallRule | None:
+        rule = backends.tool_call_for(self._engine.backends.tool_calls, text) if text else None
+        if rule is None or policy.late_tool_result(text) is not None:  # a result is not a request
+            return None
+        if rule.tool not in self._declared_tools:
+            log(logger, logging.INFO, "local engine: tool call phrase heard, but promptStart did not declare the "
+                "tool; answering as usual", stream_id=self.stream_id, tool=rule.tool)
+            return None
+        return rule
+
+    async def _call_tool(self, rule: backends.ToolCallRule, delta: dict[str, int]) -> None:
+        """TOOL block: contentStart (TOOL, TOOL) → toolUse → contentEnd TOOL_USE; then the result is awaited."""
+        assert self._ids is not None
+        tool_use_id = "tooluse_" + secrets.token_urlsafe(16)
+        self._tool_uses[tool_use_id] = rule.tool
+        self._validator.model_tool_use(tool_use_id)  # before the client can see it (and answer)
+        log(logger, logging.INFO, "local engine: calling a tool", stream_id=self.stream_id, tool=rule.tool,
+            tool_use_id=tool_use_id)
+        cid = await self._start_block("TOOL", "TOOL")
+        await self._emit(nova.output_tool_use(self._ids, cid, tool_use_id, rule.tool, rule.arguments))
+        await self._end_block("TOOL_USE")
+        delta["output_text"] += _text_tokens(rule.arguments)
 
     async def _emit_usage(self, delta: dict[str, int]) -> None:
         assert self._ids is not None

@@ -3,16 +3,22 @@
 `reply(user_text, history)` returns the assistant's reply as a list of sentences (each one is spoken as
 its own SPECULATIVE/AUDIO/FINAL group). `history` is the conversation so far as (role, text) pairs with
 role "USER" or "ASSISTANT", oldest first, not including `user_text`. Pure: no I/O, no randomness.
+
+Tool results (whatever the policy): `tool_reply_text(tool, content)` is what the model says about a tool's
+result, "The <tool> tool says: <summary>"; `late_tool_result(text)` recognises a result the gateway
+delivers as typed user text ("Result of the <tool> tool call …: <JSON>").
 """
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 
 NOT_CAUGHT = "Sorry, I didn't catch that."
 MAX_ECHO_WORDS = 30
 MAX_RECALLED = 3
+TOOL_SUMMARY_CHARS = 200  # a spoken tool result is cut (at a word boundary) to about this many characters
 
 STORY = (
     "Once upon a time, in a small town by the sea, there lived a lighthouse keeper named Ada.",
@@ -50,6 +56,10 @@ _QUESTION_START = re.compile(
 )
 _HONORIFIC = re.compile(r"\b(doctor|dr|mister|mr|missus|mrs|miss|ms|professor|prof|captain|aunt|uncle)(\.?) ([a-z]\w*)",
                         re.IGNORECASE)
+
+
+_LATE_TOOL_RESULT = re.compile(r"^\s*result of the\s+[`'\"]?(?P<tool>[^\s`'\"]+?)[`'\"]?\s+tool call\b",
+                               re.IGNORECASE)
 
 
 def _norm(text: str) -> str:
@@ -130,3 +140,50 @@ def reply(user_text: str, history: list[tuple[str, str]]) -> list[str]:
             "I'm only a local stand-in, so I can't look that up, but I'm happy to keep talking.",
         ]
     return [f"Got it, you said: {said}.", _pick(_FOLLOW_UPS, norm)]
+
+
+# -- tool results -----------------------------------------------------------------------------------
+
+
+def _truncate(text: str, limit: int = TOOL_SUMMARY_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    if space > limit // 2:  # at a word boundary, unless the text has no spaces to speak of (compact JSON)
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def tool_result_summary(content: str) -> str:
+    """A tool result (a JSON string), short enough to speak: the string of a JSON string, of an object's
+    "result" or "message" string field or of its only field if that is a string; else the JSON compacted.
+    Text that is not JSON is used as it is. Cut to about TOOL_SUMMARY_CHARS characters."""
+    try:
+        value = json.loads(content)
+    except ValueError:
+        value = content
+    if isinstance(value, dict):
+        picked = next((value[k] for k in ("result", "message") if isinstance(value.get(k), str)), None)
+        if picked is None and len(value) == 1 and isinstance(next(iter(value.values())), str):
+            picked = next(iter(value.values()))
+        value = picked if picked is not None else value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _truncate(" ".join(text.split()))
+
+
+def tool_reply_text(tool: str, content: str) -> str:
+    """What the model says about `tool`'s result `content`: "The <tool> tool says: <summary>"."""
+    summary = tool_result_summary(content) or "nothing"
+    return f"The {tool} tool says: {summary}" + ("" if summary[-1] in ".!?…" else ".")
+
+
+def late_tool_result(text: str) -> tuple[str, str] | None:
+    """(tool, result) when `text` is a tool result delivered as user text, "Result of the <tool> tool
+    call …: <result>" (the result is what follows the first ": "); None otherwise."""
+    m = _LATE_TOOL_RESULT.match(text)
+    if m is None:
+        return None
+    rest = text[m.end():]
+    _, colon, after = rest.partition(": ")
+    return m.group("tool"), (after.strip() if colon else rest.strip(" \t\n:.-"))
