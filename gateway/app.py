@@ -27,6 +27,7 @@ from .config import Settings
 from .logs import log
 from .store import ConversationStore, open_store
 from .tokens import Authenticator, Signer, load_secret, owner_hash
+from .tools import ToolBox, ToolSetupError, open_toolbox
 from .transport import ModelTransport
 from .web import AppFiles, HostCheck, SecurityHeaders, allowed_hosts, origin_allowed
 
@@ -45,6 +46,7 @@ class Services:
     session_config: SessionConfig
     session_env: SessionEnv
     admission: Admission
+    toolbox: ToolBox
     hosts: tuple[str, ...]                       # the Host allow-list (gateway/web.py)
     sessions: set = field(default_factory=set)   # every socket's actor, handshake or not
     draining: bool = False
@@ -76,8 +78,9 @@ class Services:
         return self.admission.admit(actor, principal)
 
 
-def session_config(settings: Settings, transport: ModelTransport) -> SessionConfig:
+def session_config(settings: Settings, transport: ModelTransport, toolbox: ToolBox | None = None) -> SessionConfig:
     caps = getattr(transport, "capabilities", None)  # None: the local engine takes everything
+    specs = toolbox.specs if toolbox is not None else ()
     return SessionConfig(
         system_prompt=settings.system_prompt,
         voice=settings.voice,
@@ -96,6 +99,9 @@ def session_config(settings: Settings, transport: ModelTransport) -> SessionConf
         conversation_ttl_s=settings.conversation_ttl,
         idle_timeout_s=settings.idle_timeout_s,
         max_items=settings.max_items_per_conversation,
+        tools=tuple(toolbox.nova_tools()) if toolbox is not None else (),
+        public_tools=frozenset(spec.name for spec in specs if spec.public),
+        tool_timeout_s=settings.tool_timeout_s,
     )
 
 
@@ -123,6 +129,7 @@ def open_transport(settings: Settings) -> ModelTransport:
             idle_timeout_s=settings.local_idle_timeout_s,
             max_stream_s=settings.local_max_stream_s,
             trace_path=settings.engine_trace or None,
+            tool_calls=settings.engine_tool_calls,
         ))
     if settings.engine == "scripted":  # the local engine with canned replies, for load tests
         from .local.engine import DEFAULT_REPLY, ScriptedEngine, scripted_config
@@ -136,6 +143,7 @@ def open_transport(settings: Settings) -> ModelTransport:
             idle_timeout_s=settings.local_idle_timeout_s,
             max_stream_s=settings.local_max_stream_s,
             trace_path=settings.engine_trace or None,
+            tool_calls=settings.engine_tool_calls,
         ))
     if settings.engine == "bedrock":
         from .bedrock import BedrockTransport
@@ -154,6 +162,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         secret = load_secret(settings.secret, settings.secret_file)
+        try:
+            toolbox = await open_toolbox(mcp_config=settings.mcp_config or None, python_tools=settings.tools or None)
+        except ToolSetupError as e:
+            log(logger, logging.ERROR, "tools could not be loaded", error=str(e))
+            raise
+        for line in toolbox.summary():
+            log(logger, logging.INFO, "tool", tool=line)
         transport = open_transport(settings)
         signer = Signer(secret, resume_ttl=settings.resume_ttl)
         authenticator = Authenticator.from_settings(settings)
@@ -163,10 +178,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             transport=transport,
             signer=signer,
             authenticator=authenticator,
-            session_config=session_config(settings, transport),
+            session_config=session_config(settings, transport, toolbox),
             session_env=session_env(signer),
             admission=Admission(Limits.from_settings(settings)),
             hosts=hosts,
+            toolbox=toolbox,
         )
         warm = getattr(services.transport, "warm", None)
         if warm is not None:
@@ -179,6 +195,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await services.transport.aclose()
             await services.store.aclose()
+            await toolbox.aclose()
 
     routes = [
         WebSocketRoute("/v1/voice", voice),

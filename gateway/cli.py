@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("--sqlite-path", help="default: NOVAGATE_SQLITE_PATH")
     revoke.set_defaults(func=_revoke)
 
+    from .tools import command as tools_cmd  # light: the sources load when it runs
+
+    tools = sub.add_parser("tools", help="load the configured tools (MCP servers, Python) and list them, or run "
+                           "one with --call (docs/tools.md)")
+    tools_cmd.add_arguments(tools)
+    tools.set_defaults(func=tools_cmd.main)
+
     from .loadtest import command as loadtest_cmd  # light: the load tool itself loads when it runs
 
     loadtest = sub.add_parser("loadtest", help="N scripted voice users against a gateway: latency, gaps, errors, "

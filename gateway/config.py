@@ -236,9 +236,26 @@ class Settings:
         default=-40.0, metadata={"help": "scripted engine: a 30 ms input frame whose RMS is above this (dBFS) is "
                                  "speech"}
     )
+    engine_tool_calls: str = field(
+        default="", metadata={"help": "local / scripted engine: call a tool when the user says a phrase: a JSON list "
+                              '(or @path of a JSON file) of {"phrase", "tool", "arguments", "filler"} objects; '
+                              "the tool must be declared by the stream (docs/local-engine.md)"}
+    )
     engine_trace: str = field(
         default="", metadata={"help": "debug: a JSONL file recording every input event the local (or scripted) "
                               "engine receives (contains text)"}
+    )
+    # -- tools the model may call (gateway/tools; docs/tools.md)
+    mcp_config: str = field(
+        default="", metadata={"help": 'JSON file of MCP servers whose tools the model may call ({"mcpServers": '
+                              '{name: {"command", "args", "env"} | {"url", "headers"}}}, docs/tools.md)'}
+    )
+    tools: str = field(
+        default="", metadata={"help": "Python tools: comma-separated package.module:attribute (a function or a "
+                              "list of functions; docs/tools.md)"}
+    )
+    tool_timeout_s: float = field(
+        default=20.0, metadata={"help": "seconds one tool call may take; past it the model is told it timed out"}
     )
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     log_transcripts: bool = field(
@@ -273,6 +290,8 @@ class Settings:
             raise ConfigError("NOVAGATE_OVERLOAD_LAG_MS and NOVAGATE_OVERLOAD_CPU must be >= 0 (0: not checked)")
         if self.bedrock_streams_per_connection < 1:
             raise ConfigError(f"NOVAGATE_BEDROCK_STREAMS_PER_CONNECTION={self.bedrock_streams_per_connection} must be >= 1")
+        if not self.tool_timeout_s > 0:
+            raise ConfigError(f"NOVAGATE_TOOL_TIMEOUT_S={self.tool_timeout_s} must be > 0 seconds")
         self._validate_auth()
         self._validate_scripted()
         if (self.engine == "bedrock" or self.store == "agent-runtime") and not self.aws_region:
@@ -288,6 +307,13 @@ class Settings:
             raise ConfigError(f"NOVAGATE_SCRIPTED_ENERGY_DB={self.scripted_energy_db} must be between -100 and 0 dBFS")
         if self.scripted_reply and not self.scripted_reply.strip():
             raise ConfigError("NOVAGATE_SCRIPTED_REPLY is blank; leave it unset for the built-in reply")
+        if self.engine_tool_calls:
+            from .local.backends import parse_tool_calls
+
+            try:
+                parse_tool_calls(self.engine_tool_calls)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"NOVAGATE_ENGINE_TOOL_CALLS: {e}") from None
 
     def _validate_auth(self) -> None:
         for name in ("secret", "auth_jwt_secret"):
