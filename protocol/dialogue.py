@@ -281,6 +281,7 @@ class Dialogue:
         self._targets.clear()
         self._user_text = []
         self._barged = False
+        self._speaking = False  # the old stream says nothing more (a turn may have paused at a tool call)
         self._superseded = False
         self._ignored.clear()
         for t in list(self._turns.values()):

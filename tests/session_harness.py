@@ -203,9 +203,10 @@ class FakeModel:
                 nova.output_text(IDS, f"u{k}", "USER", text),
                 nova.output_content_end(IDS, f"u{k}", type="TEXT", stop_reason="END_TURN"),
             )]
-            if self.tool is not None:
+            if self.tool is not None:  # a filler sentence that pauses the turn, then the call
+                self._answer("one moment", now + 0.1, stop="PARTIAL_TURN")
                 self.tool_uses.add(f"tooluse_{self.sid}_{k}")
-                self.pending += [(now + 0.1, e) for e in (
+                self.pending += [(now + 0.2, e) for e in (
                     nova.output_content_start(IDS, f"t{k}", type="TOOL", role="TOOL"),
                     nova.output_tool_use(IDS, f"t{k}", f"tooluse_{self.sid}_{k}", self.tool, orjson.dumps({"q": text}).decode()),
                     nova.output_content_end(IDS, f"t{k}", type="TOOL", stop_reason="TOOL_USE"),
@@ -216,7 +217,7 @@ class FakeModel:
         self.pending = [(t, e) for t, e in self.pending if t > now]
         return due
 
-    def _answer(self, text: str, at: float) -> None:
+    def _answer(self, text: str, at: float, stop: str = "END_TURN") -> None:
         k = next(self.n)
         self.pending += [(at, e) for e in (
             nova.output_content_start(IDS, f"s{k}", type="TEXT", role="ASSISTANT", stage="SPECULATIVE"),
@@ -224,10 +225,10 @@ class FakeModel:
             nova.output_content_end(IDS, f"s{k}", type="TEXT", stop_reason="PARTIAL_TURN"),
             nova.output_content_start(IDS, f"a{k}", type="AUDIO", role="ASSISTANT"),
             nova.output_audio(IDS, f"a{k}", bytes(OUT_BYTES_PER_MS * self.reply_ms)),
-            nova.output_content_end(IDS, f"a{k}", type="AUDIO", stop_reason="END_TURN"),
+            nova.output_content_end(IDS, f"a{k}", type="AUDIO", stop_reason=stop),
             nova.output_content_start(IDS, f"f{k}", type="TEXT", role="ASSISTANT", stage="FINAL"),
             nova.output_text(IDS, f"f{k}", "ASSISTANT", text),
-            nova.output_content_end(IDS, f"f{k}", type="TEXT", stop_reason="END_TURN"),
+            nova.output_content_end(IDS, f"f{k}", type="TEXT", stop_reason=stop),
         )]
 
 

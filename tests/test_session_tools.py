@@ -138,8 +138,11 @@ def test_a_result_after_the_stream_was_replaced_is_told_to_the_next_one():
     assert first.tool_results == [] and second.tool_results == []  # that toolUseId does not exist any more
     h.until(lambda: second.typed, 3)
     assert second.typed[0].startswith('Result of the lookup tool call you made earlier: {"answer": 7}')
-    h.until(lambda: h.finals("assistant"), 5)
-    assert [i.role for i in h.s.history] == ["user", "tool", "assistant"]
+    h.until(lambda: len(h.finals("assistant")) == 2, 5)
+    # the filler the first stream spoke (settled when it was replaced), the call, the answer to its result
+    assert [i.role for i in h.s.history] == ["user", "assistant", "tool", "assistant"]
+    assert h.finals("assistant")[0].text == "one moment"
+    assert h.finals("assistant")[1].text.startswith("answer to typed Result of the lookup tool call")
 
 
 def test_quiet_rotation_waits_for_a_running_tool_and_the_next_stream_reads_it_in_its_history():

@@ -391,6 +391,11 @@ class LocalStream:
             record["contentName"] = cname
         if name in ("textInput", "toolResult"):
             record["content"] = body.get("content")
+        elif name == "promptStart":
+            tools = (body.get("toolConfiguration") or {}).get("tools") or []
+            record["tools"] = [t.get("toolSpec", {}).get("name") for t in tools if isinstance(t, dict)]
+        elif name == "contentStart" and typ == "TOOL":
+            record["toolUseId"] = (body.get("toolResultInputConfiguration") or {}).get("toolUseId")
         elif name == "audioInput":
             content = body.get("content")
             record["bytes"] = _b64_len(content) if isinstance(content, str) else 0
