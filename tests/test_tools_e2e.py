@@ -21,7 +21,7 @@ from .conftest import GRAMMAR, ROOT, AwsStack, Gateway, free_port
 RULES = [
     {"phrase": "record the call", "tool": "record_call",
      "arguments": {"doctor": "Dr. Okafor", "product": "Cardiolex", "when": "this morning", "notes": "wants samples"}},
-    {"phrase": "check slowly", "tool": "slow", "arguments": {"seconds": 8, "marker": "m1"}},
+    {"phrase": "check slowly", "tool": "slow", "arguments": {"seconds": 8}},
 ]
 
 
