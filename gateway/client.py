@@ -12,6 +12,11 @@ the new connection; `finals`, `saved` and the received audio keep accumulating a
 connections; every reconnect is recorded in `reconnects` (how long the client had no usable socket).
 A turn whose reply was cut by a lost connection raises `TurnInterrupted` once the client is
 connected again, so the caller can ask again (`turn(..., retry=n)` does it by itself).
+
+Tool calls (the additive `tool.call` message) are collected in `tool_calls`; an ended call is a
+conversation item of role `tool`, and its receipt is kept until `item.saved` like a final
+transcript's. `novagate client` prints them as `[tool record_call started]`, `[tool record_call
+finished 1.2 s]`, and shows the last items of a resumed conversation, tool items included.
 """
 
 from __future__ import annotations
@@ -166,6 +171,7 @@ class VoiceClient:
         self.audio_by_item: dict[str, bytearray] = {}
         self.audio_end: dict[str, str] = {}
         self.finals: list[dict] = []
+        self.tool_calls: list[dict] = []  # every tool.call message (started, then how it ended), in order
         self.saved: set[str] = set()
         self.close_code: int | None = None  # set when the client is closed for good
         self._current_item: str | None = None
@@ -476,6 +482,11 @@ class VoiceClient:
             if msg.get("receipt"):
                 self.state.pending[msg["item_id"]] = msg["receipt"]
                 self.state.save()
+        elif t == "tool.call":  # additive: a tool the model called; once ended, an item of role "tool"
+            self.tool_calls.append(msg)
+            if msg.get("status") != "started" and msg.get("item_id") and msg.get("receipt"):
+                self.state.pending[msg["item_id"]] = msg["receipt"]
+                self.state.save()
         elif t == "session.updated":  # the conversation moved (additive message)
             self.state.resume_token = msg["resume_token"]
             self.state.conversation_id = msg["conversation_id"]
@@ -587,6 +598,52 @@ class VoiceClient:
                 or x.get("type") == "response.audio.start"}
 
 
+# -- showing a conversation -------------------------------------------------------------------------
+TOOL_STATUS_WORDS = {"timed_out": "timed out"}
+HISTORY_SHOWN = 10  # `novagate client` shows the last few items of a resumed conversation
+
+
+def format_duration(ms: Any) -> str:
+    """`340 ms`, `1.2 s`; empty when unknown."""
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or ms < 0:
+        return ""
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def _json_short(value: Any, limit: int = 200) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def tool_line(call: dict) -> str:
+    """One line for a tool call (a tool.call message or the record of a history item of role tool):
+    `[tool record_call started]`, `[tool record_call finished 1.2 s]`."""
+    name = call.get("name") if isinstance(call.get("name"), str) and call.get("name") else "?"
+    status = call.get("status")
+    words = TOOL_STATUS_WORDS.get(status, status) if isinstance(status, str) and status else "?"
+    duration = "" if status == "started" else format_duration(call.get("duration_ms"))
+    return f"[tool {name} {words}{' ' + duration if duration else ''}]"
+
+
+def tool_record(item: dict) -> dict | None:
+    """The JSON record a history item of role `tool` holds as its text ({call_id, name, arguments, status,
+    duration_ms, result}), or None when its text is not one."""
+    try:
+        record = orjson.loads(item.get("text") or "")
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("name"), str) else None
+
+
+def history_line(item: dict) -> str:
+    """One line for an item of session.ready.history: `     user: text`, `[tool name finished 1.2 s]`."""
+    if item.get("role") == "tool":
+        record = tool_record(item)
+        return f"{'':>11}" + (tool_line(record) if record is not None else "[tool ?]")
+    mark = " — interrupted" if item.get("interrupted") else ""
+    return f"{item.get('role', '?'):>9}: {item.get('text', '')}{mark}"
+
+
 # -- WAV helpers ------------------------------------------------------------------------------------
 def read_wav(path: str) -> tuple[bytes, int]:
     with wave.open(path, "rb") as w:
@@ -616,6 +673,12 @@ async def run_cli(args) -> int:
             print(f"    error: {msg['code']}: {msg['message']}", file=sys.stderr, flush=True)
         elif t == "interrupted":
             print("  (interrupted)", flush=True)
+        elif t == "tool.call":
+            print(f"{'':>11}{tool_line(msg)}", flush=True)
+            if "arguments" in msg and msg.get("status") == "started":  # only the server's public tools have them
+                print(f"{'':>13}arguments: {_json_short(msg['arguments'])}", flush=True)
+            if "result" in msg and msg.get("status") != "started":
+                print(f"{'':>13}result: {_json_short(msg['result'])}", flush=True)
 
     pcm, rate = (read_wav(args.wav) if args.wav else (None, DEFAULT_CLIENT_INPUT_RATE))
     client = VoiceClient(args.url, state=state, token=args.token, input_rate=rate, output_rate=args.output_rate,
@@ -626,6 +689,14 @@ async def run_cli(args) -> int:
                                                   else "new")
     print(f"conversation {ready['conversation_id']}: {resumed}, {ready['history_length']} earlier items, "
           f"engine {ready['engine']}", flush=True)
+    history = ready.get("history") or []
+    if ready["resumed"] and history:
+        shown = history[-HISTORY_SHOWN:]
+        if ready["history_length"] > len(shown):
+            print(f"  ({ready['history_length'] - len(shown)} earlier items not shown)", flush=True)
+        for item in shown:
+            print(history_line(item), flush=True)
+        print("  ---", flush=True)
     try:
         t0 = time.monotonic()
         if args.text or pcm:

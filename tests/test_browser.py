@@ -7,6 +7,11 @@ plays a WAV file in a loop (`--use-file-for-fake-audio-capture`): scripted speec
 The page's capture worklet resamples the device rate (Chromium's fake device runs at 44.1 kHz) to
 16 kHz; the gateway runs the deterministic local engine (sphinx + espeak).
 
+Tool calls: one test runs the page against tests/fake_voice_server.py (a stand-in gateway on loopback
+that serves web/ under the gateway's CSP; the test plays the model and sends `tool.call` itself), one
+against a real gateway with Python tools (tests/tools_fixture.py) and the scripted engine calling them on a
+phrase of a typed turn (NOVAGATE_ENGINE_TOOL_CALLS).
+
 If Chromium cannot be launched these tests FAIL (they are part of CI), saying what to install.
 """
 
@@ -506,3 +511,217 @@ def test_web_unit_tests_pass_under_node():
         pytest.fail("node is needed for web/test (node --test); install Node.js >= 20")
     r = subprocess.run([node, "--test", "web/test/"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+# -- tool calls ----------------------------------------------------------------------------------------
+# A stand-in gateway (tests/fake_voice_server.py) serves the page and speaks just enough of the protocol;
+# the test plays the model: it sends tool.call (started, then how it ended), transcripts and item.saved
+# when it wants, so what the page shows is checked without an engine and without timing.
+
+TOOL_ROWS = "novagate.toolCalls()"
+
+
+def tool_rows(page) -> list[dict]:
+    return page.evaluate(TOOL_ROWS)
+
+
+def tool_row(page, call_id: str, status: str, what: str = "") -> dict:
+    """Wait until the row of call_id shows `status`; return it."""
+    return js_wait(page, f"novagate.toolCalls().find(r => r.callId === {call_id!r} && r.status === {status!r})",
+                   15, what or f"the row of {call_id} to show {status}")
+
+
+def pending(page) -> set[str]:
+    return set(page.evaluate("Object.keys(novagate.client.pendingReceipts)"))
+
+
+@pytest.fixture
+def fake_gateway():
+    from .fake_voice_server import FakeVoiceServer
+    with FakeVoiceServer() as fake:
+        yield fake
+
+
+def test_tool_calls_are_shown_and_their_receipts_kept(fake_gateway, launch):
+    fake = fake_gateway
+    page = launch(None, grant_mic=False)  # typed turns
+    page.goto(fake.http + "/")
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready'", 15, "the session")
+    _type(page, "please record my call")
+    fake.wait_for(lambda: fake.messages("input.text"), 15, "the typed turn")
+    user = fake.transcript("user", "please record my call")
+
+    # 1. a public tool: a spinner while it runs, with its arguments; then ✓, the duration, the result
+    args = {"who": "Ann Smith", "minutes": 12}
+    fake.tool("call_a", "record_call", "started", arguments=args)
+    row = tool_row(page, "call_a", "started")
+    assert row["name"] == "record_call" and row["spinner"] and row["label"] == "running…", row
+    assert row["duration"] == "" and row["itemId"] is None and not row["history"], row
+    assert row["details"] == {"open": False, "summary": "Arguments"}, row
+    assert json_of(row["arguments"]) == args and row["result"] is None
+    row_text = page.locator("#transcript li.tool").first.inner_text()
+    assert "record_call" in row_text and "running…" in row_text and "Ann Smith" not in row_text  # collapsed
+    shot(page, "browser-tool-running.png")
+    result = {"saved": True, "record": 7}
+    item_a = fake.tool("call_a", "record_call", "finished", duration_ms=1234, arguments=args, result=result)
+    row = tool_row(page, "call_a", "finished")
+    assert not row["spinner"] and row["label"] == "finished" and row["duration"] == "1.2 s", row
+    assert row["itemId"] == item_a and row["details"]["summary"] == "Arguments and result", row
+    assert json_of(row["result"]) == result and json_of(row["arguments"]) == args
+    assert page.locator("#transcript li.tool .tool-icon").first.inner_text() == "✓"
+    assert len(tool_rows(page)) == 1, tool_rows(page)  # the same row, updated
+    # its receipt is held like a transcript's, and leaves storage on item.saved
+    assert pending(page) == {user, item_a}
+    stored = json_of(page.evaluate("localStorage.getItem('novagate.conversation')"))
+    assert set(stored["pending"]) == {user, item_a}
+    fake.saved(user, item_a)
+    js_wait(page, "novagate.stats().pendingReceipts === 0", 10, "the receipts to leave on item.saved")
+    page.locator("#transcript li.tool summary").first.click()  # the details open on a click
+    assert page.locator("#transcript li.tool pre.tool-result").first.is_visible()
+
+    # 2. a tool the server keeps private: name, status and duration only
+    fake.tool("call_b", "lookup_account", "started", arguments={"account": "secret"}, public=False)
+    row = tool_row(page, "call_b", "started")
+    assert row["details"] is None and row["arguments"] is None, row
+    item_b = fake.tool("call_b", "lookup_account", "failed", duration_ms=45, arguments={"account": "secret"},
+                       result={"error": {"type": "tool_error"}}, public=False)
+    row = tool_row(page, "call_b", "failed")
+    assert row["label"] == "failed" and row["duration"] == "45 ms" and row["details"] is None, row
+
+    # 3. ended without a started message first (e.g. an unknown tool), timed out, cancelled; server text
+    #    is only ever text: a name full of markup stays characters
+    item_c = fake.tool("call_c", "slow_tool", "timed_out", duration_ms=8000)
+    item_d = fake.tool("call_d", "<img src=x onerror=\"window.__xss=1\">", "cancelled", duration_ms=300,
+                       arguments={"html": "<b>bold</b>"}, result="<script>window.__xss=2</script>")
+    row_c = tool_row(page, "call_c", "timed_out")
+    row_d = tool_row(page, "call_d", "cancelled")
+    assert (row_c["label"], row_c["duration"]) == ("timed out", "8.0 s")
+    assert (row_d["label"], row_d["duration"]) == ("cancelled", "300 ms")
+    assert row_d["name"] == "<img src=x onerror=\"window.__xss=1\">" and json_of(row_d["result"]) == \
+        "<script>window.__xss=2</script>"
+    assert page.evaluate("document.querySelectorAll('#transcript img, #transcript script, #transcript b').length") == 0
+    assert page.evaluate("window.__xss === undefined")
+    fake.saved(item_d)
+    answer = fake.transcript("assistant", "I have recorded your call.")
+    js_wait(page, "novagate.transcript().some(x => x.role === 'assistant' && x.final)", 10, "the reply")
+    # tool rows are not turns: the transcript holds the user's and the assistant's words only
+    assert [(x["role"], x["text"]) for x in transcript(page)] == [
+        ("user", "please record my call"), ("assistant", "I have recorded your call.")]
+    assert [r["callId"] for r in tool_rows(page)] == ["call_a", "call_b", "call_c", "call_d"]
+    js_wait(page, "Object.keys(novagate.client.pendingReceipts).length === 3", 5, "the unsaved receipts")
+    assert pending(page) == {item_b, item_c, answer}
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(150)
+    shot(page, "browser-tool-calls-phone.png")
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.wait_for_timeout(150)
+    shot(page, "browser-tool-calls.png")
+
+    # 4. a reload: the unsaved tool receipts go back in session.start.pending; the resumed history shows
+    #    the tool items as the same rows, from their JSON records (never a bubble of raw JSON)
+    starts = len(fake.messages("session.start"))
+    page.reload()
+    fake.wait_for(lambda: len(fake.messages("session.start")) > starts, 15, "the resume")
+    start = fake.messages("session.start")[-1]
+    assert start.get("resume") and sorted(start["pending"]) == sorted(
+        r for r, i in fake.receipts.items() if i in {item_b, item_c, answer})
+    page.locator("#recovery").wait_for(state="visible", timeout=15000)
+    js_wait(page, "novagate.toolCalls().length === 4 && novagate.stats().pendingReceipts === 0", 15,
+            "the history with its tool calls")
+    rows = {r["callId"]: r for r in tool_rows(page)}
+    assert all(r["history"] and not r["spinner"] for r in rows.values()), rows
+    assert [(r["name"], r["status"], r["label"], r["duration"]) for r in rows.values()] == [
+        ("record_call", "finished", "finished", "1.2 s"), ("lookup_account", "failed", "failed", "45 ms"),
+        ("slow_tool", "timed_out", "timed out", "8.0 s"),
+        ("<img src=x onerror=\"window.__xss=1\">", "cancelled", "cancelled", "300 ms")]
+    assert rows["call_a"]["itemId"] == item_a and json_of(rows["call_a"]["result"]) == result
+    assert json_of(rows["call_a"]["arguments"]) == args
+    assert rows["call_c"]["details"]["summary"] == "Result"  # no arguments; its record's result is null
+    assert [(x["role"], x["text"]) for x in transcript(page)] == [
+        ("user", "please record my call"), ("assistant", "I have recorded your call.")]
+    texts = page.evaluate("[...document.querySelectorAll('#transcript .bubble')].map(b => b.textContent)")
+    assert not any(t.lstrip().startswith("{") for t in texts), texts
+    assert page.evaluate("document.querySelectorAll('#transcript img, #transcript script').length") == 0
+    # the rows keep the order of the conversation: user, the four calls, the answer
+    order = page.evaluate("[...document.querySelectorAll('#transcript li.turn, #transcript li.tool')]"
+                          ".map(li => li.dataset.callId || li.dataset.role)")
+    assert order == ["user", "call_a", "call_b", "call_c", "call_d", "assistant"], order
+
+    # 5. a live call after the resume, then the session off: a reload shows the stored history (over
+    #    HTTP) with the tool rows too
+    fake.tool("call_e", "record_call", "started", arguments={"who": "Bob"})
+    tool_row(page, "call_e", "started")
+    item_e = fake.tool("call_e", "record_call", "finished", duration_ms=20, arguments={"who": "Bob"}, result=None)
+    row = tool_row(page, "call_e", "finished")
+    assert row["details"]["summary"] == "Arguments" and row["result"] is None, row  # null result: not sent
+    fake.saved(item_e)
+    js_wait(page, "novagate.stats().pendingReceipts === 0", 10, "the receipt of the last call")
+    page.get_by_role("button", name="Stop").click()
+    page.reload()
+    js_wait(page, "document.querySelector('#recovery').textContent.startsWith('Your conversation')", 15,
+            "the stored conversation")
+    js_wait(page, "novagate.toolCalls().length === 5", 10, "the stored tool calls")
+    assert [(r["callId"], r["status"]) for r in tool_rows(page)][-1] == ("call_e", "finished")
+    assert page.errors == []
+
+
+def test_tool_calls_end_to_end(make_gateway, launch):
+    """A real gateway with Python tools (tests/tools_fixture.py) and the scripted engine calling them on a
+    phrase of a typed turn: the page shows the public tool with its arguments and result, the private one
+    without, both finished; their receipts leave on item.saved; a reload shows them from the history."""
+    import json
+    rules = [{"phrase": "look up the widget", "tool": "lookup_product", "arguments": {"name": "widget"}},
+             {"phrase": "add a visit", "tool": "add_visit", "arguments": {"doctor": "Dr Smith", "minutes": 20}}]
+    gw = make_gateway(NOVAGATE_ENGINE="scripted", NOVAGATE_TOOLS="tests.tools_fixture:TOOLS",
+                      NOVAGATE_ENGINE_TOOL_CALLS=json.dumps(rules), NOVAGATE_SCRIPTED_REPLY_S="0.5",
+                      NOVAGATE_TOOL_TIMEOUT_S="60")
+    page = launch(None, grant_mic=False)  # typed turns
+    page.goto(gw.http + "/")
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready'", 20, "the session")
+
+    def turn_with_tool(text: str, tool: str) -> dict:
+        """Type `text`; wait until, after that user turn, the call of `tool` has finished and a final
+        assistant item is there, and every receipt is saved. Returns the tool's row. (The engine's reply
+        is one item, "One moment." and then what the tool said: its bubble comes before the tool's row.)"""
+        _type(page, text)
+        js_wait(page, f"""(() => {{
+            const rows = [...document.querySelectorAll('#transcript li.turn, #transcript li.tool')];
+            const u = rows.findIndex(li => li.dataset.role === 'user' && li.dataset.final === 'true'
+                                           && li.textContent.includes({text!r}));
+            const after = u < 0 ? [] : rows.slice(u + 1);
+            return after.some(li => li.classList.contains('tool') && li.dataset.name === {tool!r}
+                                    && li.dataset.status === 'finished')
+                && after.some(li => li.dataset.role === 'assistant' && li.dataset.final === 'true')
+                && novagate.stats().pendingReceipts === 0;
+        }})()""", 60, f"the {tool} call and the reply to the turn")
+        return next(r for r in tool_rows(page) if r["name"] == tool)
+
+    row = turn_with_tool("please look up the widget", "lookup_product")
+    assert row["label"] == "finished" and not row["spinner"] and re.fullmatch(r"\d+ ms|\d+\.\d s", row["duration"])
+    assert row["details"]["summary"] == "Arguments and result", row  # @public in tests/tools_fixture.py
+    assert json_of(row["arguments"]) == {"name": "widget"}
+    assert json_of(row["result"]) == {"name": "widget", "price": 12.5}
+    assert row["itemId"] and row["callId"]
+    row = turn_with_tool("now add a visit", "add_visit")
+    assert row["label"] == "finished" and row["details"] is None and row["arguments"] is None, row  # not public
+    live = tool_rows(page)
+    assert [r["name"] for r in live] == ["lookup_product", "add_visit"]
+    said = [x["text"] for x in transcript(page)]
+    assert not any(t.lstrip().startswith("{") for t in said), said
+
+    # a reload resumes: the tool items come back from the history as the same rows
+    page.reload()
+    page.locator("#recovery").wait_for(state="visible", timeout=20000)
+    js_wait(page, "novagate.toolCalls().length === 2", 15, "the tool calls in the resumed history")
+    rows = tool_rows(page)
+    assert [(r["callId"], r["itemId"], r["name"], r["status"], r["duration"]) for r in rows] == \
+        [(r["callId"], r["itemId"], r["name"], r["status"], r["duration"]) for r in live]
+    assert all(r["history"] for r in rows)
+    assert json_of(rows[0]["result"]) == {"name": "widget", "price": 12.5}
+    # the history record holds the private tool's arguments too: the user's own data
+    assert json_of(rows[1]["arguments"]) == {"doctor": "Dr Smith", "minutes": 20}
+    assert [x["text"] for x in transcript(page)] == said
+    shot(page, "browser-tool-calls-e2e.png")
+    assert page.errors == []

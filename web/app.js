@@ -42,6 +42,7 @@ const statusLog = []; // every status the line showed, with times: for tests and
 let lastReconnect = null;
 let interruptedItems = new Set();
 const items = new Map(); // item_id -> {li, role, final}
+const toolRows = new Map(); // call_id (or the item_id of a history record without one) -> {li, ...}
 let shownGeneration = 0; // bumped when the page is cleared: a history fetch under way is then not shown
 
 // -- status line ----------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ function renderMemory() {
   ui.memory.dataset.mode = rememberMode;
   ui.memoryText.textContent = MEMORY_TEXT[rememberMode];
   ui.tabOnly.checked = rememberMode === "tab";
-  ui.forget.disabled = !client.remembers && items.size === 0 && ui.recovery.hidden;
+  ui.forget.disabled = !client.remembers && shownCount() === 0 && ui.recovery.hidden;
 }
 
 // -- transcript ------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ function scrollDown(force = false) {
 function clearTranscript() {
   ui.transcript.replaceChildren();
   items.clear();
+  toolRows.clear();
   interruptedItems = new Set();
   ui.empty.hidden = false;
   shownGeneration++;
@@ -200,6 +202,133 @@ function setText(it, text, { final, interrupted = false }) {
   if (wasBottom) scrollDown(true);
 }
 
+// -- tool calls ------------------------------------------------------------------------------------
+// A row per call the model made: name, a spinner while it runs, then how it ended and how long it
+// took; arguments and result (collapsed) only when the server sends them (its public tools) or the
+// history record holds them. Server data only ever goes in through textContent.
+const TOOL_STATUS = {
+  started: { icon: "", label: "running…" },
+  finished: { icon: "✓", label: "finished" },
+  failed: { icon: "✕", label: "failed" },
+  timed_out: { icon: "◷", label: "timed out" },
+  cancelled: { icon: "⊘", label: "cancelled" },
+};
+
+function shownCount() {
+  return items.size + toolRows.size;
+}
+
+function formatDuration(ms) {
+  if (typeof ms !== "number" || !Number.isFinite(ms) || ms < 0) return "";
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+function jsonText(value) {
+  try {
+    const text = JSON.stringify(value, null, 2);
+    return text === undefined ? String(value) : text;
+  } catch {
+    return String(value);
+  }
+}
+
+function toolRow(key, { history = false } = {}) {
+  let row = toolRows.get(key);
+  if (row) return row;
+  const li = document.createElement("li");
+  li.className = `tool${history ? " history" : ""}`;
+  const line = document.createElement("div");
+  line.className = "tool-line";
+  const icon = document.createElement("span");
+  icon.className = "tool-icon";
+  icon.setAttribute("aria-hidden", "true");
+  const label = document.createElement("span");
+  label.className = "visually-hidden";
+  label.textContent = "Tool ";
+  const name = document.createElement("span");
+  name.className = "tool-name";
+  const status = document.createElement("span");
+  status.className = "tool-status";
+  const duration = document.createElement("span");
+  duration.className = "tool-duration";
+  line.append(icon, label, name, status, duration);
+  li.append(line);
+  ui.transcript.append(li);
+  ui.empty.hidden = true;
+  row = { li, icon, name, status, duration, details: null };
+  toolRows.set(key, row);
+  return row;
+}
+
+/** Show a call: `call` is a tool.call message or a history record ({call_id, name, status, ...}). */
+function setTool(row, call, { itemId = null } = {}) {
+  const wasBottom = nearBottom();
+  const status = TOOL_STATUS[call.status] ? call.status : "unknown";
+  const shown = TOOL_STATUS[status] || { icon: "?", label: String(call.status || "unknown") };
+  const name = typeof call.name === "string" && call.name ? call.name : "tool";
+  row.li.dataset.callId = call.call_id || "";
+  row.li.dataset.name = name;
+  row.li.dataset.status = status;
+  if (itemId || call.item_id) row.li.dataset.itemId = itemId || call.item_id;
+  row.name.textContent = name;
+  row.icon.textContent = shown.icon;
+  row.icon.classList.toggle("spinner", status === "started");
+  row.status.textContent = shown.label;
+  const duration = status === "started" ? "" : formatDuration(call.duration_ms);
+  row.duration.textContent = duration;
+  row.duration.hidden = !duration;
+  row.li.dataset.durationMs = duration ? String(call.duration_ms) : "";
+  // arguments (when not empty) and the result, as far as they are known: a later message never takes
+  // away what an earlier one showed (the started message of a public tool has no result yet)
+  const known = row.known || (row.known = {});
+  const args = call.arguments;
+  if (args && typeof args === "object" && Object.keys(args).length) known.arguments = args;
+  if (Object.prototype.hasOwnProperty.call(call, "result") && status !== "started") known.result = call.result;
+  renderToolDetails(row, known);
+  if (wasBottom) scrollDown(true);
+}
+
+function renderToolDetails(row, known) {
+  const parts = [];
+  for (const [key, title] of [["arguments", "Arguments"], ["result", "Result"]]) {
+    if (!Object.prototype.hasOwnProperty.call(known, key)) continue;
+    const h = document.createElement("span");
+    h.className = "tool-part";
+    h.textContent = title;
+    const pre = document.createElement("pre");
+    pre.className = `tool-${key}`;
+    pre.textContent = jsonText(known[key]);
+    parts.push(h, pre);
+  }
+  if (!parts.length) {
+    if (row.details) row.details.remove();
+    row.details = null;
+    return;
+  }
+  if (!row.details) {
+    row.details = document.createElement("details");
+    row.details.className = "tool-details";
+    const summary = document.createElement("summary");
+    summary.textContent = "Details";
+    row.details.append(summary);
+    row.li.append(row.details);
+  }
+  const summary = row.details.querySelector("summary");
+  summary.textContent = "result" in known ? ("arguments" in known ? "Arguments and result" : "Result") : "Arguments";
+  row.details.replaceChildren(summary, ...parts);
+}
+
+/** A history item of role "tool": its text is the JSON record of the call (never shown as it is). */
+function historyTool(h) {
+  let rec = null;
+  try {
+    rec = JSON.parse(h.text);
+  } catch {}
+  if (!rec || typeof rec !== "object" || Array.isArray(rec)) rec = { name: "tool", status: "unknown" };
+  const row = toolRow(rec.call_id || h.item_id, { history: true });
+  setTool(row, rec, { itemId: h.item_id });
+}
+
 function renderHistory(history, total, note) {
   clearTranscript();
   if (total > history.length) {
@@ -209,7 +338,8 @@ function renderHistory(history, total, note) {
     ui.transcript.append(li);
   }
   for (const h of history) {
-    setText(entry(h.item_id, h.role, { history: true }), h.text, { final: true, interrupted: h.interrupted });
+    if (h.role === "tool") historyTool(h);
+    else setText(entry(h.item_id, h.role, { history: true }), h.text, { final: true, interrupted: h.interrupted });
   }
   if (note && history.length) {
     const li = document.createElement("li");
@@ -259,6 +389,18 @@ client.addEventListener("transcript", (e) => {
   setText(it, t.text, { final: !!t.final, interrupted: t.final && interruptedItems.has(t.item_id) });
 });
 
+client.addEventListener("toolcall", (e) => {
+  const call = e.detail;
+  if (!call.call_id) return;
+  const row = toolRow(call.call_id);
+  if (call.status === "started" && row.li.dataset.status && row.li.dataset.status !== "started") return; // late
+  setTool(row, call);
+  if (call.status !== "started") {
+    const shown = TOOL_STATUS[call.status];
+    announce(`The ${row.name.textContent} tool ${shown ? shown.label : "ended"}.`);
+  }
+});
+
 client.addEventListener("interrupted", (e) => {
   interruptedItems.add(e.detail.itemId);
   renderStatus();
@@ -299,7 +441,7 @@ client.addEventListener("saved", () => {
 });
 
 // what is stored changes on these: the Forget button follows
-for (const type of ["state", "ready", "updated", "transcript", "saved", "ended"]) {
+for (const type of ["state", "ready", "updated", "transcript", "toolcall", "saved", "ended"]) {
   client.addEventListener(type, renderMemory);
 }
 
@@ -442,7 +584,7 @@ window.addEventListener("storage", (e) => {
     }
   }
   if ((e.key === STORAGE_KEY || e.key === null) && e.newValue === null && rememberMode === "device" &&
-      (client.remembers || items.size)) {
+      (client.remembers || shownCount())) {
     let cid = null;
     try {
       cid = JSON.parse(e.oldValue).conversation_id;
@@ -520,6 +662,21 @@ window.novagate = {
       itemId: li.dataset.itemId, role: li.dataset.role, text: li.querySelector(".bubble span").textContent,
       final: li.dataset.final === "true", interrupted: li.dataset.interrupted === "true",
     }));
+  },
+  toolCalls() {
+    return [...ui.transcript.querySelectorAll("li.tool")].map((li) => {
+      const details = li.querySelector("details");
+      const pre = (k) => li.querySelector(`pre.tool-${k}`);
+      return {
+        callId: li.dataset.callId || null, itemId: li.dataset.itemId || null, name: li.dataset.name,
+        status: li.dataset.status, label: li.querySelector(".tool-status").textContent,
+        duration: li.querySelector(".tool-duration").textContent,
+        spinner: !!li.querySelector(".tool-icon.spinner"), history: li.classList.contains("history"),
+        details: details ? { open: details.open, summary: details.querySelector("summary").textContent } : null,
+        arguments: pre("arguments") ? pre("arguments").textContent : null,
+        result: pre("result") ? pre("result").textContent : null,
+      };
+    });
   },
   stats() {
     return {

@@ -14,9 +14,10 @@
 // - session.start with the stored resume token and the receipts not yet acknowledged;
 // - resume token, conversation id and unsaved receipts kept in localStorage (or the `storage` you
 //   give, e.g. sessionStorage to remember only in this tab; `setStorage()` moves them) until
-//   `item.saved`; a new token from `session.updated` is stored; a token the server no longer knows
-//   (`resume_failed: "not_found"`) is forgotten; `forget()` drops them all (receipts are signed
-//   copies of transcript items: they hold the text, so they leave storage as soon as they can);
+//   `item.saved` (receipts come with final transcripts and with ended tool calls: both are
+//   conversation items); a new token from `session.updated` is stored; a token the server no longer
+//   knows (`resume_failed: "not_found"`) is forgotten; `forget()` drops them all (receipts are signed
+//   copies of conversation items: they hold the text, so they leave storage as soon as they can);
 // - reconnects by itself: at once (with a little jitter) on close 1012 or `session.reconnect`,
 //   with exponential backoff and jitter on a lost connection or 1013; never blindly on 4xxx;
 // - real-time audio up: your microphone frames, or silence while you have no microphone running;
@@ -29,6 +30,9 @@
 //   ready        the session.ready message (resumed, history, history_length, resume_failed, ...)
 //   notfound     {previousConversationId}  the stored conversation could not be resumed
 //   transcript   the transcript message ({item_id, role, text, final})
+//   toolcall     the tool.call message ({call_id, name, status, duration_ms, item_id, arguments, result}):
+//                status "started", then once "finished" | "failed" | "timed_out" | "cancelled"
+//                (arguments and result only for the server's public tools)
 //   status       {state}  the server's listening | thinking | speaking | recovering
 //   audiostart   {itemId}    audio   {itemId, pcm: ArrayBuffer}    audioend {itemId, reason}
 //   interrupted  {itemId, playedMs}   (after the flush and the playback.truncate)
@@ -376,6 +380,15 @@ export class NovagateClient extends EventTarget {
           this._save();
         }
         this._emit("transcript", msg);
+        break;
+      case "tool.call":
+        // a tool call that has ended is a conversation item (role "tool"): its receipt is kept like a
+        // final transcript's, until item.saved
+        if (msg.status !== "started" && msg.item_id && msg.receipt) {
+          s.pending[msg.item_id] = msg.receipt;
+          this._save();
+        }
+        this._emit("toolcall", msg);
         break;
       case "item.saved":
         if (msg.item_id in s.pending) {

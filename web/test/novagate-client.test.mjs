@@ -108,6 +108,41 @@ test("session.start declares the audio rates; resume token and receipts are kept
   assert.equal(again.client.sent[0].resume, "(token)", "the log of sent messages hides secrets");
 });
 
+test("tool.call: an ended call's receipt is kept until item.saved and handed back on resume", async () => {
+  const { client, storage, events } = newClient();
+  const calls = [];
+  client.addEventListener("toolcall", (e) => calls.push(e.detail));
+  client.connect();
+  const ws = sockets[0];
+  ws.open();
+  await tick();
+  ws.message(ready());
+  ws.message({ type: "tool.call", call_id: "call_1", name: "record_call", status: "started", arguments: { who: "Ann" } });
+  assert.deepEqual(client.pendingReceipts, {}, "a started call is not an item yet");
+  ws.message({ type: "tool.call", call_id: "call_1", name: "record_call", status: "finished", duration_ms: 1234,
+               item_id: "t1", receipt: "RT1", arguments: { who: "Ann" }, result: { ok: true } });
+  ws.message({ type: "tool.call", call_id: "call_2", name: "secret_lookup", status: "timed_out", duration_ms: 8000,
+               item_id: "t2", receipt: "RT2" });
+  assert.deepEqual(calls.map((c) => [c.call_id, c.status]),
+                   [["call_1", "started"], ["call_1", "finished"], ["call_2", "timed_out"]]);
+  let saved = JSON.parse(storage.getItem("novagate.conversation"));
+  assert.deepEqual(saved.pending, { t1: "RT1", t2: "RT2" });
+  ws.message({ type: "item.saved", item_id: "t1" });
+  saved = JSON.parse(storage.getItem("novagate.conversation"));
+  assert.deepEqual(saved.pending, { t2: "RT2" });
+  assert.ok(!events.some(([t]) => t === "transcript"), "a tool call is not a transcript");
+
+  // a reload: the unsaved tool receipt goes back in session.start.pending
+  const again = newClient({ storage });
+  again.client.connect();
+  sockets[0].open();
+  await tick();
+  assert.deepEqual(sockets[0].json[0].pending, ["RT2"]);
+  sockets[0].message(ready({ resumed: true, history_length: 1 }));
+  sockets[0].message({ type: "item.saved", item_id: "t2" });
+  assert.deepEqual(JSON.parse(storage.getItem("novagate.conversation")).pending, {});
+});
+
 test("a lost connection is retried with exponential backoff and jitter, and resumes", async () => {
   const { client, events } = newClient();
   client.connect();
