@@ -139,6 +139,8 @@ class AwsStack:
     (HTTP/2 + TLS + event stream, the local engine behind it) and the Agent Runtime fake."""
 
     tmp: Path
+    # how the emulator's engine hears and speaks (default: the deterministic local engine)
+    engine_args: tuple = ("--asr", "sphinx", "--tts", "espeak", "--grammar", GRAMMAR, "--endpoint-ms", "600")
     procs: list = field(default_factory=list)
     nova_port: int = 0
     fake_port: int = 0
@@ -152,8 +154,7 @@ class AwsStack:
         log = open(self.tmp / "aws-stack.log", "wb")
         nova = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "emulate", "nova", "--port", str(self.nova_port),
-             "--cert", cert, "--key", key, "--asr", "sphinx", "--tts", "espeak", "--grammar", GRAMMAR,
-             "--endpoint-ms", "600", "--engine-trace", str(self.trace)],
+             "--cert", cert, "--key", key, *self.engine_args, "--engine-trace", str(self.trace)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
         fake = subprocess.Popen(

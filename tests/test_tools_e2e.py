@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -16,7 +14,7 @@ import pytest
 
 from gateway.client import ClientState, VoiceClient
 
-from .conftest import GRAMMAR, ROOT, AwsStack, Gateway, free_port
+from .conftest import GRAMMAR, ROOT, AwsStack, Gateway
 
 RULES = [
     {"phrase": "record the call", "tool": "record_call",
@@ -25,43 +23,17 @@ RULES = [
 ]
 
 
-class ToolStack(AwsStack):
-    """The AWS stand-ins, the emulator on the scripted engine with tool-call rules."""
-
-    def start(self) -> ToolStack:
-        from gateway.emulate.nova import make_test_tls
-
-        from .conftest import _wait
-
-        import httpx
-        import socket
-
-        _ca, cert, key, self.bundle = make_test_tls(self.tmp / "tls")
-        self.nova_port, self.fake_port = free_port(), free_port()
-        log = open(self.tmp / "aws-stack.log", "wb")
-        nova = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "emulate", "nova", "--port", str(self.nova_port),
-             "--cert", cert, "--key", key, "--engine", "scripted", "--endpoint-ms", "600",
-             "--scripted-transcripts", "I am still here", "--tool-calls", json.dumps(RULES),
-             "--engine-trace", str(self.trace), "--no-warm"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )
-        fake = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "emulate", "agent-runtime", "--port", str(self.fake_port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )
-        self.procs = [nova, fake]
-        _wait(lambda: socket.create_connection(("127.0.0.1", self.nova_port), 1).close() or True, "nova emulator", nova)
-        _wait(lambda: httpx.get(self.fake_url + "/_fake/calls", timeout=1).status_code == 200, "agent runtime fake", fake)
-        return self
-
-    def trace_lines(self) -> list[dict]:
-        return [orjson.loads(x) for x in self.trace.read_text().splitlines()] if self.trace.exists() else []
+def trace_lines(stack: AwsStack) -> list[dict]:
+    """Every input event the emulator's engine received, in order."""
+    return [orjson.loads(x) for x in stack.trace.read_text().splitlines()] if stack.trace.exists() else []
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = ToolStack(tmp_path_factory.mktemp("tools-aws")).start()
+    # the emulator on the scripted engine, told to call a declared tool when the user asks for it
+    s = AwsStack(tmp_path_factory.mktemp("tools-aws"), engine_args=(
+        "--engine", "scripted", "--endpoint-ms", "600", "--scripted-transcripts", "I am still here",
+        "--tool-calls", json.dumps(RULES), "--no-warm")).start()
     yield s
     s.stop()
 
@@ -112,7 +84,7 @@ async def test_the_model_calls_an_mcp_tool_and_speaks_its_result(env, stack, tmp
     # the tool really ran, with the model's arguments
     assert calls_in(tmp_path / "calls.sqlite3") == [("Dr. Okafor", "Cardiolex", "this morning", "wants samples")]
     # what the model received: every tool in promptStart, then one valid TOOL block for its toolUseId
-    trace = stack.trace_lines()
+    trace = trace_lines(stack)
     prompt = [r for r in trace if r["event"] == "promptStart"][-1]
     assert {"record_call", "list_calls", "slow", "weather"} <= set(prompt["tools"])
     stream = prompt["stream"]
@@ -144,7 +116,7 @@ async def test_a_slow_tool_outlives_a_rotation_while_the_user_talks(env, stack, 
     ended = client.tool_calls[-1]
     assert ended["name"] == "slow" and ended["status"] == "finished" and ended["duration_ms"] >= 7000
     assert "arguments" not in ended  # not public
-    trace = stack.trace_lines()
+    trace = trace_lines(stack)
     asked = next(r["stream"] for r in trace if r["event"] == "textInput" and r["interactive"]
                  and "check slowly" in (r.get("content") or ""))
     told = [r for r in trace if r["event"] == "textInput" and r["interactive"]
@@ -180,7 +152,7 @@ async def test_a_tool_result_survives_kill_9_and_reaches_the_model_after_resume(
     tools = [i for i in ready["history"] if i["role"] == "tool"]
     assert [i["item_id"] for i in tools] == [ended["item_id"]]
     assert json.loads(tools[0]["text"])["result"]["doctor"] == "Dr. Okafor"
-    trace = stack.trace_lines()
+    trace = trace_lines(stack)
     last = max(r["stream"] for r in trace if r["event"] == "promptStart")
     history = " ".join(r["content"] for r in trace if r["stream"] == last and r["event"] == "textInput"
                        and not r["interactive"])
