@@ -406,6 +406,7 @@ class Session:
         self._calls: dict[str, _ToolCall] = {}      # running, by call_id
         self._late: deque[tuple[str, str]] = deque()  # (name, result) whose stream is gone: told as a user turn
         self._tool_turn: Item | None = None         # the user turn a tool was called for (not asked again)
+        self._draining: tuple[int, float, float] | None = None  # (retry_after_ms, since, send away by)
 
     # -- draining ------------------------------------------------------------------------------------
     def effects(self) -> list[Effect]:
@@ -426,6 +427,8 @@ class Session:
         if self._closing is not None:
             times.append(self._closing.deadline)
         times.extend(c.deadline for c in self._calls.values())
+        if self._draining is not None and self._closing is None:
+            times.append(self._draining[2])
         if self._reopen_at is not None:
             times.append(self._reopen_at)
         if self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
@@ -541,11 +544,21 @@ class Session:
         if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
             self._fail_client(CloseCode.SERVICE_RESTART, "server draining")
             return
-        if self._closing is not None or self.state is State.CLOSED:
+        if self._closing is not None or self.state is State.CLOSED or self._draining is not None:
+            return
+        # A running tool's result can only reach the model here (a session resumed elsewhere never
+        # hears of it): the client is sent away once the tools have answered and the model has
+        # spoken, or when half the flush time is spent.
+        self._draining = (retry_after_ms, now, now + (self.cfg.drain_flush_s / 2 if self._calls else 0.0))
+        self._advance(now)
+
+    def _send_away(self, now: float) -> None:
+        retry_after_ms, since, until = self._draining
+        if now < until and (self._calls or self._late or not self._dialogue.idle):
             return
         self._send(m.SessionReconnect("draining", retry_after_ms))
-        self._begin_closing(now, CloseCode.SERVICE_RESTART, "server draining", self.cfg.drain_flush_s)
-        self._advance(now)
+        self._begin_closing(now, CloseCode.SERVICE_RESTART, "server draining",
+                            max(1.0, self.cfg.drain_flush_s - (now - since)))
 
     def tick(self, now: float) -> None:
         """Time has passed: do what is due."""
@@ -1138,6 +1151,8 @@ class Session:
         if self._calls:
             self._tool_deadlines(now)
         self._tell_late_results(now)
+        if self._draining is not None and self._closing is None and self.state is not State.CLOSED:
+            self._send_away(now)
         if self._unheard_since is not None and now - self._last_voiced >= UNHEARD_GIVE_UP_S:
             self._unheard_since = None  # never transcribed: it was not speech
         if (self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)

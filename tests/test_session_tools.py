@@ -8,6 +8,7 @@ import orjson
 from protocol import messages as m
 from protocol import nova_events as nova
 from protocol.items import Item
+from protocol.codes import CloseCode
 from protocol.session import State
 from tests.session_harness import SILENCE, FakeStore, Harness
 
@@ -198,3 +199,40 @@ def test_closing_cancels_a_tool_that_outlives_the_flush():
     h.until(lambda: h.state is State.CLOSED, 10, None)
     assert h.cancelled == [h.tool_runs[0].call_id]
     assert tool_items(h)[0]["status"] == "cancelled"
+
+
+def test_a_drain_waits_for_running_tools_and_the_answer_before_sending_the_client_away():
+    """A rolling update while a tool runs: a session resumed on another instance would never hear the
+    result, so the model is told here first and the client is sent away once it has answered."""
+    h = harness(drain_flush_s=20.0)
+    h.connect()
+    model = h.current_model
+    h.say(1)
+    h.until(lambda: h.tool_runs, 3)
+    h.s.drain(300, h.now)
+    h.pump()
+    h.run(2, SILENCE)
+    assert not h.of(m.SessionReconnect) and h.state is State.LIVE  # the tool is still running
+    h.finish_tool(h.tool_runs[0].call_id, '{"answer": 5}')
+    assert model.tool_results  # told on this stream
+    h.until(lambda: h.of(m.SessionReconnect), 5)
+    assert h.finals("assistant") and 'the tool said {"answer": 5}' in h.finals("assistant")[-1].text
+    h.until(lambda: h.closed is not None, 12, None)
+    assert h.closed == CloseCode.SERVICE_RESTART
+    stored = [i.role for i in h.store.convs["conv1"].items]
+    assert stored == ["user", "tool", "assistant"]
+
+
+def test_a_drain_does_not_wait_past_half_its_flush_for_a_stuck_tool():
+    h = harness(drain_flush_s=4.0, tool_timeout_s=60.0)
+    h.connect()
+    h.say(1)
+    h.until(lambda: h.tool_runs, 3)
+    h.s.drain(300, h.now)
+    h.pump()
+    h.run(1.9, SILENCE)
+    assert not h.of(m.SessionReconnect)
+    h.run(0.2, SILENCE)
+    assert h.of(m.SessionReconnect) == [m.SessionReconnect("draining", 300)]
+    h.until(lambda: h.closed is not None, 5, None)
+    assert h.closed == CloseCode.SERVICE_RESTART and h.cancelled == [h.tool_runs[0].call_id]
