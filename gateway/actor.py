@@ -323,8 +323,8 @@ class SessionActor:
             op = await self.store_ops.get()
             try:
                 match op:
-                    case LoadConversation(conversation_id=cid, owner=owner):
-                        conv = await store.load(cid, owner=owner_hash(owner))
+                    case LoadConversation(conversation_id=cid, owner=owner, max_bytes=max_bytes):
+                        conv = await store.load(cid, owner=owner_hash(owner), max_bytes=max_bytes)
                         self.inbox.put_nowait(("conversation_loaded", conv))
                     case CreateConversation(owner=owner):
                         self.inbox.put_nowait(("conversation_created", await store.create(owner_hash(owner))))

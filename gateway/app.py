@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol.codes import CloseCode
+from protocol.models import history_limits, model_spec
 from protocol.session import SessionConfig, SessionEnv, may_use
 
 from . import clock, metrics
@@ -81,6 +82,8 @@ class Services:
 def session_config(settings: Settings, transport: ModelTransport, toolbox: ToolBox | None = None) -> SessionConfig:
     caps = getattr(transport, "capabilities", None)  # None: the local engine takes everything
     specs = toolbox.specs if toolbox is not None else ()
+    history = history_limits(caps or model_spec(settings.model_id), total_bytes=settings.history_max_bytes,
+                             message_bytes=settings.history_message_max_bytes)
     return SessionConfig(
         system_prompt=settings.system_prompt,
         voice=settings.voice,
@@ -99,6 +102,7 @@ def session_config(settings: Settings, transport: ModelTransport, toolbox: ToolB
         conversation_ttl_s=settings.conversation_ttl,
         idle_timeout_s=settings.idle_timeout_s,
         max_items=settings.max_items_per_conversation,
+        history=history,
         tools=tuple(toolbox.nova_tools()) if toolbox is not None else (),
         public_tools=frozenset(spec.name for spec in specs if spec.public),
         tool_timeout_s=settings.tool_timeout_s,
@@ -130,6 +134,8 @@ def open_transport(settings: Settings) -> ModelTransport:
             max_stream_s=settings.local_max_stream_s,
             trace_path=settings.engine_trace or None,
             tool_calls=settings.engine_tool_calls,
+            input_gap_s=settings.local_input_gap_s,
+            model_id=settings.model_id,
         ))
     if settings.engine == "scripted":  # the local engine with canned replies, for load tests
         from .local.engine import DEFAULT_REPLY, ScriptedEngine, scripted_config
@@ -144,6 +150,8 @@ def open_transport(settings: Settings) -> ModelTransport:
             max_stream_s=settings.local_max_stream_s,
             trace_path=settings.engine_trace or None,
             tool_calls=settings.engine_tool_calls,
+            input_gap_s=settings.local_input_gap_s,
+            model_id=settings.model_id,
         ))
     if settings.engine == "bedrock":
         from .bedrock import BedrockTransport
@@ -170,6 +178,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         for line in toolbox.summary():
             log(logger, logging.INFO, "tool", tool=line)
         transport = open_transport(settings)
+        if settings.engine == "bedrock" and (warning := model_spec(settings.model_id).warning()):
+            log(logger, logging.WARNING, warning, model_id=settings.model_id)
         signer = Signer(secret, resume_ttl=settings.resume_ttl)
         authenticator = Authenticator.from_settings(settings)
         services = Services(

@@ -50,13 +50,13 @@ from gateway.transport import (
     VALIDATION,
     ModelError,
 )
+from protocol.models import ModelSpec, model_spec
 from protocol.nova_events import DEFAULT_MODEL_ID
 
 from .logs import log
 
 logger = logging.getLogger("novagate.bedrock")
 
-NOVA_2_MARKER = "nova-2-sonic"
 QUEUE_SIZE = 256
 STREAMS_PER_CONNECTION = 100  # what Bedrock's HTTP/2 connections carry (and h2's default, the emulator's)
 
@@ -65,19 +65,6 @@ _WAKE = object()
 
 class BedrockSetupError(RuntimeError):
     """Bedrock cannot be used as configured (no region, no credentials, SDK missing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelCapabilities:
-    """What the configured model accepts (reference §2.1, §2.3, §9.12)."""
-
-    text_input: bool  # interactive USER text ("cross-modal input"): Nova 2 only
-    endpointing_sensitivity: bool  # sessionStart.turnDetectionConfiguration: Nova 2 only
-
-
-def capabilities_for(model_id: str) -> ModelCapabilities:
-    nova2 = NOVA_2_MARKER in model_id
-    return ModelCapabilities(text_input=nova2, endpointing_sensitivity=nova2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +184,9 @@ class BedrockTransport:
         self._opened = 0
 
     @property
-    def capabilities(self) -> ModelCapabilities:
-        return capabilities_for(self.model_id)
+    def capabilities(self) -> ModelSpec:
+        """What the configured model takes (protocol.models, the catalog)."""
+        return model_spec(self.model_id)
 
     @property
     def endpoint(self) -> str | None:

@@ -16,7 +16,8 @@ connected again, so the caller can ask again (`turn(..., retry=n)` does it by it
 Tool calls (the additive `tool.call` message) are collected in `tool_calls`; an ended call is a
 conversation item of role `tool`, and its receipt is kept until `item.saved` like a final
 transcript's. `novagate client` prints them as `[tool record_call started]`, `[tool record_call
-finished 1.2 s]`, and shows the last items of a resumed conversation, tool items included.
+finished 1.2 s]`, and shows the last items of a resumed conversation, tool items included. The
+additive `input.speech_started` / `input.speech_stopped` messages are collected in `speech_events`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class VoiceClient:
         self.audio_end: dict[str, str] = {}
         self.finals: list[dict] = []
         self.tool_calls: list[dict] = []  # every tool.call message (started, then how it ended), in order
+        self.speech_events: list[dict] = []  # every input.speech_started / input.speech_stopped, in order
         self.saved: set[str] = set()
         self.close_code: int | None = None  # set when the client is closed for good
         self._current_item: str | None = None
@@ -487,6 +489,8 @@ class VoiceClient:
             if msg.get("status") != "started" and msg.get("item_id") and msg.get("receipt"):
                 self.state.pending[msg["item_id"]] = msg["receipt"]
                 self.state.save()
+        elif t in ("input.speech_started", "input.speech_stopped"):  # additive: who heard the user speak
+            self.speech_events.append(msg)
         elif t == "session.updated":  # the conversation moved (additive message)
             self.state.resume_token = msg["resume_token"]
             self.state.conversation_id = msg["conversation_id"]

@@ -40,8 +40,17 @@ class Settings:
     )
     sqlite_path: str = field(default="var/novagate.db", metadata={"help": "SQLite file of the sqlite store"})
     model_id: str = field(
-        default=DEFAULT_MODEL_ID, metadata={"help": f"Nova Sonic model id (engine bedrock); {NOVA_SONIC_V1_MODEL_ID} "
-                                            "is supported without text input"}
+        default=DEFAULT_MODEL_ID, metadata={"help": f"Nova Sonic model id (engine bedrock): amazon.nova-2-5-sonic, "
+                                            f"{DEFAULT_MODEL_ID}, or the legacy {NOVA_SONIC_V1_MODEL_ID} (no text "
+                                            "input); an id not in the catalog gets Nova 2 defaults (docs/aws.md)"}
+    )
+    history_max_bytes: int = field(
+        default=0, metadata={"help": "history text one model stream is given, in bytes; 0: the model's limit "
+                             "(200 KB for Nova 2-class models, 40 KB for the legacy one)"}
+    )
+    history_message_max_bytes: int = field(
+        default=0, metadata={"help": "one history message, in bytes (a longer one keeps its newest part); 0: the "
+                             "model's limit (50 KB for Nova 2-class models)"}
     )
     endpointing_sensitivity: str = field(
         default="", metadata={"help": "Nova 2 turn-taking: HIGH (1.5 s pause) | MEDIUM | LOW (2 s); empty: the "
@@ -200,6 +209,10 @@ class Settings:
         default=IDLE_TIMEOUT_S, metadata={"help": "local / scripted engine: no audio this long ends a stream (as "
                                           "Nova's 531)"}
     )
+    local_input_gap_s: float = field(
+        default=55.0, metadata={"help": "local / scripted engine: no audio and no interactive content (typed text, "
+                                "a tool result) this long ends a stream (as Nova's 532); 0: off"}
+    )
     local_max_stream_s: float = field(
         default=MAX_STREAM_AGE_S, metadata={"help": "local / scripted engine: stream age cap (as Nova's "
                                             "modelTimeoutException)"}
@@ -290,8 +303,14 @@ class Settings:
             raise ConfigError("NOVAGATE_OVERLOAD_LAG_MS and NOVAGATE_OVERLOAD_CPU must be >= 0 (0: not checked)")
         if self.bedrock_streams_per_connection < 1:
             raise ConfigError(f"NOVAGATE_BEDROCK_STREAMS_PER_CONNECTION={self.bedrock_streams_per_connection} must be >= 1")
+        for name in ("history_max_bytes", "history_message_max_bytes"):
+            if getattr(self, name) and not 1024 <= getattr(self, name) <= 10 * 1024 * 1024:
+                raise ConfigError(f"NOVAGATE_{name.upper()}={getattr(self, name)} must be 0 (the model's) or "
+                                  "between 1024 and 10485760 bytes")
         if not self.tool_timeout_s > 0:
             raise ConfigError(f"NOVAGATE_TOOL_TIMEOUT_S={self.tool_timeout_s} must be > 0 seconds")
+        if self.local_input_gap_s < 0:
+            raise ConfigError(f"NOVAGATE_LOCAL_INPUT_GAP_S={self.local_input_gap_s} must be >= 0 seconds (0: off)")
         self._validate_auth()
         self._validate_scripted()
         if (self.engine == "bedrock" or self.store == "agent-runtime") and not self.aws_region:

@@ -32,11 +32,18 @@ MODEL_AUDIO_BY_SOURCE = {s: MODEL_AUDIO.labels(s) for s in ("client", "keepalive
 DEAF_STREAMS = Counter("novagate_deaf_streams_total", "model streams replaced because they said nothing after user "
                        "speech")
 DRAINS = Counter("novagate_drains_total", "graceful drains (SIGTERM)")
+HISTORY_FALLBACKS = Counter("novagate_history_fallbacks_total", "model streams that refused a history as too large "
+                            "(the session goes on with the conservative 40 KB limits)")
 TOOL_CALLS = Counter("novagate_tool_calls_total", "tool calls the model made, by how they went (started, finished, "
                      "failed, timed_out, cancelled)", ["status"])
 TOOL_CALL_TIME = Histogram(
     "novagate_tool_call_seconds", "from the model's toolUse to the tool's answer",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60),
+)
+SPEECH_END_TO_AUDIO = Histogram(
+    "novagate_speech_end_to_first_audio_seconds", "end of the user's speech (the model's userSpeechEnd, else the "
+    "gateway's voice activity detection) until the first audio of the reply is sent to the client",
+    buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
 )
 # Capacity (docs/capacity.md): what the gateway itself adds, and how far behind its event loop runs.
 MODEL_TO_CLIENT = Histogram(
@@ -64,8 +71,10 @@ SESSION_COUNTERS = {
     "recoveries": RECOVERIES,
     "deaf_streams": DEAF_STREAMS,
     "tool_calls": TOOL_CALLS,
+    "history_fallbacks": HISTORY_FALLBACKS,
 }
-SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD, "tool_call_seconds": TOOL_CALL_TIME}
+SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD, "tool_call_seconds": TOOL_CALL_TIME,
+                      "speech_end_to_audio_seconds": SPEECH_END_TO_AUDIO}
 
 
 async def endpoint(request: Request) -> Response:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from . import nova_events as nova
 from .history import history_events, shape_history, split_chunks
 from .items import Item
+from .models import NOVA_2_HISTORY, HistoryLimits
 
 # The service's exception kinds (the members of its error union), as transports report them.
 VALIDATION = "validationException"
@@ -29,6 +30,7 @@ CONNECTION = "connectionError"  # the stream broke below the event protocol (res
 DEAF = "deafStream"             # ours: the stream heard speech and said nothing
 
 IDLE_TIMEOUT_MESSAGE = "InternalErrorCode=531::RST_STREAM closed stream. HTTP/2 error code: NO_ERROR"
+INPUT_GAP_CODE = "InternalErrorCode=532::"  # 55 s without audio bytes or interactive content
 INSTABILITY_MESSAGE = "System instability detected. Please retry your request."
 MODEL_TIMEOUT_MESSAGE = "Model has timed out in processing the request. Try your request again."
 
@@ -36,7 +38,8 @@ MODEL_TIMEOUT_MESSAGE = "Model has timed out in processing the request. Try your
 class Failure(enum.Enum):
     """What a model-stream failure means for the conversation: classified once, here."""
 
-    IDLE_TIMEOUT = "idle_timeout"          # 531: a rotation the service forced, not a fault
+    IDLE_TIMEOUT = "idle_timeout"          # 531 (idle) or 532 (an input gap): a rotation the service forced
+    HISTORY_TOO_LARGE = "history_too_large"  # the stream refused the history: once, smaller limits
     INSTABILITY = "instability"
     TOOL_RESPONSE = "tool_response"
     INVALID_EVENT_BYTES = "invalid_event_bytes"
@@ -71,8 +74,10 @@ _BY_KIND = {
 def classify(kind: str, message: str) -> Failure:
     """The one place that reads a failure's kind and message."""
     if kind == VALIDATION:
-        if IDLE_TIMEOUT_MESSAGE in message:
+        if IDLE_TIMEOUT_MESSAGE in message or INPUT_GAP_CODE in message:
             return Failure.IDLE_TIMEOUT
+        if "history" in message.lower() and ("exceed" in message or "too large" in message.lower()):
+            return Failure.HISTORY_TOO_LARGE
         if "System instability" in message:
             return Failure.INSTABILITY
         if "Tool Response parsing error" in message:
@@ -110,7 +115,8 @@ class RecoveryLadder:
 
     A recoverable failure reopens the stream with the history after 2^(n-1)-1 s (0, 1, 3 s, capped
     at 10), at most `max_recoveries` times per user turn (LiveKit's ladder). The idle timeout (531)
-    is a rotation the service forced: it reopens at once and does not count.
+    and the input gap (532) are rotations the service forced, and a history refused as too large is
+    reopened with smaller limits (once: the session decides): they reopen at once and do not count.
     """
 
     def __init__(self, *, max_recoveries: int = 3):
@@ -123,7 +129,7 @@ class RecoveryLadder:
     def on_failure(self, failure: Failure) -> Recover | GiveUp:
         if not failure.recoverable:
             return GiveUp(failure.value)
-        if failure is Failure.IDLE_TIMEOUT:
+        if failure in (Failure.IDLE_TIMEOUT, Failure.HISTORY_TOO_LARGE):
             return Recover(0.0)
         self.failures += 1
         if self.failures > self.max_recoveries:
@@ -170,6 +176,7 @@ class StreamSetup:
         output_sample_rate: int,
         endpointing_sensitivity: str | None = None,
         drop_trailing_user: bool = False,
+        history_limits: HistoryLimits = NOVA_2_HISTORY,
         tools: Sequence[dict] = (),
         new_name: Callable[[], str] = nova.new_name,
     ) -> StreamSetup:
@@ -179,7 +186,9 @@ class StreamSetup:
             nova.session_start(endpointing_sensitivity=endpointing_sensitivity),
             nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate, tools=list(tools)),
             *nova.text_block(prompt, "SYSTEM", split_chunks(system_prompt.strip() or "You are a helpful assistant.")),
-            *history_events(prompt, shape_history(history, drop_trailing_user=drop_trailing_user)),
+            *history_events(prompt, shape_history(
+                history, max_bytes=history_limits.total_bytes, max_message_bytes=history_limits.message_bytes,
+                max_chunk_bytes=history_limits.input_bytes, drop_trailing_user=drop_trailing_user)),
             nova.audio_content_start(prompt, audio),
         ]
         return cls(prompt, audio, events)

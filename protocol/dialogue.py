@@ -1,9 +1,9 @@
 """The dialogue: Nova output events and client playback in, conversation items and actions out.
 
 It decides which item is speaking, what was heard, what to store and what to tell the client.
-`protocol.session.Session` feeds it (`model_event`, `input_text`, `playback_truncate`,
-`playback_flushed`, `played_out`, `truncate_timeout`) and carries out the actions it returns
-from `actions()`. Ids and timestamps come from the callables it is given.
+`protocol.session.Session` feeds it (`model_event`, `input_text`, `user_speech_started`,
+`playback_truncate`, `playback_flushed`, `played_out`, `truncate_timeout`) and carries out the
+actions it returns from `actions()`. Ids and timestamps come from the callables it is given.
 
 Item mapping. A user item is one recognised utterance. An assistant item is one assistant turn,
 which Nova speaks sentence by sentence: per sentence an ASSISTANT TEXT block SPECULATIVE (the plan),
@@ -13,6 +13,11 @@ audio and `response.audio.end` after its last, and `transcript final:true` with 
 item is settled: played out, or cut by a barge-in and trimmed to what the client heard. FINAL texts
 are matched to sentences in order (the k-th FINAL belongs to the k-th SPECULATIVE), as the AWS
 session-continuation sample does. History therefore reads as a dialogue: user, assistant, user, …
+
+Barge-in. The model's interrupted marker (a `{"interrupted": true}` text, or a block ending
+INTERRUPTED), a typed turn, or Nova 2's earlier `userSpeechStart` (`user_speech_started`) while the
+assistant speaks or plays flushes playback once per response; whichever comes first cuts, the others
+find it cut.
 """
 
 from __future__ import annotations
@@ -148,6 +153,16 @@ class Dialogue:
             self._barge_in()
         self._user_item(text)
         self._emit(SendTextTurn(text))
+
+    def user_speech_started(self, *, playing: bool = False) -> None:
+        """The model heard the user start speaking (Nova 2's userSpeechStart): a barge-in at once while
+        the model speaks or the client still plays what it said (`playing`), without waiting for the
+        interrupted marker. The model cuts its answer when it gets there; what it still says of it
+        meanwhile, the marker included, is dropped as after a typed turn, so the cut is flushed and
+        told (`interrupted`) once. Speech that interrupts nothing changes nothing here."""
+        if self._speaking or playing:
+            self._superseded = self._speaking
+            self._barge_in()
 
     def playback_truncate(self, item_id: str, played_ms: int) -> None:
         t = self._turns.get(item_id)

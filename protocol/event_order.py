@@ -10,13 +10,23 @@ message reads like the service's `ValidationException` text when the event break
   block (and before any interactive input), and the first of them is USER. At most one TEXT/TOOL block is
   open at a time. An AUDIO block (role USER) may stay open while interactive TEXT or TOOL blocks are sent.
 * `audioInput` needs the open AUDIO block and is rejected while any TEXT/TOOL block is open.
-  `textInput` only inside its open TEXT block (≤ 1 KB each in non-interactive blocks; history ≤ 40 KB in
-  total). `toolResult` only inside its open TOOL block. `contentEnd` closes an open block.
+  `textInput` only inside its open TEXT block. `toolResult` only inside its open TOOL block. `contentEnd`
+  closes an open block.
+* History size, per model (`HistoryLimits`, protocol/models.py; Nova 2: 200 KB in total, 50 KB per message
+  and per textInput; Nova Sonic v1 and the conservative fallback: 40 KB in total, 1 KB per textInput): one
+  textInput of a non-interactive block (SYSTEM or history), one history message (a block's textInputs
+  together) and all history blocks together. A history too large fails like Nova: "Invalid input request:
+  chat history …" naming the size and the limit (HISTORY_* below; the gateway classifies on "history" and
+  "exceeds"). Interactive text has no such limit.
 * A TOOL block answers one `toolUse` of this stream's model: its `toolResultInputConfiguration.toolUseId` must
   be an id the model issued (the engine or emulator reports each one with `model_tool_use(id)`, since the
   validator sees input events only) and not answered yet. Like every TOOL/TEXT block it cannot start while
   another TEXT/TOOL block is open.
 * `promptEnd` only when no block is open; `sessionEnd` only when no prompt is open; nothing after `sessionEnd`.
+
+`InputGap` says which accepted input events keep a stream alive under the 532 rule (INPUT_GAP_MESSAGE): an
+`audioInput`, or the content of an interactive block (`textInput` of an interactive TEXT block, `toolResult`).
+The stand-ins time it (gateway/local/engine.py, gateway/emulate/nova.py).
 
 Pure: no I/O, no clocks.
 """
@@ -25,9 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protocol.models import NOVA_2_HISTORY, HistoryLimits
 from protocol.nova_events import (
-    MAX_HISTORY_BYTES,
-    MAX_TEXT_INPUT_BYTES,
     MODEL_INPUT_RATE,
     MODEL_INPUT_RATES,
     MODEL_OUTPUT_RATES,
@@ -41,6 +50,21 @@ CONTENT_TYPES = frozenset({"TEXT", "AUDIO", "TOOL"})
 TEXT_ROLES = frozenset({"SYSTEM", "USER", "ASSISTANT"})
 
 _PREFIX = "Invalid input request: "
+
+# Nova 2 ends a stream that gets no audio bytes and no interactive content for 55 s (client projects'
+# reports; docs/aws.md "What changed since the reference"). Sent as a validationException, as the 531 is.
+INPUT_GAP_S = 55.0
+INPUT_GAP_MESSAGE = ("InternalErrorCode=532::Timed out waiting for audio bytes or interactive content. "
+                     "Please ensure gaps between audio bytes and interactive content are less than 55 seconds.")
+
+# What a history too large is rejected with (after "Invalid input request: "). Stable wording: the gateway
+# falls back to smaller limits on a validation message with "history" and "exceeds" in it.
+HISTORY_TOTAL_TOO_LARGE = "chat history exceeds {limit} bytes in total ({size} bytes with content {name})"
+HISTORY_MESSAGE_TOO_LARGE = "chat history message of {size} bytes exceeds {limit} bytes (content {name})"
+HISTORY_INPUT_TOO_LARGE = ("chat history textInput of {size} bytes exceeds {limit} bytes (content {name}; split a "
+                           "message into several textInput events)")
+SYSTEM_INPUT_TOO_LARGE = ("system prompt textInput of {size} bytes exceeds {limit} bytes (content {name}; split it "
+                          "into several textInput events)")
 
 
 class EventOrderError(Exception):
@@ -100,11 +124,13 @@ class InputOrderValidator:
     A rejected event leaves the state unchanged (the stream is dead anyway, as with the service).
 
     `check_tool_use_ids=False` accepts any toolUseId in a TOOL block (for a caller that cannot see the
-    model's output, so cannot report its toolUse events)."""
+    model's output, so cannot report its toolUse events). `history`: the stream's model's limits
+    (`model_spec(model_id).history`; default Nova 2's)."""
 
-    def __init__(self, *, check_tool_use_ids: bool = True) -> None:
+    def __init__(self, *, check_tool_use_ids: bool = True, history: HistoryLimits = NOVA_2_HISTORY) -> None:
         self._s = _State()
         self._check_tool_use_ids = check_tool_use_ids
+        self.history_limits = history
 
     # -- what the model emitted -------------------------------------------------------------------
     def model_tool_use(self, tool_use_id: object) -> None:
@@ -344,16 +370,17 @@ class InputOrderValidator:
         if not isinstance(content, str):
             raise _fail(f"textInput for content {_q(cname)} requires a string content")
         size = len(content.encode("utf-8"))
-        if not open_text.interactive and size > MAX_TEXT_INPUT_BYTES:
-            raise _fail(
-                f"textInput for content {_q(cname)} is {size} bytes; one textInput cannot be larger than "
-                f"{MAX_TEXT_INPUT_BYTES} bytes (split the text into several textInput events)"
-            )
-        if open_text.is_history and s.history_bytes + size > MAX_HISTORY_BYTES:
-            raise _fail(
-                f"chat history exceeds {MAX_HISTORY_BYTES} bytes in total "
-                f"({s.history_bytes + size} bytes with content {_q(cname)})"
-            )
+        limits = self.history_limits
+        if not open_text.interactive and size > limits.input_bytes:
+            template = HISTORY_INPUT_TOO_LARGE if open_text.is_history else SYSTEM_INPUT_TOO_LARGE
+            raise _fail(template.format(size=size, limit=limits.input_bytes, name=_q(cname)))
+        if open_text.is_history:
+            if s.history_bytes + size > limits.total_bytes:
+                raise _fail(HISTORY_TOTAL_TOO_LARGE.format(
+                    size=s.history_bytes + size, limit=limits.total_bytes, name=_q(cname)))
+            if open_text.text_bytes + size > limits.message_bytes:
+                raise _fail(HISTORY_MESSAGE_TOO_LARGE.format(
+                    size=open_text.text_bytes + size, limit=limits.message_bytes, name=_q(cname)))
         open_text.text_bytes += size
         if open_text.is_history:
             s.history_bytes += size
@@ -423,3 +450,34 @@ class InputOrderValidator:
         if not block.open:
             return "after that content block was closed"
         return f"but that block is {block.type}"
+
+
+class InputGap:
+    """Which input events count under the 532 rule: an `audioInput`, or interactive content (a `textInput`
+    of an interactive TEXT block, a `toolResult`). Setup (sessionStart, promptStart, the system prompt,
+    history), contentStart/contentEnd and the end events do not. Feed it every accepted event, in order."""
+
+    def __init__(self) -> None:
+        self._interactive: set[str] = set()  # contentNames of interactive TEXT blocks and of TOOL blocks
+
+    def counts(self, event: dict) -> bool:
+        """Whether `event` (already accepted) restarts the stream's input-gap clock."""
+        inner = event.get("event") if isinstance(event, dict) else None
+        if not isinstance(inner, dict) or len(inner) != 1:
+            return False
+        ((name, body),) = inner.items()
+        if not isinstance(body, dict):
+            return False
+        if name == "audioInput":
+            return True
+        cname = body.get("contentName")
+        if name == "contentStart":
+            if body.get("type") == "TOOL" or (body.get("type") == "TEXT" and body.get("interactive") is True):
+                if isinstance(cname, str):
+                    self._interactive.add(cname)
+            return False
+        if name in ("textInput", "toolResult"):
+            return cname in self._interactive
+        if name == "contentEnd" and isinstance(cname, str):
+            self._interactive.discard(cname)
+        return False

@@ -1,7 +1,8 @@
 """Shaping stored conversation items into history Nova Sonic accepts (reference/nova-sonic.md §4).
 
 Nova rejects or misreads history that breaks its rules: it must start with USER, read as alternating
-turns, stay within 40 KB in total and 1 KB per textInput. Shaping keeps the newest context, because
+turns, and stay within the model's limits (protocol.models: 200 KB in total and 50 KB per message
+for Nova 2-class models, 40 KB and 1 KB per textInput for the legacy one and the fallback). Shaping keeps the newest context, because
 that is what the resumed conversation continues from, and never breaks a UTF-8 character.
 """
 
@@ -96,18 +97,22 @@ def shape_history(
     *,
     max_bytes: int = MAX_HISTORY_BYTES,
     max_chunk_bytes: int = MAX_TEXT_INPUT_BYTES,
+    max_message_bytes: int | None = None,
     drop_trailing_user: bool = False,
 ) -> list[HistoryTurn]:
     """Alternating USER-first turns of the newest items, within Nova's size limits.
 
     Whole turns are dropped oldest first. The turn at the budget boundary keeps its tail when it is
     the newest turn (so a long last turn is not lost) or a USER turn (so the kept ASSISTANT turns
-    after it are not dropped for want of a USER start). `drop_trailing_user` is for when the last
-    user turn's audio will be replayed, so the model does not answer it twice.
+    after it are not dropped for want of a USER start). A turn over `max_message_bytes` keeps its
+    newest part. `drop_trailing_user` is for when the last user turn's audio will be replayed, so
+    the model does not answer it twice.
     """
     if max_chunk_bytes < 4:
         raise ValueError("max_chunk_bytes must hold one UTF-8 character (>= 4)")
     turns = _merge(items)
+    if max_message_bytes is not None:
+        turns = [(role, _tail(text, max_message_bytes)) for role, text in turns]
     kept: list[tuple[str, str]] = []
     budget = max_bytes
     for role, text in reversed(turns):

@@ -323,6 +323,24 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class InputSpeechStarted:
+    """Additive (not in PROTOCOL v1): the user started speaking, once per utterance. `source` says
+    who heard it: `model` (Nova 2's userSpeechStart) or `gateway` (its own voice activity detection,
+    when the model sends no such events). For an app's state display; barge-in is still `interrupted`."""
+
+    type: ClassVar[str] = "input.speech_started"
+    source: str  # model | gateway
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpeechStopped:
+    """Additive (not in PROTOCOL v1): the utterance of the last `input.speech_started` ended."""
+
+    type: ClassVar[str] = "input.speech_stopped"
+    source: str  # model | gateway
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     type: ClassVar[str] = "pong"
     id: str | int | float | bool | None
@@ -331,7 +349,8 @@ class Pong:
 
 ServerMessage = (
     SessionReady | Transcript | ResponseAudioStart | ResponseAudioEnd | Interrupted | ItemSaved | SessionReconnect
-    | Status | Usage | Error | SessionEnded | SessionUpdated | ToolCall | Pong
+    | Status | Usage | Error | SessionEnded | SessionUpdated | ToolCall | InputSpeechStarted | InputSpeechStopped
+    | Pong
 )
 
 

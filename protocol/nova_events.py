@@ -263,6 +263,16 @@ def completion_end(ids: dict, stop_reason: str = "END_TURN") -> dict:
     return _ev("completionEnd", _out_ids(ids, stopReason=stop_reason))
 
 
+def user_speech_start(ids: dict) -> dict:
+    """Nova 2: the model hears the user start speaking (its body's fields are not documented: ids)."""
+    return _ev("userSpeechStart", dict(ids))
+
+
+def user_speech_end(ids: dict) -> dict:
+    """Nova 2: the model hears the user stop speaking (before it transcribes the utterance)."""
+    return _ev("userSpeechEnd", dict(ids))
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed output events
 
@@ -326,6 +336,21 @@ class CompletionEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class UserSpeechStart:
+    """Nova 2's voice activity: the user started speaking (an earlier barge-in signal than the
+    interrupted marker). The body is not documented: it is kept as it came (ids, if any)."""
+
+    body: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UserSpeechEnd:
+    """Nova 2's voice activity: the user stopped speaking."""
+
+    body: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownEvent:
     name: str
     body: dict
@@ -333,7 +358,7 @@ class UnknownEvent:
 
 OutputEvent = (
     CompletionStart | ContentStart | TextOutput | AudioOutput | ToolUse | ContentEnd | UsageEvent | CompletionEnd
-    | UnknownEvent
+    | UserSpeechStart | UserSpeechEnd | UnknownEvent
 )
 
 
@@ -396,4 +421,7 @@ def _parse(obj: dict) -> OutputEvent:
         )
     if name == "toolUse":
         return ToolUse(b.get("contentId", ""), b.get("toolUseId", ""), b.get("toolName", ""), b.get("content", ""))
+    if name in ("userSpeechStart", "userSpeechEnd"):  # any body: its fields are not documented
+        cls = UserSpeechStart if name == "userSpeechStart" else UserSpeechEnd
+        return cls(dict(b) if isinstance(b, dict) else {})
     return UnknownEvent(name, b)

@@ -52,6 +52,7 @@ from .dialogue import (
 )
 from .items import Item
 from .limits import AudioRateLimiter, TokenBucket
+from .models import CONSERVATIVE_HISTORY, NOVA_2_HISTORY, HistoryLimits
 from .playback import Audio, PlaybackPacer
 
 MODEL_FRAME = 2048                # at most this many bytes of 16 kHz audio per audioInput event (64 ms)
@@ -65,6 +66,7 @@ PRE_READY_AUDIO_S = 3.0           # audio kept between session.start and session
 KEEPALIVE_AFTER_S = 1.0           # the client sent no audio this long: the model is fed silence
 KEEPALIVE_EVERY_S = 0.5
 LAG_TOLERANCE_S = 0.25            # a keepalive this late means the loop lagged: client audio may be unread
+KEEPALIVE_DEFER_MAX_S = 5.0       # ... but the model never goes this long without audio (532 after 55 s)
 REPLAY_PREROLL_S = 0.3            # replay starts this long before the first voiced frame
 QUIET_AFTER_S = 0.8               # no voiced frame for this long: nobody speaks
 UTTERANCE_GAP_S = 0.3             # voice after a pause this long starts a new utterance (a model's
@@ -76,7 +78,8 @@ STORE_QUEUE_BYTES = 4 * 1024 * 1024  # ... and their text bytes; past either the
 STORE_RETRY_FIRST_S = 0.2
 STORE_RETRY_MAX_S = 5.0
 CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its store writes
-PINGS = (5.0, 20)                 # pings answered: per second, burst; past it they are not answered
+PINGS = (5.0, 50)                 # pings answered: per second, burst (pings queued behind a stalled loop
+                                  # arrive together: 10 s of a client pinging at 5 per second); past it unanswered
 ERROR_REPLIES = (10.0, 20)        # non-fatal error replies: per second, burst; past it they are not sent
 TYPED_TURNS = (0.5, 5)            # input.text: per second, burst; past it `rate_limited`
 TYPED_REFUSALS_TO_CLOSE = 10      # refused typed turns in a row before 4429
@@ -154,6 +157,7 @@ class Admit:
 class LoadConversation:
     conversation_id: str
     owner: str
+    max_bytes: int  # as much history as the model takes: more is never sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +285,7 @@ class SessionConfig:
     conversation_ttl_s: float = 30 * 86400   # resume tokens of a conversation never outlive its start + this
     idle_timeout_s: float = 300.0            # no message and no speech from the client this long: 4410
     max_items: int = 10_000                  # items a conversation may hold; at the cap no more turns
+    history: HistoryLimits = NOVA_2_HISTORY  # what one stream takes (protocol.models)
     tools: tuple[dict, ...] = ()             # Nova toolSpecs, told to every stream in promptStart
     public_tools: frozenset[str] = frozenset()  # their arguments and results may be shown to the client
     tool_timeout_s: float = 20.0             # a tool not done by then is answered with a timeout error
@@ -376,6 +381,12 @@ class Session:
         self._last_client_audio = now
         self._last_model_audio = now
         self._keepalive_at: float | None = None
+        # the user's speech as the client is told it (input.speech_started / stopped) and measured
+        self._model_speech = False                  # the model sends userSpeechStart: it is the source
+        self._said: str | None = None               # source of the utterance told started, not yet stopped
+        self._said_at = 0.0                         # ... and when it started
+        self._speech_end: float | None = None       # end of the last utterance, until its reply's first audio
+        self._reply_item: str | None = None         # the reply's item, once its audio has started
         # dialogue and playback
         self._dialogue: Dialogue | None = None
         self._pacer: PlaybackPacer | None = None
@@ -407,6 +418,7 @@ class Session:
         self._late: deque[tuple[str, str]] = deque()  # (name, result) whose stream is gone: told as a user turn
         self._tool_turn: Item | None = None         # the user turn a tool was called for (not asked again)
         self._draining: tuple[int, float, float] | None = None  # (retry_after_ms, since, send away by)
+        self._history_limits = config.history  # the conservative ones once a stream refused a history
 
     # -- draining ------------------------------------------------------------------------------------
     def effects(self) -> list[Effect]:
@@ -431,6 +443,10 @@ class Session:
             times.append(self._draining[2])
         if self._reopen_at is not None:
             times.append(self._reopen_at)
+        if self._said == "gateway" and self._last_voiced + QUIET_AFTER_S > now:
+            times.append(self._last_voiced + QUIET_AFTER_S)  # the gateway's VAD ends the utterance
+        if self._said == "model" and (t := max(self._last_voiced, self._said_at) + UNHEARD_GIVE_UP_S) > now:
+            times.append(t)  # ... or one the model never ended
         if self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
             times.append(self._last_active + self.cfg.idle_timeout_s)
         if self.state in (State.LIVE, State.HANDING_OVER):
@@ -715,11 +731,13 @@ class Session:
     def stream_failed(self, stream_id: int, kind: str, message: str, now: float) -> None:
         """A stream failed to open, or failed while open."""
         self._now = now
-        failure = classify(kind, message)
+        failure = self._history_refused(classify(kind, message), message)
         if self._next is not None and self._next.id == stream_id:
             s, self._next = self._next, None
             self._emit(CloseStream(s.id))
-            if self.state is State.OPENING:
+            if self.state is State.OPENING and failure is Failure.HISTORY_TOO_LARGE:
+                self._prepare(now)  # the same conversation, in less history
+            elif self.state is State.OPENING:
                 self._emit(Count("model_errors", kind))
                 self._log("error", "model stream failed to open", kind=kind, error=message)
                 self._fatal_model(failure, message, now)
@@ -747,10 +765,13 @@ class Session:
         except nova.MalformedEvent as e:
             self.stream_failed(stream_id, "validationException", f"Invalid event bytes: {e}", now)
             return
-        cur.heard = True
-        self._deaf_at = None
+        if not isinstance(ev, (nova.UserSpeechStart, nova.UserSpeechEnd)):  # hearing is not answering
+            cur.heard = True
+            self._deaf_at = None
         if isinstance(ev, nova.ToolUse):
             self._tool_use(cur, ev, now)
+        elif isinstance(ev, (nova.UserSpeechStart, nova.UserSpeechEnd)):
+            self._user_speech(ev, now)
         self._dialogue.model_event(ev)
         self._run_dialogue(now)
         self._advance(now)
@@ -822,7 +843,7 @@ class Session:
             return
         self._requested, self.owner = target
         self._store_op = "load"
-        self._emit(LoadConversation(self._requested, self.owner))
+        self._emit(LoadConversation(self._requested, self.owner, self.cfg.history.total_bytes))
 
     def _resume_target(self, start: m.SessionStart, principal: str | None) -> tuple[str, str] | None:
         """(conversation id, owner) the client may try to resume, or None. A missing, ended, expired or
@@ -927,6 +948,7 @@ class Session:
                                       f"(bursts of {TYPED_TURNS[1]}); this one was not sent")
             case m.InputText(text=t):
                 self._typed_refused = 0
+                self._speech_end = self._reply_item = None  # what comes next answers the typed turn
                 self._typing = True
                 self._dialogue.input_text(t, playing=self._pacer.playing(now))
                 self._run_dialogue(now)
@@ -950,6 +972,9 @@ class Session:
             if self._unheard_since is None:
                 self._unheard_since = self._utterance_start
         self._last_voiced = now
+        if self._said is None and not self._model_speech and self.state in (
+                State.LIVE, State.HANDING_OVER, State.RECOVERING):
+            self._speech_started("gateway", now)
         cur = self._current
         if (cur is not None and not cur.heard and self._deaf_utterance != self._utterance_start
                 and self.state in (State.LIVE, State.HANDING_OVER)):
@@ -957,6 +982,41 @@ class Session:
 
     def _speaking(self, now: float) -> bool:
         return now - self._last_voiced < QUIET_AFTER_S
+
+    # The client is told each utterance once: input.speech_started, then input.speech_stopped. Its
+    # source is fixed when it starts: the model once any stream of this session has sent a
+    # userSpeechStart (Nova 2; every stream of a session runs the same model), until then the
+    # gateway's own VAD, which ends an utterance after QUIET_AFTER_S without a voiced frame (or when
+    # the reply's audio starts after a pause). An utterance the model started that its stream can no
+    # longer end (the stream was replaced) is ended by the VAD, and one it never ends (no
+    # userSpeechEnd) UNHEARD_GIVE_UP_S after its last voiced frame.
+    def _user_speech(self, ev: nova.UserSpeechStart | nova.UserSpeechEnd, now: float) -> None:
+        """Nova 2's voice activity. Its start is also the earliest barge-in signal: while the assistant
+        speaks or the client plays, playback is flushed now, not at the interrupted marker."""
+        if isinstance(ev, nova.UserSpeechStart):
+            self._model_speech = True
+            if self._said is None:
+                self._speech_started("model", now)
+            self._dialogue.user_speech_started(playing=self._pacer.playing(now))
+        elif self._said == "model":
+            self._speech_stopped(now)
+
+    def _speech_started(self, source: str, now: float) -> None:
+        self._said, self._said_at = source, now
+        self._speech_end = self._reply_item = None  # the user speaks again: no reply is awaited
+        self._send(m.InputSpeechStarted(source))
+
+    def _speech_stopped(self, end: float) -> None:
+        self._send(m.InputSpeechStopped(self._said))
+        self._said = None
+        self._speech_end, self._reply_item = end, None
+
+    def _reply_started(self, item_id: str, now: float) -> None:
+        """An assistant turn's audio begins: its first frame ends the wait the latency metric measures."""
+        if self._said == "gateway" and now - self._last_voiced >= UTTERANCE_GAP_S:
+            self._speech_stopped(self._last_voiced)  # the model answers: the utterance is over
+        if self._speech_end is not None:
+            self._reply_item = item_id
 
     def _to_model(self, stream: _Stream, pcm: bytes, now: float, source: str) -> None:
         self._last_model_audio = now
@@ -991,10 +1051,11 @@ class Session:
             self._emit(SendToStream(stream.id, [setup.audio(piece)], len(piece), source))
 
     def _keepalive(self, now: float) -> None:
-        """Silence while the client sends none, so the model's idle timeout (531) never fires. A
-        keepalive handled late means the loop lagged and the client's audio may be waiting unread:
-        that is not the client's silence, so it waits another moment."""
-        if now - self._keepalive_at > LAG_TOLERANCE_S:
+        """Silence while the client sends none, so the model's input gap (532, 55 s) and idle timeout
+        (531) never fire. A keepalive handled late means the loop lagged and the client's audio may be
+        waiting unread: that is not the client's silence, so it waits another moment, but never
+        leaves the model without audio for longer than KEEPALIVE_DEFER_MAX_S."""
+        if now - self._keepalive_at > LAG_TOLERANCE_S and now - self._last_model_audio < KEEPALIVE_DEFER_MAX_S:
             self._keepalive_at = now + LAG_TOLERANCE_S
             return
         gap = min(now - self._last_model_audio, 2 * KEEPALIVE_EVERY_S)
@@ -1018,6 +1079,7 @@ class Session:
                         self._send(msg)
                     case StartAudioItem(item_id=item_id):
                         pacer.start_item(item_id, m.ResponseAudioStart(item_id))
+                        self._reply_started(item_id, now)
                     case EndAudioItem(item_id=item_id, reason=reason):
                         pacer.end_item(item_id, m.ResponseAudioEnd(item_id, reason))
                     case FlushPlayback():
@@ -1062,6 +1124,9 @@ class Session:
             if isinstance(out, Audio):
                 if self._client_open:
                     self._emit(SendAudio(out.pcm))
+                if out.item_id == self._reply_item:  # the reply's first audio
+                    self._emit(Observe("speech_end_to_audio_seconds", now - self._speech_end))
+                    self._speech_end = self._reply_item = None
             else:
                 self._send(out)
         done = pacer.played_out(now)
@@ -1141,6 +1206,11 @@ class Session:
         """Everything that may have become due, in one place (runs after every input)."""
         if self.state is State.CLOSED:
             return
+        if self._said == "model" and now >= (t := max(self._last_voiced, self._said_at)) + UNHEARD_GIVE_UP_S:
+            self._said = "gateway"  # the model never ended it (no userSpeechEnd): the gateway does
+            self._speech_stopped(t)
+        if self._said == "gateway" and now - self._last_voiced >= QUIET_AFTER_S:
+            self._speech_stopped(self._last_voiced)
         if self._dialogue is not None:
             for item_id, (deadline, estimate) in list(self._truncates.items()):
                 if now >= deadline:
@@ -1192,10 +1262,25 @@ class Session:
             output_sample_rate=self._start.output_sample_rate,
             endpointing_sensitivity=self.cfg.endpointing_sensitivity,
             drop_trailing_user=owed is not None,
+            history_limits=self._history_limits,
             tools=self.cfg.tools,
         )
         self._next = _Stream(self._stream_ids, setup, len(self.history), owed, prepared_at=now)
         self._emit(OpenStream(self._next.id, setup.events))
+
+    def _history_refused(self, failure: Failure, message: str) -> Failure:
+        """A stream refused the history as too large: the model's limits were a wrong guess. Every
+        later stream gets the conservative ones (40 KB, 1 KB per textInput) and the conversation goes
+        on; if even those are refused, it is an invalid input like any other."""
+        if failure is not Failure.HISTORY_TOO_LARGE:
+            return failure
+        if self._history_limits == CONSERVATIVE_HISTORY:
+            return Failure.INVALID_INPUT
+        self._log("warning", "the model refused the history as too large: conservative limits from now on",
+                  error=message, total_bytes=self._history_limits.total_bytes)
+        self._emit(Count("history_fallbacks"))
+        self._history_limits = CONSERVATIVE_HISTORY
+        return failure
 
     def _fresh(self, s: _Stream) -> bool:
         """The stream was opened with the history and owed turn as they are now."""
@@ -1206,6 +1291,8 @@ class Session:
         s.current_since = now
         s.heard = False
         self._deaf_at = None
+        if self._said == "model":
+            self._said = "gateway"  # the stream that started the utterance will not end it: the VAD does
 
     def _quiet(self) -> bool:
         """Nobody speaks, nothing said is still untranscribed, no answer is due and every item is
@@ -1280,6 +1367,8 @@ class Session:
             self._fatal_model(failure, message, now)
             return
         cur, self._current = self._current, None
+        if self._said == "model":
+            self._said = "gateway"  # its stream is gone: the VAD ends the utterance
         if cur is not None:
             self._emit(CloseStream(cur.id, cur.setup.closing() if failure is Failure.DEAF else []))
         if self._next is not None:

@@ -68,7 +68,7 @@ SERVER_TYPES = frozenset({"session.ready", "transcript", "response.audio.start",
                           "session.updated"})
 RATE_WINDOW_S, RATE_MAX_SPEED, RATE_CREDIT_S = 5.0, 2.0, 10.0   # 4429: > 2x real time sustained over 5 s
 RATE_MARGIN_S = 3.0   # 4429 is "explained" once the client's own count is within this of the limit
-# Server policy beyond PROTOCOL v1 (docs: security limits): pings past 5/s (bursts of 20) go unanswered;
+# Server policy beyond PROTOCOL v1 (docs: security limits): pings past 5/s (bursts of 50) go unanswered;
 # typed turns past 0.5/s (bursts of 5) are refused with `rate_limited`, and 10 refusals in a row close 4429.
 PING_RATE, PING_BURST = 5.0, 20
 TYPED_RATE, TYPED_BURST, TYPED_REFUSALS_TO_CLOSE = 0.5, 5, 10

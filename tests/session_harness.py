@@ -135,8 +135,9 @@ class FakeModel:
     answered at once. A deaf model says nothing."""
 
     def __init__(self, sid: int, setup: list[dict], *, eos_s: float, deaf: bool = False, reply_ms: int = REPLY_MS,
-                 tool: str | None = None):
+                 tool: str | None = None, speech_events: bool = False):
         self.sid = sid
+        self.speech_events = speech_events  # Nova 2: userSpeechStart at an utterance's first frame, userSpeechEnd at its end
         self.tool = tool            # call this tool for every utterance, and answer with its result
         self.tool_uses: set[str] = set()  # toolUseIds asked and not yet answered
         self.tool_results: list[tuple[str, str]] = []  # (toolUseId, content) received
@@ -169,6 +170,8 @@ class FakeModel:
             if loud:
                 self.last_voiced = now
                 turn = loud[0] - 1000
+                if not self.heard and self.speech_events:
+                    self.pending.append((now, nova.user_speech_start(IDS)))
                 if not self.heard or self.heard[-1] != turn:
                     self.heard.append(turn)
         elif name == "textInput" and body.get("content") and self._interactive:
@@ -198,6 +201,8 @@ class FakeModel:
             turns, self.heard = self.heard, []
             text = " ".join(f"turn {t}" for t in turns)
             k = next(self.n)
+            if self.speech_events:
+                self.pending.append((now, nova.user_speech_end(IDS)))
             self.pending += [(now, e) for e in (
                 nova.output_content_start(IDS, f"u{k}", type="TEXT", role="USER", stage="FINAL"),
                 nova.output_text(IDS, f"u{k}", "USER", text),
@@ -267,6 +272,8 @@ class Harness:
         self.reply_ms = REPLY_MS              # the length of each answer's audio
         self.refuse = None                # principal -> (code, reason) or None: the gateway's caps
         self.tool = None                  # the next streams call this tool for every utterance
+        self.speech_events = False        # the next streams send userSpeechStart / userSpeechEnd (Nova 2)
+        self.observed: list[tuple[str, float]] = []  # Observe effects: (metric, value)
         self.tool_runs: list[RunTool] = []
         self.cancelled: list[str] = []
 
@@ -333,7 +340,7 @@ class Harness:
                 self.closed = code
             case OpenStream(stream_id=sid, events=events):
                 model = FakeModel(sid, events, eos_s=self.eos_s, deaf=self.deaf_next > 0, reply_ms=self.reply_ms,
-                                  tool=self.tool)
+                                  tool=self.tool, speech_events=self.speech_events)
                 self.deaf_next = max(0, self.deaf_next - 1)
                 self.models[sid] = model
                 if self.open_failures:
@@ -368,8 +375,8 @@ class Harness:
                 self.logs.append(e)
             case Count(metric=name, label=label, amount=amount):
                 self.counts[(name, label)] += amount
-            case Observe():
-                pass
+            case Observe(metric=name, value=value):
+                self.observed.append((name, value))
 
     def store_op(self, e) -> None:
         s, now, store = self.s, self.now, self.store

@@ -725,3 +725,23 @@ def test_tool_calls_end_to_end(make_gateway, launch):
     assert [x["text"] for x in transcript(page)] == said
     shot(page, "browser-tool-calls-e2e.png")
     assert page.errors == []
+
+
+def test_the_status_line_shows_the_user_speaking_when_the_server_says_so(fake_gateway, launch):
+    """Additive input.speech_started / input.speech_stopped drive "You're speaking"; without them (the
+    stand-in sends none until told) the line is as before."""
+    fake = fake_gateway
+    page = launch(None, grant_mic=False)
+    page.goto(fake.http + "/")
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready' && novagate.status === 'mic-off'", 15, "the session")
+    fake.send({"type": "input.speech_started", "source": "model"})
+    js_wait(page, "novagate.status === 'user-speaking'", 10, "You're speaking")
+    assert page.locator("#status-text").inner_text() == "You're speaking"
+    fake.send({"type": "status", "state": "speaking"})  # a barge-in under way: the user still has the floor
+    fake.send({"type": "input.speech_stopped", "source": "model"})
+    js_wait(page, "novagate.status === 'speaking'", 10, "the assistant's status once the user stopped")
+    fake.send({"type": "status", "state": "listening"})
+    js_wait(page, "novagate.status === 'mic-off'", 10, "back to the idle line")
+    log = [s["status"] for s in page.evaluate("novagate.statusLog")]
+    assert "user-speaking" in log and page.errors == []

@@ -136,7 +136,7 @@ async def test_spoken_phrase_calls_the_declared_tool_and_the_result_is_spoken(ma
     await s.say(utterance())
     raw, events = await s.turn()
 
-    assert isinstance(events[0], nv.CompletionStart)
+    assert [type(e) for e in events[:3]] == [nv.UserSpeechStart, nv.CompletionStart, nv.UserSpeechEnd]
     assert shape(blocks(events)) == USER_BLOCK + FILLER_SHAPE + TOOL_SHAPE
     assert blocks(events)[0].texts == ["please record the call now"]
     assert spoken(events) == spoken(events, "SPECULATIVE") == "One moment."

@@ -1,12 +1,25 @@
-"""InputOrderValidator: the service's input event-order rules (reference/nova-sonic.md §2, §4)."""
+"""InputOrderValidator: the service's input event-order rules (reference/nova-sonic.md §2, §4), the history
+limits of each model (protocol/models.py), and InputGap (what keeps a stream alive under the 532 rule)."""
 
 from __future__ import annotations
 
 import pytest
 
 from protocol import nova_events as nv
-from protocol.event_order import EventOrderError, InputOrderValidator
+from protocol.continuity import VALIDATION, Failure, classify
+from protocol.event_order import INPUT_GAP_MESSAGE, EventOrderError, InputGap, InputOrderValidator
+from protocol.models import (
+    CONSERVATIVE_HISTORY,
+    NOVA_2_5_SONIC,
+    NOVA_2_HISTORY,
+    NOVA_2_SONIC,
+    NOVA_SONIC_V1,
+    HistoryLimits,
+    model_spec,
+)
 from protocol.nova_events import MAX_HISTORY_BYTES, MAX_TEXT_INPUT_BYTES
+
+KB = 1024
 
 P = "prompt-1"
 
@@ -134,10 +147,6 @@ def test_minimal_session_and_text_only_session():
          ["after that content block was closed"]),
         (_with_audio(), nv.text_input(P, "mic", "hi"), ["textInput belongs inside its open TEXT block"]),
         (_setup(), nv.text_input(P, "sys", "late"), ["after that content block was closed"]),
-        ([*_setup(), nv.text_content_start(P, "h", "USER")], nv.text_input(P, "h", "é" * 513),
-         ["1026 bytes", "cannot be larger than 1024"]),
-        ([nv.session_start(), nv.prompt_start(P), nv.text_content_start(P, "sys", "SYSTEM")],
-         nv.text_input(P, "sys", "x" * 1025), ["cannot be larger than 1024"]),
         (_with_audio(), nv.tool_result(P, "mic", "{}"), ["toolResult belongs inside its open TOOL block"]),
         ([*_with_audio(), nv.text_content_start(P, "t", "USER", interactive=True)], nv.tool_result(P, "t", "{}"),
          ["toolResult"]),
@@ -223,15 +232,119 @@ def test_first_content_block_must_be_system_text():
     _rejects(start, nv.text_content_start(P, "s", "SYSTEM", interactive=True), "interactive false")
 
 
-def test_history_total_is_limited_to_40_kb():
+def test_history_total_is_limited_to_40_kb_with_the_conservative_limits():
     events = [*_setup(), nv.text_content_start(P, "h", "USER")]
     events += [nv.text_input(P, "h", "x" * 1024) for _ in range(MAX_HISTORY_BYTES // 1024)]
-    v = _run(events)
+    v = _run(events, InputOrderValidator(history=CONSERVATIVE_HISTORY))
     assert v.history_bytes == MAX_HISTORY_BYTES
     with pytest.raises(EventOrderError, match="exceeds 40960 bytes"):
         v.check(nv.text_input(P, "h", "y"))
     # the system prompt does not count as history
     assert _run(_setup()).history_bytes == 0
+
+
+def _history(limits: HistoryLimits, *messages: list[str]) -> InputOrderValidator:
+    """A validator with `limits` that took the setup and these history messages (each a list of textInputs)."""
+    v = _run(_setup(), InputOrderValidator(history=limits))
+    for i, pieces in enumerate(messages):
+        name = f"h{i}"
+        _run([nv.text_content_start(P, name, "ASSISTANT" if i % 2 else "USER"),
+              *(nv.text_input(P, name, piece) for piece in pieces), nv.content_end(P, name)], v)
+    return v
+
+
+def _history_error(limits: HistoryLimits, *messages: list[str]) -> str:
+    with pytest.raises(EventOrderError) as info:
+        _history(limits, *messages)
+    return info.value.message
+
+
+@pytest.mark.parametrize("model_id", [NOVA_2_5_SONIC, NOVA_2_SONIC, "us.amazon.nova-2-5-sonic",
+                                      "global.amazon.nova-2-sonic-v1:0", "amazon.nova-3-sonic"])
+def test_nova_2_class_history_limits(model_id):
+    """200 KB in total, 50 KB per message and per textInput (Nova 2 user guide, 22 June 2026); an id not in
+    the catalog gets the same."""
+    limits = model_spec(model_id).history
+    assert limits == NOVA_2_HISTORY == HistoryLimits(200 * KB, 50 * KB, 50 * KB)
+    # at the limits: one 50 KB textInput, 50 KB messages up to 200 KB in all
+    v = _history(limits, ["a" * 50 * KB], ["b" * 25 * KB, "c" * 25 * KB], ["d" * 50 * KB], ["e" * 50 * KB])
+    assert v.history_bytes == 200 * KB
+    assert _history_error(limits, ["a" * (50 * KB + 1)]) == (
+        "Invalid input request: chat history textInput of 51201 bytes exceeds 51200 bytes (content 'h0'; split a "
+        "message into several textInput events)")
+    assert _history_error(limits, ["a" * 30 * KB, "b" * (20 * KB + 1)]) == (
+        "Invalid input request: chat history message of 51201 bytes exceeds 51200 bytes (content 'h0')")
+    assert _history_error(limits, *[["x" * 50 * KB]] * 4, ["y"]) == (
+        "Invalid input request: chat history exceeds 204800 bytes in total (204801 bytes with content 'h4')")
+    # the system prompt: per textInput only, and not as history
+    v = _run([nv.session_start(), nv.prompt_start(P), *_text("SYSTEM", "sys", "s" * 50 * KB)],
+             InputOrderValidator(history=limits))
+    assert v.history_bytes == 0
+    # interactive text has no such limit
+    _run([*_setup(), *_text("USER", "t", "x" * 300 * KB, interactive=True)], InputOrderValidator(history=limits))
+
+
+def test_legacy_model_keeps_40_kb_and_1_kb_per_text_input():
+    limits = model_spec(NOVA_SONIC_V1).history
+    assert limits == CONSERVATIVE_HISTORY == HistoryLimits(40 * KB, 40 * KB, 1 * KB)
+    assert not model_spec(NOVA_SONIC_V1).text_input  # and no typed text
+    v = _history(limits, ["a" * KB] * 20, ["b" * KB] * 20)  # split, never over 1 KB a piece
+    assert v.history_bytes == 40 * KB
+    assert _history_error(limits, ["é" * 513]) == (
+        "Invalid input request: chat history textInput of 1026 bytes exceeds 1024 bytes (content 'h0'; split a "
+        "message into several textInput events)")
+    assert _history_error(limits, ["a" * KB] * 40, ["b"]) == (
+        "Invalid input request: chat history exceeds 40960 bytes in total (40961 bytes with content 'h1')")
+    assert _history_error(limits, ["a" * KB] * 41) == (  # one message over it all: the total is named
+        "Invalid input request: chat history exceeds 40960 bytes in total (41984 bytes with content 'h0')")
+    with pytest.raises(EventOrderError) as info:
+        _run([nv.session_start(), nv.prompt_start(P), nv.text_content_start(P, "sys", "SYSTEM"),
+              nv.text_input(P, "sys", "x" * 1025)], InputOrderValidator(history=limits))
+    assert info.value.message == ("Invalid input request: system prompt textInput of 1025 bytes exceeds 1024 bytes "
+                                  "(content 'sys'; split it into several textInput events)")
+
+
+def test_history_errors_are_what_the_gateway_falls_back_on():
+    """The gateway retries with the conservative limits on a validation message with "history" and "exceeds"
+    (protocol.continuity.classify); the system prompt's or an order violation's is not one."""
+    too_large = [
+        _history_error(CONSERVATIVE_HISTORY, ["a" * 2 * KB]),
+        _history_error(CONSERVATIVE_HISTORY, ["a" * KB] * 41),
+        _history_error(NOVA_2_HISTORY, ["a" * 30 * KB, "b" * 30 * KB]),
+    ]
+    for message in too_large:
+        assert "history" in message and "exceeds" in message
+        assert classify(VALIDATION, message) is Failure.HISTORY_TOO_LARGE, message
+    with pytest.raises(EventOrderError) as info:
+        _run([nv.session_start(), nv.prompt_start(P), nv.text_content_start(P, "sys", "SYSTEM"),
+              nv.text_input(P, "sys", "x" * 1025)], InputOrderValidator(history=CONSERVATIVE_HISTORY))
+    assert classify(VALIDATION, info.value.message) is Failure.INVALID_INPUT
+    late = _rejects(_with_audio(), nv.text_content_start(P, "h", "USER"), "chat history")
+    assert classify(VALIDATION, late.message) is Failure.INVALID_INPUT
+    assert classify(VALIDATION, INPUT_GAP_MESSAGE) is Failure.IDLE_TIMEOUT
+
+
+def test_input_gap_counts_audio_and_interactive_content_only():
+    gap = InputGap()
+    events = [
+        (nv.session_start(), False), (nv.prompt_start(P), False),
+        *((e, False) for e in _text("SYSTEM", "sys", "You are helpful.")),
+        *((e, False) for e in _text("USER", "h1", "history")),  # history: not interactive content
+        (nv.audio_content_start(P, "mic"), False),
+        (nv.audio_input(P, "mic", b"\0\0" * 512), True),
+        (nv.text_content_start(P, "t", "USER", interactive=True), False),
+        (nv.text_input(P, "t", "typed"), True),
+        (nv.content_end(P, "t"), False),
+        (nv.tool_content_start(P, "r", "tooluse_1"), False),
+        (nv.tool_result(P, "r", "{}"), True),
+        (nv.content_end(P, "r"), False),
+        (nv.content_end(P, "mic"), False), (nv.prompt_end(P), False), (nv.session_end(), False),
+    ]
+    assert [gap.counts(e) for e, _ in events] == [want for _, want in events]
+    assert not gap.counts({"nope": 1}) and not gap.counts({"event": {"textInput": "x"}})
+    assert INPUT_GAP_MESSAGE == (
+        "InternalErrorCode=532::Timed out waiting for audio bytes or interactive content. Please ensure gaps "
+        "between audio bytes and interactive content are less than 55 seconds.")
 
 
 def test_rejected_event_leaves_state_unchanged():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bedrock import BedrockSetupError, BedrockTransport, capabilities_for, check_credentials
+from gateway.bedrock import BedrockSetupError, BedrockTransport, check_credentials
+from protocol.models import model_spec
 from gateway.emulate.nova import NovaEmulator, make_test_tls
 from gateway.transport import (
     ACCESS_DENIED,
@@ -31,6 +32,15 @@ from gateway.transport import (
     ModelError,
 )
 from protocol import nova_events as nova
+from protocol.event_order import INPUT_GAP_MESSAGE
+from protocol.models import (
+    CONSERVATIVE_HISTORY,
+    NOVA_2_5_SONIC,
+    NOVA_2_HISTORY,
+    NOVA_2_SONIC,
+    NOVA_SONIC_V1,
+    HistoryLimits,
+)
 
 AKID, SECRET, REGION = "AKIDNOVAGATETEST", "novagate-test-secret", "us-east-1"
 PCM = b"\x01\x00" * 512  # 32 ms at 16 kHz
@@ -450,7 +460,7 @@ async def test_unknown_model_ids(make_emu, make_bedrock):
     s2 = await make_bedrock(emu, model_id="not a model").open()
     _, err = await drain(s2)
     assert err.kind == VALIDATION and "model identifier is invalid" in err.message
-    assert not capabilities_for("amazon.nova-sonic-v1:0").text_input
+    assert not model_spec("amazon.nova-sonic-v1:0").text_input
     assert emu.http_errors == [(404, "ResourceNotFoundException"), (400, "ValidationException")]
 
 
@@ -475,6 +485,141 @@ async def test_idle_timeout_531_and_silence_keeps_alive(make_emu, make_bedrock):
     assert 0.3 < time.monotonic() - t0 < 10
     await idle.close()
     await alive.close()
+
+
+async def test_every_catalog_model_and_cross_region_prefixes(make_emu, make_bedrock):
+    """The catalog's ids (Nova 2.5 Sonic has no -v1:0) are served, and by default also behind a cross-region
+    prefix (unverified against the service); each stream enforces its model's history limits."""
+    emu = await make_emu()
+    cases = [(NOVA_2_5_SONIC, NOVA_2_HISTORY), (NOVA_2_SONIC, NOVA_2_HISTORY), (NOVA_SONIC_V1, CONSERVATIVE_HISTORY),
+             ("us.amazon.nova-2-5-sonic", NOVA_2_HISTORY), ("global.amazon.nova-2-sonic-v1:0", NOVA_2_HISTORY)]
+    for model_id, _ in cases:
+        stream = await make_bedrock(emu, model_id=model_id).open()
+        for ev in full_session("p", "a"):
+            await stream.send(ev)
+        out, err = await drain(stream)
+        await stream.close()
+        assert err is None and out, model_id
+    assert [(r.model_id, r.history) for r in emu.streams] == cases
+    # without prefixes, or an id outside the catalog: 404 as Bedrock's
+    strict = await make_emu(region_prefixes=False)
+    for model_id in ("us.amazon.nova-2-5-sonic", "amazon.nova-2-5-sonic-v1:0"):
+        _, err = await drain(await make_bedrock(strict, model_id=model_id).open())
+        assert err.kind == VALIDATION and "ResourceNotFoundException" in err.message
+    assert strict.http_errors == [(404, "ResourceNotFoundException")] * 2
+
+
+async def test_history_limits_per_model_and_a_conservative_stand_in(make_emu, make_bedrock):
+    """Nova 2: 50 KB per textInput and message, 200 KB in total; the legacy model 1 KB / 40 KB; a stand-in
+    told `history_limits=CONSERVATIVE_HISTORY` (`--history-limits conservative`) enforces 40 KB / 1 KB for
+    every model, and `history_overrides` (`--history-*-max-bytes`) set single limits."""
+    def history(*pieces: str) -> list[dict]:
+        return [*setup_events("p"), nova.text_content_start("p", "h1", "USER"),
+                *(nova.text_input("p", "h1", x) for x in pieces), nova.content_end("p", "h1"),
+                nova.audio_content_start("p", "a"), nova.audio_input("p", "a", PCM)]
+
+    async def outcome(emu, model_id: str, events: list[dict]) -> str | None:
+        stream = await make_bedrock(emu, model_id=model_id).open()
+        sent_err = None
+        for ev in events:
+            try:
+                await stream.send(ev)
+            except ModelError as e:
+                sent_err = e
+                break
+        if sent_err is None:
+            for ev in [nova.content_end("p", "a"), nova.prompt_end("p"), nova.session_end()]:
+                await stream.send(ev)
+        _, err = await drain(stream)
+        await stream.close()
+        err = err or sent_err
+        assert err is None or err.kind == VALIDATION
+        return err.message if err else None
+
+    two_kb = "x" * 2048
+    emu = await make_emu()
+    assert await outcome(emu, NOVA_2_5_SONIC, history(two_kb, "y" * 48 * 1024)) is None
+    assert await outcome(emu, NOVA_2_SONIC, history("x" * (50 * 1024 + 1))) == (
+        "Invalid input request: chat history textInput of 51201 bytes exceeds 51200 bytes (content 'h1'; split a "
+        "message into several textInput events)")
+    legacy = ("Invalid input request: chat history textInput of 2048 bytes exceeds 1024 bytes (content 'h1'; split a "
+              "message into several textInput events)")
+    assert await outcome(emu, NOVA_SONIC_V1, history(two_kb)) == legacy
+    conservative = await make_emu(history_limits=CONSERVATIVE_HISTORY)
+    assert await outcome(conservative, NOVA_2_5_SONIC, history(two_kb)) == legacy
+    assert await outcome(conservative, NOVA_2_5_SONIC, history(*["z" * 1024] * 41)) == (
+        "Invalid input request: chat history exceeds 40960 bytes in total (41984 bytes with content 'h1')")
+    assert await outcome(conservative, NOVA_2_5_SONIC, history(*["z" * 1024] * 40)) is None
+    small = await make_emu(history_overrides={"total_bytes": 4096})
+    assert await outcome(small, NOVA_2_SONIC, history(two_kb, two_kb, "!")) == (
+        "Invalid input request: chat history exceeds 4096 bytes in total (4097 bytes with content 'h1')")
+    assert small.streams[0].history == HistoryLimits(4096, 50 * 1024, 50 * 1024)
+
+
+def test_history_flags():
+    import argparse
+
+    from gateway.emulate.nova import add_arguments, history_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert history_options(parser.parse_args([])) == (None, {})  # each model's own
+    assert history_options(parser.parse_args(["--history-limits", "conservative"])) == (CONSERVATIVE_HISTORY, {})
+    args = parser.parse_args(["--history-limits", "nova-2", "--history-max-bytes", "40960",
+                              "--history-input-max-bytes", "1024", "--input-gap-s", "3"])
+    assert history_options(args) == (NOVA_2_HISTORY, {"total_bytes": 40960, "input_bytes": 1024})
+    assert args.input_gap_s == 3.0 and not args.no_region_prefixes
+    with pytest.raises(SystemExit):
+        history_options(parser.parse_args(["--history-message-max-bytes", "0"]))
+
+
+async def test_input_gap_532(make_emu, make_bedrock):
+    """No audioInput and no interactive content for `input_gap_s`: validationException 532. Typed text keeps a
+    stream alive without audio (until the 531, which counts audio only)."""
+    emu = await make_emu(input_gap_s=1.0, idle_timeout_s=60.0)
+    bt = make_bedrock(emu)
+    # typed text every 0.2 s, no audio: alive for more than twice the gap
+    typed = await bt.open()
+    for ev in setup_events("t"):
+        await typed.send(ev)
+    for i in range(12):
+        for ev in nova.text_block("t", "USER", [f"typed {i}"], interactive=True):
+            await typed.send(ev)
+        await asyncio.sleep(0.2)
+    assert emu.streams[0].error is None
+    await typed.close()
+    # the setup only (a system prompt, history, an AUDIO block opened and no audio): 532
+    silent = await bt.open()
+    for ev in [*setup_events("q", history=True), nova.audio_content_start("q", "a")]:
+        await silent.send(ev)
+    t0 = time.monotonic()
+    _, err = await drain(silent)
+    assert (err.kind, err.message) == (VALIDATION, INPUT_GAP_MESSAGE) and err.recoverable
+    assert 0.5 < time.monotonic() - t0 < 10
+    await silent.close()
+    assert emu.streams[1].error == (VALIDATION, INPUT_GAP_MESSAGE)
+    # the 531 still comes after idle_timeout_s without audio, whatever else arrives
+    emu = await make_emu(input_gap_s=0.6, idle_timeout_s=1.5)
+    stream = await make_bedrock(emu).open()
+    for ev in setup_events("p"):
+        await stream.send(ev)
+
+    async def typing():
+        with contextlib.suppress(ModelError):
+            for i in range(100):
+                for ev in nova.text_block("p", "USER", [f"typed {i}"], interactive=True):
+                    await stream.send(ev)
+                await asyncio.sleep(0.2)
+
+    typist = asyncio.create_task(typing())
+    _, err = await drain(stream)
+    typist.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await typist
+    await stream.close()
+    assert (err.kind, err.message) == (VALIDATION, IDLE_TIMEOUT_MESSAGE)
+    with pytest.raises(ValueError, match="input_gap_s"):
+        await make_emu(input_gap_s=-1)
 
 
 async def test_model_timeout_at_max_stream_age(make_emu, make_bedrock):
@@ -678,3 +823,37 @@ async def test_end_to_end_with_the_local_engine(make_emu, make_bedrock):
     assert user_text.strip().lower() == PHRASE
     assert rate == 24000 and len(audio) >= 48000  # ≥ 1 s of 24 kHz PCM16
     assert emu.streams[0].error is None
+
+
+async def test_voice_activity_events_follow_the_model_of_the_request(make_emu, make_bedrock):
+    """The scripted engine behind the emulator: a Nova 2.5 Sonic stream hears userSpeechStart → completionStart
+    → userSpeechEnd before the USER transcript; a legacy stream none of them."""
+    from gateway.local.engine import ScriptedEngine, scripted_config
+
+    from .test_scripted_engine import utterance
+
+    engine = ScriptedEngine(scripted_config(lookahead_s=60.0))
+    try:
+        emu = await make_emu(engine)
+        heard = {}
+        for model_id in (NOVA_2_5_SONIC, NOVA_SONIC_V1):
+            stream = await make_bedrock(emu, model_id=model_id).open()
+            for ev in [*setup_events("p"), nova.audio_content_start("p", "a")]:
+                await stream.send(ev)
+            pcm = utterance()
+            for i in range(0, len(pcm), 2048):
+                await stream.send(nova.audio_input("p", "a", pcm[i:i + 2048]))
+            names: list[str] = []
+            while "usageEvent" not in names:
+                ev = await asyncio.wait_for(stream.receive(), 10)
+                assert ev is not None
+                names.append(nova.event_name(ev))
+            for ev in [nova.content_end("p", "a"), nova.prompt_end("p"), nova.session_end()]:
+                await stream.send(ev)
+            await stream.close()
+            heard[model_id] = names
+    finally:
+        await engine.aclose()
+    assert heard[NOVA_2_5_SONIC][:4] == ["userSpeechStart", "completionStart", "userSpeechEnd", "contentStart"]
+    assert heard[NOVA_SONIC_V1][:2] == ["completionStart", "contentStart"]
+    assert not {"userSpeechStart", "userSpeechEnd"} & set(heard[NOVA_SONIC_V1])

@@ -9,6 +9,7 @@ to be playing, which it is for seconds after its first chunk. No assertion is ab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from gateway.client import VoiceClient
 from gateway.local import LocalEngine, LocalEngineConfig, ScriptedEngine, backends, scripted_config
 from gateway.transport import IDLE_TIMEOUT_MESSAGE, MODEL_TIMEOUT, VALIDATION, ModelError
 from protocol import nova_events as nv
+from protocol.event_order import INPUT_GAP_MESSAGE
+from protocol.models import CONSERVATIVE_HISTORY, NOVA_2_5_SONIC, NOVA_2_SONIC, NOVA_SONIC_V1
 
 from .conftest import ROOT, Gateway, _wait, free_port
-from .test_local_engine import TWO_SENTENCE_TURN, Session, blocks, collect, is_usage, shape
+from .test_local_engine import TWO_SENTENCE_TURN, Session, blocks, collect, first_turn_opening, is_usage, shape
 
 DEFAULT_SENTENCES = backends.sentences(backends.DEFAULT_REPLY)
 TURN_SHAPE = TWO_SENTENCE_TURN  # the built-in reply has two sentences
@@ -74,7 +77,7 @@ async def test_spoken_turn_gives_the_nova_event_sequence(make_engine):
     await s.say(utterance())
     events = await collect(s.stream, is_usage)
 
-    assert isinstance(events[0], nv.CompletionStart)
+    assert first_turn_opening(events)  # userSpeechStart → completionStart → userSpeechEnd → USER TEXT
     assert isinstance(events[-1], nv.UsageEvent) and events[-1].total_tokens > 0
     bs = blocks(events)
     assert shape(bs) == TURN_SHAPE
@@ -95,6 +98,7 @@ async def test_spoken_turn_gives_the_nova_event_sequence(make_engine):
     await s.say(utterance(0.3))
     events = await collect(s.stream, is_usage)
     assert not any(isinstance(e, nv.CompletionStart) for e in events)
+    assert [type(e) for e in events[:3]] == [nv.UserSpeechStart, nv.UserSpeechEnd, nv.ContentStart]
     bs = blocks(events)
     assert shape(bs) == TURN_SHAPE and bs[0].texts == ["utterance 2"]
     assert [("USER", "utterance 1"), ("ASSISTANT", backends.DEFAULT_REPLY)] == s.stream.history[:2]
@@ -142,9 +146,15 @@ async def test_silence_quiet_noise_and_blips_give_no_turn(make_engine):
     await s.say(burst(0.12) + silence(1.0))  # past the 90 ms onset, short of the 150 ms a turn needs
     await s.say(burst(0.06) + silence(1.0))  # not even an onset
     await s.say(utterance())
-    bs = blocks(await collect(s.stream, is_usage))
+    events = await collect(s.stream, is_usage)
+    bs = blocks(events)
     # the first turn the engine heard is the real one: nothing before it became an utterance
     assert [b.texts for b in bs if b.role == "USER"] == [["utterance 1"]]
+    # the blip had an onset: its userSpeechStart / userSpeechEnd pair (and the prompt's completionStart), no turn
+    kinds = [type(e) for e in events if not isinstance(e, (nv.TextOutput, nv.AudioOutput, nv.ContentEnd))]
+    assert kinds[:6] == [nv.UserSpeechStart, nv.CompletionStart, nv.UserSpeechEnd,
+                         nv.UserSpeechStart, nv.UserSpeechEnd, nv.ContentStart]
+    assert sum(k is nv.UserSpeechStart for k in kinds) == sum(k is nv.UserSpeechEnd for k in kinds) == 2
     await s.finish()
 
 
@@ -195,6 +205,13 @@ async def test_barge_in_interrupts_the_reply(make_engine):
     first_usage = next(i for i, e in enumerate(events) if isinstance(e, nv.UsageEvent))
     assert first_usage < events.index(next(e for e in events if isinstance(e, nv.TextOutput)
                                            and e.content == "utterance 2"))  # the cut turn was accounted
+    # the voice activity: the barge-in's userSpeechStart comes before the reply is cut, its userSpeechEnd
+    # before its transcript
+    starts = [i for i, e in enumerate(events) if isinstance(e, nv.UserSpeechStart)]
+    ends = [i for i, e in enumerate(events) if isinstance(e, nv.UserSpeechEnd)]
+    cut_at = next(i for i, e in enumerate(events) if isinstance(e, nv.ContentEnd) and e.stop_reason == "INTERRUPTED")
+    heard_at = next(i for i, e in enumerate(events) if isinstance(e, nv.TextOutput) and e.content == "utterance 2")
+    assert len(starts) == len(ends) == 2 and starts[1] < cut_at and starts[1] < ends[1] < heard_at
 
     for e in (nv.content_end(s.prompt, s.audio), nv.prompt_end(s.prompt), nv.session_end()):
         await s.stream.send(e)
@@ -226,6 +243,108 @@ async def test_limits_and_input_order_are_the_local_engines(make_engine):
     await stream.send(nv.audio_content_start(p, "mic"))  # no system prompt first
     with pytest.raises(ModelError, match="first content block must be TEXT with role SYSTEM"):
         await asyncio.wait_for(stream.receive(), 10)
+
+
+async def test_input_gap_532_and_idle_531(make_engine):
+    """532: no audio and no interactive content for `input_gap_s`; 531: no audio for `idle_timeout_s`, whatever
+    else arrives. Short real time: the feeding keeps well inside the gap; the bounds only catch a hang."""
+    # audio keeps a stream alive; so does typed text (interactive content) without any audio
+    engine = await make_engine(input_gap_s=1.0, lookahead_s=60.0)
+    fed = Session(await engine.open())
+    await fed.start()
+    typed = Session(await engine.open())
+    await typed.start(audio=False)
+    for i in range(25):  # 2.5 s: more than twice the gap
+        await fed.say(silence(0.032))
+        if i % 3 == 0:
+            await typed.text(f"still here {i}")
+        await asyncio.sleep(0.1)
+    assert fed.stream.failed is None and typed.stream.failed is None
+    await fed.stream.close()
+    await typed.stream.close()
+
+    # nothing after the setup (system prompt and history do not count): 532, a forced rotation for the gateway
+    engine = await make_engine(input_gap_s=0.5)
+    s = Session(await engine.open())
+    await s.start(history=(("USER", "earlier"), ("ASSISTANT", "noted")))
+    with pytest.raises(ModelError) as info:
+        await asyncio.wait_for(s.stream.receive(), 10)
+    assert (info.value.kind, info.value.message) == (VALIDATION, INPUT_GAP_MESSAGE)
+    assert info.value.message.startswith("InternalErrorCode=532::") and info.value.recoverable
+    with pytest.raises(ModelError):
+        await s.stream.send(nv.audio_input(s.prompt, s.audio, silence(0.03)))
+
+    # typed text every 0.2 s and no audio: the 532 never comes, the 531 does
+    engine = await make_engine(input_gap_s=0.6, idle_timeout_s=1.2, lookahead_s=60.0)
+    s = Session(await engine.open())
+    await s.start()
+
+    async def typing():
+        for i in range(100):
+            await s.text(f"typing {i}")
+            await asyncio.sleep(0.2)
+
+    typist = asyncio.create_task(typing())
+    try:
+        with pytest.raises(ModelError) as info:
+            while await asyncio.wait_for(s.stream.receive(), 10) is not None:
+                pass
+    finally:
+        typist.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ModelError):
+            await typist
+    assert info.value.message == IDLE_TIMEOUT_MESSAGE
+
+    # input_gap_s=0: no 532 (the 531 still applies)
+    engine = await make_engine(input_gap_s=0, idle_timeout_s=0.5)
+    s = Session(await engine.open())
+    await s.start()
+    with pytest.raises(ModelError) as info:
+        await asyncio.wait_for(s.stream.receive(), 10)
+    assert info.value.message == IDLE_TIMEOUT_MESSAGE
+    with pytest.raises(ValueError, match="input_gap_s"):
+        ScriptedEngine(scripted_config(input_gap_s=-1))
+
+
+async def test_the_legacy_model_has_no_voice_activity_events(make_engine):
+    engine = await make_engine(model_id=NOVA_SONIC_V1, lookahead_s=60.0)
+    s = Session(await engine.open())
+    assert s.stream.spec.legacy
+    await s.start()
+    await s.say(utterance())
+    events = await collect(s.stream, is_usage)
+    assert isinstance(events[0], nv.CompletionStart)
+    assert not any(isinstance(e, (nv.UserSpeechStart, nv.UserSpeechEnd)) for e in events)
+    assert shape(blocks(events)) == TURN_SHAPE
+    await s.finish()
+    # the model is chosen per stream (the wire emulator: the request path's): Nova 2.5 Sonic has them
+    s = Session(await engine.open_for(NOVA_2_5_SONIC))
+    await s.start()
+    await s.say(utterance())
+    assert first_turn_opening(await collect(s.stream, is_usage))
+    await s.finish()
+
+
+@pytest.mark.parametrize(("model_id", "history", "error"), [
+    (NOVA_2_SONIC, None, None),
+    (NOVA_2_5_SONIC, None, None),
+    (NOVA_SONIC_V1, None, "chat history textInput of 2048 bytes exceeds 1024 bytes"),
+    (NOVA_2_5_SONIC, CONSERVATIVE_HISTORY, "chat history textInput of 2048 bytes exceeds 1024 bytes"),
+])
+async def test_history_limits_follow_the_model(make_engine, model_id, history, error):
+    engine = await make_engine(model_id=model_id, history=history, lookahead_s=60.0)
+    s = Session(await engine.open())
+    if error is None:
+        await s.start(history=(("USER", "x" * 2048),))  # one textInput of 2 KB
+        await s.say(utterance())
+        assert blocks(await collect(s.stream, is_usage))[0].texts == ["utterance 1"]
+        await s.finish()
+        return
+    with pytest.raises(ModelError) as info:  # the stream fails: the next send, or the output, says why
+        await s.start(history=(("USER", "x" * 2048),))
+        await asyncio.wait_for(s.stream.receive(), 10)
+    assert info.value.kind == VALIDATION
+    assert info.value.message.startswith("Invalid input request: " + error)
 
 
 def test_energy_vad_and_tone():

@@ -13,9 +13,8 @@ from gateway.emulate.agent_runtime import AgentRuntimeFake
 from gateway.store.agent_runtime import (
     CACHE_BYTES, FETCH_CONCURRENCY, AgentRuntimeStore, _payload, invocation_id, step_id,
 )
-from gateway.store.base import ConversationGone, StoreError, StoredConversation
+from gateway.store.base import LOAD_MAX_BYTES, ConversationGone, StoreError, StoredConversation
 from protocol.items import Item
-from protocol.nova_events import MAX_HISTORY_BYTES
 
 OWNER = "3f" * 32  # an owner hash
 
@@ -334,15 +333,15 @@ async def test_stale_cache_is_detected(fake, store, new_store):
         assert fake.calls == expected
 
 
-async def test_500_item_conversation_loads_only_40_kb(fake, store, new_store):
+async def test_500_item_conversation_loads_only_what_a_model_takes(fake, store, new_store):
     cid = await store.create(OWNER)
-    items = [item(n, text=f"{n:03d} " + "w" * (100 + (n * 37) % 400)) for n in range(1, 501)]
-    write_raw(fake, cid, items)  # ~150 KB of text; the cache knows nothing of it (cold)
+    items = [item(n, text=f"{n:03d} " + "w" * (300 + (n * 37) % 400)) for n in range(1, 501)]
+    write_raw(fake, cid, items)  # ~250 KB of text; the cache knows nothing of it (cold)
     reader = new_store()
     fake.reset_calls()
     conv = await reader.load(cid)
     assert conv.total == 500
-    assert sum(i.size for i in conv.items) <= MAX_HISTORY_BYTES
+    assert 150 * 1024 < sum(i.size for i in conv.items) <= LOAD_MAX_BYTES  # 200 KB: a Nova 2 stream's history
     assert conv.items[-1].item_id == "i0500" and conv.items == items[-len(conv.items):]
     assert fake.calls["ListInvocationSteps"] == 2  # the freshness probe, then 500 summaries in one page
     assert fake.calls["GetInvocationStep"] <= len(conv.items) + FETCH_CONCURRENCY  # never all 500

@@ -54,6 +54,7 @@ const STATUS_TEXT = {
   "mic-off": "Connected — microphone off",
   thinking: "Thinking…",
   speaking: "Speaking",
+  "user-speaking": "You're speaking",
   recovering: "Recovering…",
   reconnecting: "Reconnecting…",
   ended: "Conversation ended",
@@ -70,6 +71,7 @@ function computeStatus() {
       return "error";
     case "ready": {
       const s = client.serverStatus || "listening";
+      if (client.userSpeaking && s !== "recovering") return "user-speaking"; // only servers that say so
       if (s === "listening") {
         if (player.stats.state === "playing" && player.stats.depth > 0) return "speaking"; // the tail is still playing
         return micOn && mic.running ? "listening" : "mic-off";
@@ -359,6 +361,7 @@ client.addEventListener("state", () => {
 });
 
 client.addEventListener("status", renderStatus);
+client.addEventListener("speech", renderStatus);
 
 client.addEventListener("ready", (e) => {
   const r = e.detail;

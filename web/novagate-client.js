@@ -34,6 +34,9 @@
 //                status "started", then once "finished" | "failed" | "timed_out" | "cancelled"
 //                (arguments and result only for the server's public tools)
 //   status       {state}  the server's listening | thinking | speaking | recovering
+//   speech       {speaking, source}  the user started (true) or stopped (false) speaking, as the
+//                server heard it (additive input.speech_started / input.speech_stopped; source
+//                "model" or "gateway"); servers without them send none: `userSpeaking` stays false
 //   audiostart   {itemId}    audio   {itemId, pcm: ArrayBuffer}    audioend {itemId, reason}
 //   interrupted  {itemId, playedMs}   (after the flush and the playback.truncate)
 //   saved        {itemId}    updated {conversation_id}
@@ -117,6 +120,7 @@ export class NovagateClient extends EventTarget {
     this.WebSocketImpl = options.WebSocket || globalThis.WebSocket;
     this.state = "idle";
     this.serverStatus = null;
+    this.userSpeaking = false; // between input.speech_started and input.speech_stopped
     this.session = null; // the last session.ready
     this.player = null;
     this.sent = []; // control messages sent (secrets left out), newest last: for debugging and tests
@@ -415,6 +419,11 @@ export class NovagateClient extends EventTarget {
         this.serverStatus = msg.state;
         this._emit("status", { state: msg.state });
         break;
+      case "input.speech_started": // additive
+      case "input.speech_stopped":
+        this.userSpeaking = msg.type === "input.speech_started";
+        this._emit("speech", { speaking: this.userSpeaking, source: msg.source || null });
+        break;
       case "session.reconnect":
         this._reconnectHint = { retryAfterMs: Number(msg.retry_after_ms) || 0, reason: msg.reason };
         // the server closes 1012 when it is ready for us to go; if it does not, go anyway
@@ -550,7 +559,10 @@ export class NovagateClient extends EventTarget {
     if (state === this.state) return;
     const previous = this.state;
     this.state = state;
-    if (state !== "ready") this.serverStatus = null;
+    if (state !== "ready") {
+      this.serverStatus = null;
+      this.userSpeaking = false; // a new connection tells its own
+    }
     this._emit("state", { state, previous });
   }
 

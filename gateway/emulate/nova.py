@@ -9,14 +9,29 @@ service's input-order rules (InputOrderValidator) and forwarded with `send()`, a
 stream's validator on their way out, so a TOOL result block must answer a toolUse of that stream, once
 (else `validationException` "Invalid input request: … unknown toolUseId …").
 
+Models: every id of the model catalog (protocol/models.py: `amazon.nova-2-5-sonic`, `amazon.nova-2-sonic-v1:0`,
+the legacy `amazon.nova-sonic-v1:0`) or those given with `--model`, and by default the same ids behind a
+cross-region inference prefix (`us.`, `eu.`, `apac.`, `global.`; unverified against the service: whether its
+bidirectional stream takes them is not known; `--no-region-prefixes` refuses them with a 404). The model of
+the request path selects the stream's rules: its history limits (`model_spec(model_id).history`: Nova 2
+200 KB in total / 50 KB per message and textInput; the legacy model 40 KB / 1 KB), and whether the local
+engine behind emits `userSpeechStart` / `userSpeechEnd` (Nova 2-class only). `history_limits` /
+`--history-limits conservative` (40 KB / 40 KB / 1 KB) or `--history-max-bytes N`, `--history-message-max-bytes
+N`, `--history-input-max-bytes N` make a stand-in that enforces other limits for every model (a gateway's
+fallback to smaller limits can be tested against it). A history too large fails the stream with a
+validationException "Invalid input request: chat history …" (protocol/event_order.py).
+
 Behind the CLI the model is the local engine (gateway/local): `--engine local|scripted`. `--tool-calls
 JSON|@path` scripts it to call a tool when the user's words contain a phrase (the engine module's docstring
 has the format and the event sequences), so a client's whole tool path runs offline.
 
 Errors the emulator produces, as the service does:
 
-* modeled exception frames (then END_STREAM): `validationException` (order violations; the 531 idle message
-  after `idle_timeout_s` without audioInput; bad chunk signatures; undecodable frames),
+* modeled exception frames (then END_STREAM): `validationException` (order violations, a history too large;
+  the 532 input-gap message after `input_gap_s` (55 s; 0: off) without an audioInput or interactive content,
+  i.e. the textInput of an interactive TEXT block or a toolResult, counted from the stream's opening; the 531
+  idle message after `idle_timeout_s` (175 s) without an audioInput, whatever else arrived; bad chunk
+  signatures; undecodable frames),
   `modelTimeoutException` at stream age `max_stream_s`, and any kind injected with `inject()` or raised as
   `ModelError` by the backing transport (ACCESS_DENIED / CONNECTION, which have no stream member, become
   unmodeled `error` frames with codes `AccessDeniedException` / `InternalFailure`);
@@ -47,7 +62,7 @@ import signal
 import ssl
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -70,12 +85,14 @@ from gateway.transport import (
     ModelStream,
     ModelTransport,
 )
-from protocol.event_order import EventOrderError, InputOrderValidator
-from protocol.nova_events import DEFAULT_MODEL_ID, IDLE_TIMEOUT_S, MAX_STREAM_AGE_S, NOVA_SONIC_V1_MODEL_ID
+from protocol.event_order import INPUT_GAP_MESSAGE, INPUT_GAP_S, EventOrderError, InputGap, InputOrderValidator
+from protocol.models import CATALOG, CONSERVATIVE_HISTORY, NOVA_2_HISTORY, HistoryLimits, base_model_id, model_spec
+from protocol.nova_events import IDLE_TIMEOUT_S, MAX_STREAM_AGE_S
 
 log = logging.getLogger("novagate.emulate.nova")
 
-DEFAULT_MODELS = (DEFAULT_MODEL_ID, NOVA_SONIC_V1_MODEL_ID)
+DEFAULT_MODELS = tuple(CATALOG)  # every model id of the catalog (protocol/models.py)
+HISTORY_PRESETS = {"conservative": CONSERVATIVE_HISTORY, "nova-2": NOVA_2_HISTORY}  # --history-limits (else: model)
 DEFAULT_PORT = 8443
 DUMMY_ACCESS_KEY_ID = "AKIDNOVAGATEEMULATOR"
 DUMMY_SECRET_ACCESS_KEY = "novagate-emulator-secret"
@@ -124,6 +141,7 @@ class StreamRecord:
 
     stream_no: int
     model_id: str
+    history: HistoryLimits | None = None  # the limits the stream's validator enforced
     events: list[str] = field(default_factory=list)
     output_events: int = 0
     error: tuple[str, str] | None = None  # (kind, message) of the error frame sent
@@ -220,8 +238,12 @@ class NovaEmulator:
         credentials: tuple[str, str] | None = None,
         region: str = "us-east-1",
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        input_gap_s: float = INPUT_GAP_S,
         max_stream_s: float = MAX_STREAM_AGE_S,
         models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
+        region_prefixes: bool = True,
+        history_limits: HistoryLimits | None = None,
+        history_overrides: dict[str, int] | None = None,
         reject_403: bool = False,
         validate_order: bool = True,
         input_end_grace_s: float = 5.0,
@@ -235,8 +257,14 @@ class NovaEmulator:
         self.credentials = credentials
         self.region = region
         self.idle_timeout_s = idle_timeout_s
+        if input_gap_s < 0:
+            raise ValueError(f"input_gap_s={input_gap_s} must be >= 0 seconds (0: no 532)")
+        self.input_gap_s = input_gap_s  # 0: off
         self.max_stream_s = max_stream_s
         self.models = tuple(models)
+        self.region_prefixes = region_prefixes
+        self.history_limits = history_limits  # every model's (None: each model's own)
+        self.history_overrides = dict(history_overrides or {})  # HistoryLimits fields set for every model
         self.validate_order = validate_order
         self.input_end_grace_s = input_end_grace_s
         self.max_concurrent_streams = max_concurrent_streams  # SETTINGS_MAX_CONCURRENT_STREAMS (None: h2's 100)
@@ -295,6 +323,18 @@ class NovaEmulator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- models -----------------------------------------------------------------------------------
+    def accepts(self, model_id: str) -> bool:
+        """Whether a stream of `model_id` is served (a cross-region prefix in front of an accepted id, too,
+        unless `region_prefixes` is off)."""
+        return model_id in self.models or (self.region_prefixes and base_model_id(model_id) != model_id
+                                           and base_model_id(model_id) in self.models)
+
+    def history_for(self, model_id: str) -> HistoryLimits:
+        """The history limits a stream of `model_id` enforces."""
+        limits = self.history_limits or model_spec(model_id).history
+        return replace(limits, **self.history_overrides) if self.history_overrides else limits
 
     # -- fault injection --------------------------------------------------------------------------
     def inject(self, kind: str, message: str | None = None, *, after_events: int | None = None,
@@ -535,7 +575,8 @@ class _Stream:
         self.outq: asyncio.Queue = asyncio.Queue()
         self.window_open = asyncio.Event()
         self.decoder = es.MessageDecoder()
-        self.validator = InputOrderValidator() if self.emu.validate_order else None
+        self.validator: InputOrderValidator | None = None  # once the model is known (its history limits)
+        self.gap = InputGap()
         self.verifier: es.ChunkVerifier | None = None
         self.model: ModelStream | None = None
         self.record: StreamRecord | None = None
@@ -550,6 +591,7 @@ class _Stream:
         self.n_out = 0
         self.opened_at = 0.0
         self.last_audio_at = 0.0
+        self.last_input_at = 0.0  # audioInput or interactive content: the 532 clock
         self.faults: list[Fault] = []
         self.reset_after: int | None = None
         self.reset_connection = False
@@ -615,7 +657,7 @@ class _Stream:
         if emu.reject_403:
             await self._http_error(403, "AccessDeniedException", emu.reject_403_message)
             return
-        if model_id not in emu.models:
+        if not emu.accepts(model_id):
             if _MODEL_ID_RE.match(model_id):
                 await self._http_error(404, "ResourceNotFoundException", "Model not found: the requested model "
                                        f"'{model_id}' does not exist or does not support bidirectional streaming.")
@@ -623,8 +665,12 @@ class _Stream:
                 await self._http_error(400, "ValidationException", "The provided model identifier is invalid.")
             return
         self.faults, self.reset_after, self.reset_connection, self.invalid_after = emu._take_faults()
+        history = emu.history_for(model_id)
+        if emu.validate_order:
+            self.validator = InputOrderValidator(history=history)
+        open_for = getattr(emu.transport, "open_for", None)  # the local engine: the model's rules
         try:
-            self.model = await emu.transport.open()
+            self.model = await (open_for(model_id, history=history) if open_for is not None else emu.transport.open())
         except ModelError as exc:
             if exc.kind == ACCESS_DENIED:
                 await self._http_error(403, "AccessDeniedException", exc.message)
@@ -636,10 +682,11 @@ class _Stream:
                 await self._http_error(500, "InternalServerException", exc.message)
             return
         emu.streams_opened += 1
-        self.record = StreamRecord(emu.streams_opened, model_id)
+        self.record = StreamRecord(emu.streams_opened, model_id, history)
         emu.streams.append(self.record)
         emu._active.add(self)
-        self.opened_at = self.last_audio_at = self.loop.time()
+        self.opened_at = self.last_audio_at = self.last_input_at = self.loop.time()
+        log.info("stream %d: opened (model %s, emulator stream #%d)", self.sid, model_id, emu.streams_opened)
         if not self._send_headers([(":status", "200"), ("content-type", "application/vnd.amazon.eventstream"),
                                    ("x-amzn-requestid", str(uuid.uuid4()))]):
             return
@@ -897,6 +944,8 @@ class _Stream:
                 return
         if name == "audioInput":
             self.last_audio_at = self.loop.time()
+        if self.gap.counts(event):
+            self.last_input_at = self.loop.time()
         assert self.model is not None
         try:
             await self.model.send(event)
@@ -967,7 +1016,12 @@ class _Stream:
             if now >= idle_deadline:
                 self.fail(VALIDATION, IDLE_TIMEOUT_MESSAGE)
                 return
-            deadline = min(age_deadline, idle_deadline)
+            gap_deadline = self.last_input_at + emu.input_gap_s if emu.input_gap_s > 0 else float("inf")
+            if now >= gap_deadline:
+                log.info("stream %d: no audio or interactive content for %.1f s", self.sid, now - self.last_input_at)
+                self.fail(VALIDATION, INPUT_GAP_MESSAGE)
+                return
+            deadline = min(age_deadline, idle_deadline, gap_deadline)
             for f in timed:
                 due = self.opened_at + (f.after_s or 0.0)
                 if now >= due:
@@ -1006,10 +1060,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout-s", type=float, default=IDLE_TIMEOUT_S,
                         help="seconds without audioInput before the 531 ValidationException "
                         f"(default {IDLE_TIMEOUT_S:g})")
+    parser.add_argument("--input-gap-s", type=float, default=INPUT_GAP_S,
+                        help="seconds without an audioInput or interactive content (an interactive TEXT block's "
+                        "textInput, a toolResult) before the 532 ValidationException; any value down to a "
+                        f"fraction of a second for tests; 0: off (default {INPUT_GAP_S:g})")
     parser.add_argument("--max-stream-s", type=float, default=MAX_STREAM_AGE_S,
                         help=f"stream age that ends with ModelTimeoutException (default {MAX_STREAM_AGE_S:g})")
     parser.add_argument("--model", action="append", dest="models", metavar="MODEL_ID",
-                        help="accepted model id (repeatable; default: both Nova Sonic ids)")
+                        help=f"accepted model id (repeatable; default: the catalog's, {', '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--no-region-prefixes", action="store_true",
+                        help="refuse a model id behind a cross-region prefix (us., eu., apac., global.); by "
+                        "default they are accepted (unverified against the service)")
+    parser.add_argument("--history-limits", choices=("model", *HISTORY_PRESETS), default="model",
+                        help="history limits enforced: model (each model's own: Nova 2 200 KB in total, 50 KB per "
+                        "message and textInput; Nova Sonic v1 40 KB / 1 KB), conservative (40 KB in total, 1 KB "
+                        "per textInput, for every model: a stand-in for a service that still enforces 40 KB), "
+                        "nova-2 (200 KB / 50 KB for every model) (default model)")
+    parser.add_argument("--history-max-bytes", type=int, metavar="N",
+                        help="history bytes in total, for every model (on top of --history-limits)")
+    parser.add_argument("--history-message-max-bytes", type=int, metavar="N",
+                        help="bytes of one history message, for every model")
+    parser.add_argument("--history-input-max-bytes", type=int, metavar="N",
+                        help="bytes of one textInput of a non-interactive block (history, system prompt), for every "
+                        "model")
     parser.add_argument("--no-order-check", action="store_true", help="do not enforce the input event order")
     parser.add_argument("--max-concurrent-streams", type=int, metavar="N",
                         help="HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection (default 100, as h2's and as "
@@ -1049,6 +1122,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warm", action="store_true", help="do not load the speech models before listening")
 
 
+def history_options(args: argparse.Namespace) -> tuple[HistoryLimits | None, dict[str, int]]:
+    """The emulator's `history_limits` and `history_overrides` from the --history-* flags."""
+    overrides = {name: value for name, value in (("total_bytes", args.history_max_bytes),
+                                                 ("message_bytes", args.history_message_max_bytes),
+                                                 ("input_bytes", args.history_input_max_bytes))
+                 if value is not None}
+    if any(v < 1 for v in overrides.values()):
+        raise SystemExit("novagate emulate nova: --history-*-max-bytes must be >= 1")
+    return HISTORY_PRESETS.get(args.history_limits), overrides
+
+
 def _default_tls_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "novagate" / "nova-emulator-tls"
@@ -1085,8 +1169,13 @@ async def _serve_cli(args: argparse.Namespace) -> int:
 
     from gateway.local.engine import DEFAULT_REPLY, LocalEngine, LocalEngineConfig, ScriptedEngine, scripted_config
 
+    if args.input_gap_s < 0:
+        raise SystemExit("novagate emulate nova: --input-gap-s must be >= 0 (0: off)")
+    preset, overrides = history_options(args)
     certfile, keyfile, bundle = _tls_files(args)
+    # the engine's own limits a little later than the emulator's: the emulator's frame is what the client sees
     limits = {"endpoint_ms": args.endpoint_ms, "idle_timeout_s": args.idle_timeout_s + 1.0,
+              "input_gap_s": args.input_gap_s + 1.0 if args.input_gap_s > 0 else 0.0,
               "max_stream_s": args.max_stream_s + 1.0, "trace_path": args.engine_trace or None,
               "tool_calls": args.tool_calls}
     if args.engine == "scripted":
@@ -1109,8 +1198,9 @@ async def _serve_cli(args: argparse.Namespace) -> int:
     creds = (args.access_key_id, args.secret_access_key) if args.verify_signatures else None
     emu = NovaEmulator(
         engine, host=args.host, port=args.port, certfile=certfile, keyfile=keyfile, credentials=creds,
-        region=args.region, idle_timeout_s=args.idle_timeout_s, max_stream_s=args.max_stream_s,
-        models=tuple(args.models) if args.models else DEFAULT_MODELS, reject_403=args.reject_403,
+        region=args.region, idle_timeout_s=args.idle_timeout_s, input_gap_s=args.input_gap_s,
+        max_stream_s=args.max_stream_s, models=tuple(args.models) if args.models else DEFAULT_MODELS,
+        region_prefixes=not args.no_region_prefixes, history_limits=preset, history_overrides=overrides, reject_403=args.reject_403,
         validate_order=not args.no_order_check, max_concurrent_streams=args.max_concurrent_streams,
     )
     if args.inject:
@@ -1127,6 +1217,12 @@ async def _serve_cli(args: argparse.Namespace) -> int:
     emu.invalid_bytes_after = args.invalid_bytes_after
     await emu.start()
     lines = [f"novagate nova emulator listening on https://{args.host}:{emu.port} (HTTP/2, TLS)"]
+    history = "each model's own" if emu.history_limits is None else args.history_limits
+    if overrides:
+        history += ", " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+    gap = f"{args.input_gap_s:g} s" if args.input_gap_s > 0 else "off"
+    lines.append(f"models: {', '.join(emu.models)}{' (+ cross-region prefixes)' if emu.region_prefixes else ''}; "
+                 f"input gap (532): {gap}; idle (531): {args.idle_timeout_s:g} s; history limits: {history}")
     lines.append("point an unmodified client at it with:")
     lines.append(f"  export AWS_ENDPOINT_URL_BEDROCK_RUNTIME={emu.endpoint}")
     if bundle:

@@ -15,6 +15,25 @@ Output of one user turn (reference/nova-sonic.md §3.1):
     usageEvent
 and `completionEnd` when promptEnd arrives.
 
+Voice activity (Nova 2-class models only, not the legacy Nova Sonic v1; its order as in a raw Nova 2 capture:
+`userSpeechStart` → `completionStart` → `userSpeechEnd` → USER TEXT …): when the VAD hears an onset the engine
+emits `userSpeechStart` {sessionId, promptName, completionId} (then `completionStart` if this is the prompt's
+first turn), and when the utterance ends (the endpoint, the AUDIO block's contentEnd, or the 20 s cap)
+`userSpeechEnd`, before the utterance is transcribed. The two always come in pairs; a blip too short to be a
+turn gets its pair and no USER TEXT. Over a reply, `userSpeechStart` comes with the barge-in.
+
+The model (`LocalEngineConfig.model_id`; behind the wire emulator, the model of the request path: `open_for`)
+selects the rules: history limits (`model_spec(model_id).history`, or `LocalEngineConfig.history` for every
+model), and the voice-activity events above.
+
+Limits, as the service's (validationException unless said otherwise):
+* 532 (`input_gap_s`, default 55 s; 0: off): no `audioInput` and no interactive content (the textInput of an
+  interactive TEXT block, a toolResult) for that long; the clock starts when the stream opens, and setup
+  (system prompt, history) does not count. INPUT_GAP_MESSAGE (protocol/event_order.py).
+* 531 (`idle_timeout_s`, default 175 s): no `audioInput` for that long, whatever else arrives (so with the
+  defaults only a stream fed interactive text and no audio meets it). IDLE_TIMEOUT_MESSAGE.
+* `modelTimeoutException` at stream age `max_stream_s` (480 s).
+
 Timing model: every emitted audio chunk is assumed to play in real time from the moment it is emitted
 (`speaking_until = max(speaking_until, now) + chunk duration`). The responder never lets more than
 `lookahead_s` of audio be unplayed: it waits before each audio chunk, before a sentence's FINAL text and
@@ -45,7 +64,8 @@ an id the model did not issue, or answered already, is an order violation (proto
 filler is cut by a barge-in, the call is not made (the turn was interrupted).
 While a result is awaited, the stream goes on as usual: audio is read, barge-in works as ever, and speech
 or typed text starts a new turn that is answered at once; the result, whenever it comes, is answered
-after whatever is being said. No result: nothing happens (the idle timeout still applies).
+after whatever is being said. No result: nothing happens (the 532 input gap and the 531 idle timeout
+still apply: the client must keep sending audio meanwhile).
 A tool result the gateway delivers as interactive USER text, "Result of the <tool> tool call …: <JSON>",
 gets the same "The <tool> tool says: …" reply (backends.answering_late_tool_results).
 """
@@ -81,7 +101,8 @@ from gateway.transport import (
     ModelError,
 )
 from protocol import nova_events as nova
-from protocol.event_order import EventOrderError, InputOrderValidator
+from protocol.event_order import INPUT_GAP_MESSAGE, INPUT_GAP_S, EventOrderError, InputGap, InputOrderValidator
+from protocol.models import HistoryLimits, ModelSpec, model_spec
 
 logger = logging.getLogger("novagate.local")
 
@@ -102,6 +123,8 @@ TEXT_TOKENS_PER_WORD = 1.3
 _WAKE = object()  # wakes a blocked receive()
 _END = object()  # end of output
 _INTERRUPT = object()  # wakes an idle responder for a barge-in
+_SPEECH_START = object()  # the VAD heard an onset: userSpeechStart
+_SPEECH_END = object()  # the utterance ended: userSpeechEnd
 TOOL_RESULT_PARSE_ERROR = "Tool Response parsing error"  # Nova's ValidationException for a result that is not JSON
 
 
@@ -118,6 +141,8 @@ class LocalEngineConfig:
     energy_threshold_db: float = backends.DEFAULT_ENERGY_DB  # energy VAD: frame RMS (dBFS) above which is speech
     endpoint_ms: int = 700  # silence that ends an utterance
     idle_timeout_s: float = nova.IDLE_TIMEOUT_S  # no audioInput for this long -> ValidationException 531
+    # no audioInput and no interactive content for this long -> ValidationException 532 (0: off)
+    input_gap_s: float = INPUT_GAP_S
     max_stream_s: float = nova.MAX_STREAM_AGE_S  # stream age cap -> ModelTimeoutException
     lookahead_s: float = 1.5  # max unplayed audio before the next sentence is produced
     trace_path: str | None = None  # JSON lines of every input event received
@@ -125,6 +150,8 @@ class LocalEngineConfig:
     # "filler"} objects (backends.parse_tool_calls); () = none
     tool_calls: Any = ()
     tool_filler: str = backends.DEFAULT_TOOL_FILLER  # spoken before a tool call unless a rule says otherwise
+    model_id: str = nova.DEFAULT_MODEL_ID  # the model it stands in for (its rules: protocol/models.py)
+    history: HistoryLimits | None = None  # history limits for every model (None: each model's own)
 
 
 @dataclass(slots=True)
@@ -207,13 +234,16 @@ def _declared_tools(prompt_start: dict) -> frozenset[str]:
 class LocalStream:
     """One bidirectional stream of the local engine (implements gateway.transport.ModelStream)."""
 
-    def __init__(self, engine: LocalEngine, stream_id: str) -> None:
+    def __init__(self, engine: LocalEngine, stream_id: str, spec: ModelSpec) -> None:
         self._engine = engine
         self._cfg = engine.config
         self.stream_id = stream_id
+        self.spec = spec
         self.session_id = str(uuid.uuid4())
         self._loop = asyncio.get_running_loop()
-        self._validator = InputOrderValidator()
+        self._validator = InputOrderValidator(history=spec.history)
+        self._gap = InputGap()
+        self._voice_activity = spec.family != "nova-1"  # userSpeechStart / userSpeechEnd (Nova 2-class models)
         self._send_lock = asyncio.Lock()
         self._in: asyncio.Queue = asyncio.Queue(IN_QUEUE_SIZE)
         self._out: asyncio.Queue = asyncio.Queue(OUT_QUEUE_SIZE)
@@ -224,6 +254,7 @@ class LocalStream:
         self._closed = False
         self._opened_at = self._loop.time()
         self._last_audio_at = self._opened_at
+        self._last_input_at = self._opened_at  # audioInput or interactive content (the 532 clock)
         # session, set by promptStart
         self._ids: dict[str, str] | None = None
         self._out_rate = nova.DEFAULT_MODEL_OUTPUT_RATE
@@ -245,6 +276,7 @@ class LocalStream:
         self._utt: list[bytes] | None = None
         self._utt_speech = 0
         self._utt_silence = 0
+        self._vad_out: list[Any] = []  # from the VAD, in order: speech events to emit, turns to queue
         # output state (owned by whoever emits: the responder, or the engine task after stopping it)
         self._completion_started = False
         self._open_out: tuple[str, str] | None = None  # (type, contentId)
@@ -281,6 +313,8 @@ class LocalStream:
         name = nova.event_name(event)
         if name == "audioInput":
             self._last_audio_at = self._loop.time()
+        if self._gap.counts(event):
+            self._last_input_at = self._loop.time()
         try:
             self._in.put_nowait(event)
             return
@@ -415,13 +449,22 @@ class LocalStream:
                 if now >= self._last_audio_at + cfg.idle_timeout_s:
                     self._fail(ModelError(VALIDATION, IDLE_TIMEOUT_MESSAGE))
                     return
-                deadline = min(self._opened_at + cfg.max_stream_s, self._last_audio_at + cfg.idle_timeout_s)
+                gap_deadline = self._last_input_at + cfg.input_gap_s if cfg.input_gap_s > 0 else math.inf
+                if now >= gap_deadline:
+                    log(logger, logging.INFO, "local stream: input gap", stream_id=self.stream_id,
+                        gap_s=round(now - self._last_input_at, 2))
+                    self._fail(ModelError(VALIDATION, INPUT_GAP_MESSAGE))
+                    return
+                deadline = min(self._opened_at + cfg.max_stream_s, self._last_audio_at + cfg.idle_timeout_s,
+                               gap_deadline)
                 try:
                     event = await asyncio.wait_for(self._in.get(), max(0.0, deadline - now) + 0.001)
                 except TimeoutError:
                     continue
                 if not await self._handle(event) or self._error is not None:
                     return
+                if self._vad_out:
+                    await self._flush_vad()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a speech-library failure: fail like the service would
@@ -554,6 +597,8 @@ class LocalStream:
                 self._preroll.clear()
                 self._utt_speech = self._speech_run
                 self._utt_silence = 0
+                if self._voice_activity:
+                    self._vad_out.append(_SPEECH_START)
             return
         self._utt.append(frame)
         if is_speech:
@@ -571,11 +616,29 @@ class LocalStream:
         self._utt = None
         self._utt_speech = self._utt_silence = 0
         self._preroll.clear()
+        if frames is not None and self._voice_activity:
+            self._vad_out.append(_SPEECH_END)
         if frames is None or speech_frames < MIN_SPEECH_FRAMES:
             return
         if silence > TRAIL_FRAMES:
             frames = frames[: len(frames) - silence + TRAIL_FRAMES]
-        self._turns.put_nowait(_Turn(pcm=b"".join(frames)))
+        self._vad_out.append(_Turn(pcm=b"".join(frames)))
+
+    async def _flush_vad(self) -> None:
+        """What the VAD produced while the last input event was handled, in order: userSpeechStart (and
+        completionStart on the prompt's first turn), userSpeechEnd, then the utterance as a turn (so its
+        USER TEXT comes after its userSpeechEnd)."""
+        items, self._vad_out = self._vad_out, []
+        for item in items:
+            if self._error is not None:
+                return
+            if item is _SPEECH_START and self._ids is not None:
+                await self._emit(nova.user_speech_start(self._ids))
+                await self._ensure_completion()
+            elif item is _SPEECH_END and self._ids is not None:
+                await self._emit(nova.user_speech_end(self._ids))
+            elif isinstance(item, _Turn):
+                self._turns.put_nowait(item)
 
     def _request_interrupt(self) -> None:
         self._interrupt.set()
@@ -621,10 +684,10 @@ class LocalStream:
         await self._end_block(stop_reason)
 
     async def _ensure_completion(self) -> None:
-        if not self._completion_started:
+        if not self._completion_started:  # the engine task (speech onset) or the responder (a turn)
             assert self._ids is not None
-            await self._emit(nova.completion_start(self._ids))
             self._completion_started = True
+            await self._emit(nova.completion_start(self._ids))
 
     # -----------------------------------------------------------------------------------------
     # responder task: turns -> output
@@ -822,6 +885,8 @@ class LocalEngine:
 
     def __init__(self, config: LocalEngineConfig | None = None) -> None:
         self.config = config or LocalEngineConfig()
+        if self.config.input_gap_s < 0:
+            raise ValueError(f"input_gap_s={self.config.input_gap_s} must be >= 0 seconds (0: no 532)")
         self.backends = backends.build(self.config)  # ValueError: an unknown back end
         self._trace = _Trace(self.config.trace_path) if self.config.trace_path else None
         self._streams: set[LocalStream] = set()
@@ -833,10 +898,17 @@ class LocalEngine:
         await asyncio.to_thread(self.backends.warm)
 
     async def open(self) -> LocalStream:
+        """A stream of the configured model (`model_id`, `history`)."""
+        return await self.open_for(self.config.model_id)
+
+    async def open_for(self, model_id: str, *, history: HistoryLimits | None = None) -> LocalStream:
+        """A stream of `model_id` with its rules (the wire emulator: the model of the request path);
+        `history` (else the config's, else the model's own) sets its history limits."""
         if self._closed:
             raise ModelError(CONNECTION, "the local engine is closed")
         self._count += 1
-        stream = LocalStream(self, f"{self.name}-{self._count}-{uuid.uuid4().hex[:8]}")
+        spec = model_spec(model_id, history=history or self.config.history)
+        stream = LocalStream(self, f"{self.name}-{self._count}-{uuid.uuid4().hex[:8]}", spec)
         self._streams.add(stream)
         return stream
 

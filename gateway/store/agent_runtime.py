@@ -11,8 +11,8 @@ Mapping (the team reference "agent-runtime-sessions.md", §5):
 - one **step** per item: `uuid5(NS, "<sid>:item:<item_id>")`, so a retried or replayed write of the
   same item lands on the same step. The payload is one text block holding
   `{"v":1,"item_id","role","text","at","interrupted"}`; `invocationStepTime` is the item's `at`.
-- a rolling **history cache** in `sessionMetadata`: the newest items whose text is <= 40 KB,
-  zlib-compressed JSON, base64, in chunks `h0..h9` of <= 5000 characters, plus `h_v` (format),
+- a rolling **history cache** in `sessionMetadata`: the newest items whose text is <= 200 KB (what a Nova 2 stream takes),
+  zlib-compressed JSON, base64, in chunks `h0..h35` of <= 5000 characters, plus `h_v` (format),
   `h_n` (chunks), `h_count` (items in the whole conversation), `h_last` (time of the newest item)
   and `h_next` (text size of the newest item left out, so a load can tell that its budget ends at
   the cache's edge). Every append rewrites it with UpdateSession. UpdateSession is assumed to
@@ -87,11 +87,10 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from protocol.items import ROLES, Item
-from protocol.nova_events import MAX_HISTORY_BYTES
 
 from ..logs import log
 from .base import (
-    LOAD_MAX_ITEMS, ConversationGone, StoredConversation, StoreError, check_connection_id, check_page_limit,
+    LOAD_MAX_BYTES, LOAD_MAX_ITEMS, ConversationGone, StoredConversation, StoreError, check_connection_id, check_page_limit,
     check_writable,
 )
 
@@ -99,10 +98,10 @@ logger = logging.getLogger("novagate.store")
 
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/novagate/store/agent-runtime")
 APP = "novagate"
-CACHE_BYTES = MAX_HISTORY_BYTES  # text bytes the metadata cache keeps: a default load's budget
+CACHE_BYTES = LOAD_MAX_BYTES    # text bytes the metadata cache keeps: a default load's budget
 CACHE_ITEMS = LOAD_MAX_ITEMS     # and at most this many items
 CACHE_CHUNK = 5000               # a metadata value's maximum length
-CACHE_CHUNKS = 10                # h0..h9
+CACHE_CHUNKS = 36                # h0..h35 (metadata holds 50 entries: the other keys take 12 at most)
 CACHE_FORMAT = "1"               # h_v: zlib-compressed JSON rows, base64, chunked
 FETCH_CONCURRENCY = 8            # GetInvocationStep calls in flight at once
 PAGE_SIZE = 1000                 # ListInvocationSteps maxResults (the maximum)
@@ -187,7 +186,7 @@ def _item_from_step(step: dict) -> Item | None:
 
 
 def _encode_cache(items: list[Item]) -> tuple[list[str], int]:
-    """The h0..h9 chunks holding the newest of `items` that fit, and how many they hold (text that
+    """The h0..h35 chunks holding the newest of `items` that fit, and how many they hold (text that
     does not compress may not fit 50,000 characters: the oldest are left out then)."""
     kept = len(items)
     while kept:
@@ -745,7 +744,7 @@ class AgentRuntimeStore:
         return st.sid
 
     @_public
-    async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
+    async def load(self, conversation_id: str, *, max_bytes: int = LOAD_MAX_BYTES,
                    max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         if not _UUID_RE.match(conversation_id or ""):
             return None

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from protocol.items import Item
-from protocol.nova_events import MAX_HISTORY_BYTES
+from protocol.models import NOVA_2_HISTORY
 
 LOAD_MAX_ITEMS = 500      # the most items `load` returns by default
+LOAD_MAX_BYTES = NOVA_2_HISTORY.total_bytes  # and their text: the most history a model takes
 PAGE_MAX_ITEMS = 1000     # the most items one `history_page` returns
 MAX_CONNECTION_ID = 1000  # the longest connection id `take` accepts (it is stored as metadata)
 
@@ -100,7 +101,7 @@ class ConversationStore(Protocol):
     async def create(self, owner: str) -> str:
         """A new conversation (epoch 0, held by no one); returns its id."""
 
-    async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
+    async def load(self, conversation_id: str, *, max_bytes: int = LOAD_MAX_BYTES,
                    max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         """The conversation with its newest items (text bytes <= max_bytes, at least the newest one), its
         epoch and live holder, or None. With `owner`, another owner's conversation is None too, and

@@ -25,11 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from protocol.items import Item
-from protocol.nova_events import MAX_HISTORY_BYTES
 
 from ..logs import log
 from .base import (
-    LOAD_MAX_ITEMS, ConversationGone, StoredConversation, StoreError, check_connection_id, check_page_limit,
+    LOAD_MAX_BYTES, LOAD_MAX_ITEMS, ConversationGone, StoredConversation, StoreError, check_connection_id, check_page_limit,
     check_writable,
 )
 
@@ -156,7 +155,7 @@ class SQLiteStore:
         await self._run(lambda db: db.execute("INSERT INTO conversations (id, owner) VALUES (?, ?)", (cid, owner)))
         return cid
 
-    async def load(self, conversation_id: str, *, max_bytes: int = MAX_HISTORY_BYTES,
+    async def load(self, conversation_id: str, *, max_bytes: int = LOAD_MAX_BYTES,
                    max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
         def q(db: sqlite3.Connection):
             row = db.execute("SELECT owner, ended, epoch, live FROM conversations WHERE id = ?",

@@ -143,6 +143,27 @@ test("tool.call: an ended call's receipt is kept until item.saved and handed bac
   assert.deepEqual(JSON.parse(storage.getItem("novagate.conversation")).pending, {});
 });
 
+test("input.speech_started / stopped set userSpeaking; a lost connection clears it", async () => {
+  const { client } = newClient();
+  const speech = [];
+  client.addEventListener("speech", (e) => speech.push(e.detail));
+  client.connect();
+  const ws = sockets[0];
+  ws.open();
+  await tick();
+  ws.message(ready());
+  assert.equal(client.userSpeaking, false, "a server that sends none: never speaking");
+  ws.message({ type: "input.speech_started", source: "model" });
+  assert.equal(client.userSpeaking, true);
+  ws.message({ type: "input.speech_stopped", source: "model" });
+  assert.equal(client.userSpeaking, false);
+  ws.message({ type: "input.speech_started" });
+  assert.deepEqual(speech, [{ speaking: true, source: "model" }, { speaking: false, source: "model" },
+                            { speaking: true, source: null }]);
+  ws.serverClose(1006);
+  assert.equal(client.userSpeaking, false);
+});
+
 test("a lost connection is retried with exponential backoff and jitter, and resumes", async () => {
   const { client, events } = newClient();
   client.connect();
