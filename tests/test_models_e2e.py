@@ -84,3 +84,29 @@ async def test_a_long_conversation_resumes_within_what_the_model_takes(tmp_path,
     else:  # the stand-in refuses it; the next stream gets 40 KB, once
         assert len(opened) == 2 and history_bytes(stack, opened[1]) <= 40 * 1024
         assert fallbacks == 1
+
+
+async def test_speech_start_reaches_the_client_before_the_assistant_audio_stops(tmp_path):
+    """Over a live gateway (the scripted engine, which sends userSpeechStart/End as Nova 2 does): the user
+    speaks over a long answer; the client hears `input.speech_started` before the answer's audio ends."""
+    import numpy as np
+
+    gw = Gateway(tmp_path, {"NOVAGATE_ENGINE": "scripted", "NOVAGATE_SCRIPTED_REPLY_S": "8",
+                            "NOVAGATE_SCRIPTED_TRANSCRIPTS": "tell me a long story|stop there"}).start()
+    tone = (np.sin(2 * np.pi * 220 * np.arange(16000) / 16000) * 8000).astype("<i2").tobytes()
+    try:
+        client = VoiceClient(gw.ws, state=ClientState())
+        await client.connect(mic=True)
+        await client.send_text("Tell me a long story.")
+        await client.wait_for(lambda: any(m.get("type") == "response.audio.start" for m in client.messages), 30)
+        await client.say(tone)  # talking over the answer
+        await client.wait_for(lambda: any(m.get("type") == "response.audio.end" for m in client.messages), 30)
+        await client.close()
+    finally:
+        gw.stop()
+    kinds = [m["type"] for m in client.messages]
+    started = kinds.index("input.speech_started", kinds.index("response.audio.start"))
+    ended = kinds.index("response.audio.end")
+    assert started < ended
+    end = next(m for m in client.messages if m["type"] == "response.audio.end")
+    assert end["reason"] == "interrupted"
