@@ -122,21 +122,21 @@ def session_env(signer: Signer) -> SessionEnv:
 
 
 def open_transport(settings: Settings) -> ModelTransport:
+    # what the local and the scripted engine share: the service's limits and rules, tools on a phrase, a trace
+    stand_in = dict(
+        endpoint_ms=settings.local_endpoint_ms,
+        idle_timeout_s=settings.local_idle_timeout_s,
+        max_stream_s=settings.local_max_stream_s,
+        input_gap_s=settings.local_input_gap_s,
+        model_id=settings.model_id,
+        tool_calls=settings.engine_tool_calls,
+        trace_path=settings.engine_trace or None,
+    )
     if settings.engine == "local":
         from .local.engine import LocalEngine, LocalEngineConfig
 
         return LocalEngine(LocalEngineConfig(
-            asr=settings.local_asr,
-            tts=settings.local_tts,
-            grammar=settings.grammar,
-            endpoint_ms=settings.local_endpoint_ms,
-            idle_timeout_s=settings.local_idle_timeout_s,
-            max_stream_s=settings.local_max_stream_s,
-            trace_path=settings.engine_trace or None,
-            tool_calls=settings.engine_tool_calls,
-            input_gap_s=settings.local_input_gap_s,
-            model_id=settings.model_id,
-        ))
+            asr=settings.local_asr, tts=settings.local_tts, grammar=settings.grammar, **stand_in))
     if settings.engine == "scripted":  # the local engine with canned replies, for load tests
         from .local.engine import DEFAULT_REPLY, ScriptedEngine, scripted_config
 
@@ -145,13 +145,7 @@ def open_transport(settings: Settings) -> ModelTransport:
             reply_s=settings.scripted_reply_s,
             transcripts=tuple(t.strip() for t in settings.scripted_transcripts.split("|") if t.strip()),
             energy_threshold_db=settings.scripted_energy_db,
-            endpoint_ms=settings.local_endpoint_ms,
-            idle_timeout_s=settings.local_idle_timeout_s,
-            max_stream_s=settings.local_max_stream_s,
-            trace_path=settings.engine_trace or None,
-            tool_calls=settings.engine_tool_calls,
-            input_gap_s=settings.local_input_gap_s,
-            model_id=settings.model_id,
+            **stand_in,
         ))
     if settings.engine == "bedrock":
         from .bedrock import BedrockTransport

@@ -595,7 +595,7 @@ async def test_input_gap_532(make_emu, make_bedrock):
     t0 = time.monotonic()
     _, err = await drain(silent)
     assert (err.kind, err.message) == (VALIDATION, INPUT_GAP_MESSAGE) and err.recoverable
-    assert 0.5 < time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 > 0.5  # not before the gap (how much later depends on the machine's load)
     await silent.close()
     assert emu.streams[1].error == (VALIDATION, INPUT_GAP_MESSAGE)
     # the 531 still comes after idle_timeout_s without audio, whatever else arrives
