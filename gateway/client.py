@@ -102,9 +102,10 @@ def _describe(e: BaseException) -> str:
 
 
 class _AttemptFailed(Exception):
-    def __init__(self, code: int, detail: str = ""):
+    def __init__(self, code: int, detail: str = "", retry_after_ms: float | None = None):
         super().__init__(f"{code} {detail}".strip())
         self.code = code
+        self.retry_after_ms = retry_after_ms  # the server's hint (an overloaded refusal), if it gave one
 
 
 @dataclass
@@ -258,7 +259,9 @@ class VoiceClient:
                 deadline = time.monotonic() + 30
                 while not ready():
                     if reader.done():
-                        raise _AttemptFailed(int(ws.close_code or 1006), "closed before session.ready")
+                        hint = next((x.get("retry_after_ms") for x in reversed(self.messages[first:])
+                                     if x.get("type") == "error" and "retry_after_ms" in x), None)
+                        raise _AttemptFailed(int(ws.close_code or 1006), "closed before session.ready", hint)
                     if time.monotonic() > deadline:
                         raise _AttemptFailed(1006, "no session.ready in 30 s")
                     self._changed.clear()
@@ -314,7 +317,11 @@ class VoiceClient:
                 self.failure_reasons.append(_describe(e))
                 if code not in RECONNECT_AT_ONCE | RECONNECT_WITH_BACKOFF:
                     raise ConnectionError(f"connection refused for good ({code})") from e
-                if time.monotonic() + (delay := self._backoff(attempt)) > deadline:
+                delay = self._backoff(attempt)
+                hint = getattr(e, "retry_after_ms", None)
+                if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0:
+                    delay = max(delay, min(hint, 60_000) / 1000 + self.rng.uniform(0, delay))  # not before it
+                if time.monotonic() + delay > deadline:
                     raise ConnectionError(f"could not {'connect' if first else 'reconnect'} within "
                                           f"{self.reconnect_timeout:.0f} s (last: {e!r})") from e
                 attempt += 1
