@@ -35,6 +35,7 @@ from protocol.session import (
     Log,
     Observe,
     OpenStream,
+    ReloadConversation,
     RunTool,
     SendAudio,
     SendMessage,
@@ -176,8 +177,8 @@ class SessionActor:
                         self._tg.create_task(self._authenticate(token))
                     case Admit(principal=principal):
                         self.inbox.put_nowait(("admitted", self.s.admit(self, principal)))
-                    case (LoadConversation() | CreateConversation() | HoldConversation() | StoreItem()
-                          | EndConversation()):
+                    case (LoadConversation() | ReloadConversation() | CreateConversation() | HoldConversation()
+                          | StoreItem() | EndConversation()):
                         self.store_ops.put_nowait(e)
                     case Log(level=level, message=message, fields=fields):
                         log(logger, LEVELS[level], message, **fields)
@@ -326,6 +327,9 @@ class SessionActor:
                     case LoadConversation(conversation_id=cid, owner=owner, max_bytes=max_bytes):
                         conv = await store.load(cid, owner=owner_hash(owner), max_bytes=max_bytes)
                         self.inbox.put_nowait(("conversation_loaded", conv))
+                    case ReloadConversation(conversation_id=cid, owner=owner, max_bytes=max_bytes):
+                        conv = await store.load(cid, owner=owner_hash(owner), max_bytes=max_bytes)
+                        self.inbox.put_nowait(("conversation_reloaded", conv))
                     case CreateConversation(owner=owner):
                         self.inbox.put_nowait(("conversation_created", await store.create(owner_hash(owner))))
                     case HoldConversation(conversation_id=cid):

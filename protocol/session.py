@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from . import codes
 from . import messages as m
 from . import nova_events as nova
@@ -77,7 +79,8 @@ STORE_QUEUE_ITEMS = 1000          # unsaved items kept while the store is down .
 STORE_QUEUE_BYTES = 4 * 1024 * 1024  # ... and their text bytes; past either the session ends (1013)
 STORE_RETRY_FIRST_S = 0.2
 STORE_RETRY_MAX_S = 5.0
-CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its store writes
+CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its store writes (and running tools)
+RELOADS_AFTER_S = (2.0, CLOSE_FLUSH_S + 1.0)  # a resume of an unanswered turn reads the store again then
 PINGS = (5.0, 50)                 # pings answered: per second, burst (pings queued behind a stalled loop
                                   # arrive together: 10 s of a client pinging at 5 per second); past it unanswered
 ERROR_REPLIES = (10.0, 20)        # non-fatal error replies: per second, burst; past it they are not sent
@@ -161,6 +164,16 @@ class LoadConversation:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadConversation:
+    """Read the conversation again (a tool that ran on the connection this one took over may have
+    stored its result since); answer `conversation_reloaded`."""
+
+    conversation_id: str
+    owner: str
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class CreateConversation:
     owner: str
 
@@ -222,7 +235,7 @@ class Observe:
 
 
 Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | Admit | LoadConversation
-          | CreateConversation | HoldConversation | StoreItem | EndConversation | RunTool | CancelTool | Log | Count
+          | ReloadConversation | CreateConversation | HoldConversation | StoreItem | EndConversation | RunTool | CancelTool | Log | Count
           | Observe)
 
 
@@ -408,6 +421,8 @@ class Session:
         self._store_op: str | None = None           # load | create | hold | write | end: one at a time
         self._epoch: int | None = None              # the conversation's revocation epoch, once held
         self._gone = False                          # the store refuses this connection's writes for good
+        self._taken_over = False                    # ... but for tool items: another connection took over
+        self._reloads: list[float] = []             # when to read the conversation again (tool results)
         self._store_retry_at: float | None = None
         self._store_delay = STORE_RETRY_FIRST_S
         self._store_degraded_told = False
@@ -436,6 +451,8 @@ class Session:
         times.extend(d for d, _ in self._truncates.values())
         if self._store_retry_at is not None:
             times.append(self._store_retry_at)
+        if self._reloads and self._closing is None:
+            times.append(self._reloads[0])
         if self._closing is not None:
             times.append(self._closing.deadline)
         times.extend(c.deadline for c in self._calls.values())
@@ -606,8 +623,37 @@ class Session:
         if self._claim is not None and self._claim.not_after is not None:
             self._not_after = self._claim.not_after
         self.history = list(conv.items)
+        last = self.history[-1] if self.history else None
+        if last is not None and (last.role == "user" or last.interrupted):
+            # the last connection ended mid-turn: a tool it called may still answer there (stored late)
+            self._reloads = [now + s for s in RELOADS_AFTER_S]
         self._total = conv.total
         self._known(conv.conversation_id, now)
+
+    def conversation_reloaded(self, conv: StoredHistory | None, now: float) -> None:
+        """The conversation read again: tool items another connection stored since this one loaded it
+        join the history, and reach the client and the model like a late result."""
+        self._now = now
+        if self._store_op != "reload":
+            return
+        self._store_op = None
+        known = {i.item_id for i in self.history}
+        for item in (conv.items if conv is not None else []):
+            record = tool_calls.read_record(item) if item.role == "tool" and item.item_id not in known else None
+            if record is None:
+                continue
+            self.history.append(item)
+            self._total += 1
+            name, public = record["name"], record["name"] in self.cfg.public_tools
+            self._send(m.ToolCall(str(record.get("call_id", "")), name, str(record.get("status", "finished")),
+                                  record.get("duration_ms"), item.item_id,
+                                  self.env.credentials.receipt(self.conversation_id, item),
+                                  record.get("arguments") if public else None, record.get("result") if public else None))
+            self._send(m.ItemSaved(item.item_id))
+            if self.cfg.text_input:
+                self._late.append((name, orjson.dumps(record.get("result")).decode()))
+            self._log("info", "tool result from the connection taken over", tool=name)
+        self._advance(now)
 
     def conversation_created(self, conversation_id: str, now: float) -> None:
         self._now = now
@@ -638,16 +684,18 @@ class Session:
             self._fail_client(CloseCode.TRY_AGAIN_LATER, "conversation gone", m.Error(
                 codes.CONVERSATION_GONE, f"the conversation is not available ({reason}); reconnect", True))
             return
-        self._gone = True  # nothing more can be written: what is unsaved is in the client's receipts
-        self._writes.clear()
-        self._writes_bytes = 0
         taken = reason == "taken_over"
+        self._gone = True  # nothing more can be written: what is unsaved is in the client's receipts ...
+        self._taken_over = taken  # ... but a tool's record: the session that took over reads it back
+        self._writes = deque(i for i in self._writes if taken and i.role == "tool")
+        self._writes_bytes = sum(i.size for i in self._writes)
         self._log("info", "conversation gone", reason=reason)
         if self._closing is None:
             self._send(m.Error(codes.TAKEN_OVER if taken else codes.CONVERSATION_GONE,
                                "another connection has taken this conversation over" if taken else
                                f"this conversation is no longer available ({reason})", True))
-            self._begin_closing(now, CloseCode.CONFLICT, "taken over" if taken else "conversation gone", 0.0)
+            self._begin_closing(now, CloseCode.CONFLICT, "taken over" if taken else "conversation gone",
+                                CLOSE_FLUSH_S if taken and self._calls else 0.0)
         elif self._closing.end_conversation:
             self._closing.end_sent = True  # nothing left to end
         self._advance(now)
@@ -687,7 +735,7 @@ class Session:
                 codes.STORE_DEGRADED, "the history store is unavailable; retry shortly with the same resume token",
                 True))
             return
-        if op is None:
+        if op is None or op == "reload":  # a reload is a second look: it is not retried
             return
         self._log("warning", "store write failed; will retry", error=error, op=op)
         if op == "write" and not self._store_degraded_told:
@@ -1396,7 +1444,7 @@ class Session:
     def _queue_write(self, item: Item, now: float) -> None:
         """Writes wait here, in order, while the store is down. Past the bound the session ends (1013):
         the client still holds a receipt for every unsaved item and hands them back."""
-        if self._gone:
+        if self._gone and not (self._taken_over and item.role == "tool"):
             return
         if len(self._writes) >= STORE_QUEUE_ITEMS or self._writes_bytes + item.size > STORE_QUEUE_BYTES:
             if self._closing is None:
@@ -1415,6 +1463,10 @@ class Session:
         if self._writes:
             self._store_op = "write"
             self._emit(StoreItem(self.conversation_id, self._writes[0], self._epoch))
+        elif self._reloads and now >= self._reloads[0] and self._closing is None:
+            self._reloads.pop(0)
+            self._store_op = "reload"
+            self._emit(ReloadConversation(self.conversation_id, self.owner, self._history_limits.total_bytes))
         elif self._closing is not None and self._closing.end_conversation and not self._closing.end_sent:
             self._closing.end_sent = True
             self._store_op = "end"

@@ -29,6 +29,7 @@ from protocol.session import (
     Log,
     Observe,
     OpenStream,
+    ReloadConversation,
     RunTool,
     SendAudio,
     SendMessage,
@@ -362,10 +363,11 @@ class Harness:
                 s.authenticated(self.creds.principal(token), now)
             case Admit(principal=principal):
                 s.admitted(self.refuse(principal) if self.refuse else None, now)
-            case LoadConversation() | CreateConversation() | HoldConversation() | StoreItem() | EndConversation() \
-                    if self.slow_store:
+            case LoadConversation() | ReloadConversation() | CreateConversation() | HoldConversation() | StoreItem() \
+                    | EndConversation() if self.slow_store:
                 self.store_delay_ops.append(e)
-            case LoadConversation() | CreateConversation() | HoldConversation() | StoreItem() | EndConversation():
+            case LoadConversation() | ReloadConversation() | CreateConversation() | HoldConversation() | StoreItem() \
+                    | EndConversation():
                 self.store_op(e)
             case RunTool():
                 self.tool_runs.append(e)
@@ -386,6 +388,8 @@ class Harness:
         match e:
             case LoadConversation(conversation_id=cid, owner=owner):
                 s.conversation_loaded(store.load(cid, owner), now)
+            case ReloadConversation(conversation_id=cid, owner=owner):
+                s.conversation_reloaded(store.load(cid, owner), now)
             case CreateConversation(owner=owner):
                 s.conversation_created(store.create(owner), now)
             case HoldConversation(conversation_id=cid):
@@ -393,7 +397,7 @@ class Harness:
                 s.conversation_held(store.convs[cid].epoch, now)
             case StoreItem(conversation_id=cid, item=item, epoch=epoch):
                 conv = store.convs[cid]
-                if conv.live != s.session_id or epoch != conv.epoch:
+                if (conv.live != s.session_id and item.role != "tool") or epoch != conv.epoch:  # gateway/store/base.py
                     s.conversation_gone("taken_over" if conv.live else "revoked", now)
                     return
                 if item.item_id not in {i.item_id for i in conv.items}:

@@ -236,3 +236,29 @@ def test_a_drain_does_not_wait_past_half_its_flush_for_a_stuck_tool():
     assert h.of(m.SessionReconnect) == [m.SessionReconnect("draining", 300)]
     h.until(lambda: h.closed is not None, 5, None)
     assert h.closed == CloseCode.SERVICE_RESTART and h.cancelled == [h.tool_runs[0].call_id]
+
+
+def test_a_result_on_the_connection_taken_over_reaches_the_session_that_took_over():
+    """The client moves to another instance by itself while a tool runs on the first: the old session
+    still stores the tool's record, and the new one reads it back and tells the model and the client."""
+    store = FakeStore()
+    a = harness(store=store)
+    ready = a.connect()
+    a.say(1)
+    a.until(lambda: a.tool_runs, 3)
+    a.s.client_gone(a.now)  # the network changed: the client reconnects elsewhere
+    a.pump()
+    b = harness(store=store)
+    b.now = a.now
+    assert b.connect(resume=ready.resume_token).resumed  # b holds the conversation now
+    assert [(i.role, i.interrupted) for i in b.s.history] == [("user", False), ("assistant", True)]  # cut mid-turn
+    a.finish_tool(a.tool_runs[0].call_id, '{"answer": 11}')  # on the old instance, taken over
+    a.until(lambda: a.state is State.CLOSED, 3, None)
+    assert [i.role for i in store.convs["conv1"].items] == ["user", "assistant", "tool"]  # stored all the same
+    b.until(lambda: b.current_model.typed, 10)
+    assert b.current_model.typed[0] == 'Result of the lookup tool call you made earlier: {"answer":11}'
+    told = b.of(m.ToolCall)[-1]
+    assert (told.name, told.status, told.result) == ("lookup", "finished", {"answer": 11})
+    assert told.item_id in {x.item_id for x in b.of(m.ItemSaved)}
+    assert [i.role for i in b.s.history] == ["user", "assistant", "tool"]
+    b.until(lambda: b.finals("assistant"), 5)

@@ -237,3 +237,19 @@ async def test_history_page_arguments(store):
     assert await store.history_page(cid, limit=1000) == ([item(1)], None)
     empty = await store.create(OWNER)
     assert await store.history_page(empty, limit=10) == ([], None)
+
+
+async def test_a_tool_item_from_a_taken_over_connection_is_still_stored(store, new_store):
+    """A tool that ran on the old connection happened: its record is stored after the take-over (the new
+    session reads it back), but not after a revocation or the end of the conversation."""
+    cid = await store.create(OWNER)
+    await store.take(cid, "conn-a")
+    await store.append(cid, item(1), connection_id="conn-a", epoch=0)
+    await new_store().take(cid, "conn-b")
+    tool = Item("t0002", "tool", '{"name":"lookup","status":"finished","result":{"answer":1}}', "2026-11-24T10:00:02Z")
+    await gone("taken_over", store.append(cid, item(3), connection_id="conn-a", epoch=0))
+    assert await store.append(cid, tool, connection_id="conn-a", epoch=0) == cid
+    assert ids((await new_store().load(cid)).items) == ["i0001", "t0002"]
+    epoch = await new_store().revoke(cid)
+    late = Item("t0004", "tool", tool.text, "2026-11-24T10:00:04Z")
+    await gone("revoked", store.append(cid, late, connection_id="conn-a", epoch=epoch - 1))

@@ -775,7 +775,7 @@ class AgentRuntimeStore:
                 # the session as it is now, before anything is written: status, ended_by, epoch and holder
                 s, base = await self._session_or_gone(sid)
                 check_writable(sid, exists=True, ended=base.get("ended_by") == "user", stored_epoch=_epoch_of(base),
-                               live=base.get("live", ""), epoch=epoch, connection_id=connection_id)
+                               live=base.get("live", ""), epoch=epoch, connection_id=connection_id, role=item.role)
                 st = self._refresh(s) or (await self._read_state(s))[0]
                 if st.status != ACTIVE:
                     await self._rotate(st)

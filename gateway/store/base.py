@@ -59,16 +59,18 @@ class ConversationGone(Exception):
 
 
 def check_writable(conversation_id: str, *, exists: bool, ended: bool = False, stored_epoch: int = 0,
-                   live: str = "", epoch: int | None = None, connection_id: str = "") -> None:
+                   live: str = "", epoch: int | None = None, connection_id: str = "", role: str = "") -> None:
     """The append rule, in its order: raise ConversationGone if a write with this `epoch` and
-    `connection_id` must be refused (missing, ended, revoked, taken_over)."""
+    `connection_id` must be refused (missing, ended, revoked, taken_over). A tool item is the one
+    exception to taken_over: a tool that ran on a connection since taken over still happened, and the
+    session that took over reads it back (protocol/session.py)."""
     if not exists:
         raise ConversationGone("missing", conversation_id)
     if ended:
         raise ConversationGone("ended", conversation_id)
     if epoch is not None and epoch != stored_epoch:
         raise ConversationGone("revoked", conversation_id)
-    if connection_id and live and live != connection_id:
+    if connection_id and live and live != connection_id and role != "tool":
         raise ConversationGone("taken_over", conversation_id)
 
 

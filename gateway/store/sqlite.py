@@ -187,7 +187,7 @@ class SQLiteStore:
                 head = self._head(db, conversation_id)
                 ended, stored_epoch, live = head if head is not None else (0, 0, "")
                 check_writable(conversation_id, exists=head is not None, ended=bool(ended), stored_epoch=stored_epoch,
-                               live=live, epoch=epoch, connection_id=connection_id)
+                               live=live, epoch=epoch, connection_id=connection_id, role=item.role)
                 db.execute(
                     "INSERT OR IGNORE INTO items (conversation_id, item_id, role, text, at, interrupted, size) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
