@@ -627,6 +627,8 @@ class Session:
         if last is not None and (last.role == "user" or last.interrupted):
             # the last connection ended mid-turn: a tool it called may still answer there (stored late)
             self._reloads = [now + s for s in RELOADS_AFTER_S]
+            if self.cfg.tools:  # and once more when the slowest tool there has ended and been stored
+                self._reloads.append(now + self.cfg.tool_timeout_s + RELOADS_AFTER_S[-1])
         self._total = conv.total
         self._known(conv.conversation_id, now)
 
@@ -1506,8 +1508,12 @@ class Session:
         """Close once every write is stored (and, for session.end, the conversation ended: then
         `conversation_ended` closes), or when the flush deadline passes."""
         c = self._closing
+        if self._calls and c.code != CloseCode.SERVICE_RESTART and not c.end_conversation:
+            # the client left (or moved elsewhere): a running tool may finish, within its own deadline, and
+            # its record is stored (a session resumed elsewhere reads it back)
+            c.deadline = max(c.deadline, max(call.deadline for call in self._calls.values()) + CLOSE_FLUSH_S)
         busy = (bool(self._writes) or self._store_op is not None or (c.end_conversation and not c.end_sent)
-                or bool(self._calls))  # a running tool's result is kept when it comes in time
+                or bool(self._calls))
         if not busy:
             self._finish()
             return
