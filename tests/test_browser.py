@@ -226,7 +226,8 @@ def test_conversation_reload_and_server_restart(make_gateway, launch, tmp_path):
                 "the page to reconnect")
         log = [s["status"] for s in page.evaluate("novagate.statusLog")]
         tail = log[len(log) - 1 - log[::-1].index("reconnecting"):]
-        assert tail[0] == "reconnecting" and tail[-1] == "listening", log
+        # back to listening (the fake microphone may already be heard again: "user-speaking" after it)
+        assert tail[0] == "reconnecting" and "listening" in tail[1:], log
         assert page.evaluate("novagate.stats().resumed") is True
         assert page.evaluate("novagate.stats().historyLength") == n_items
         assert re.fullmatch(r"Resumed — \d+ earlier turns", page.locator("#recovery").inner_text())

@@ -528,8 +528,11 @@ async def test_history_limits_per_model_and_a_conservative_stand_in(make_emu, ma
                 sent_err = e
                 break
         if sent_err is None:
-            for ev in [nova.content_end("p", "a"), nova.prompt_end("p"), nova.session_end()]:
-                await stream.send(ev)
+            try:
+                for ev in [nova.content_end("p", "a"), nova.prompt_end("p"), nova.session_end()]:
+                    await stream.send(ev)
+            except ModelError as e:  # the refusal may arrive while these are sent
+                sent_err = e
         _, err = await drain(stream)
         await stream.close()
         err = err or sent_err
