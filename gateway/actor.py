@@ -21,6 +21,7 @@ from protocol import messages as m
 from protocol import tool_calls
 from protocol.codes import CloseCode
 from protocol.continuity import CONNECTION
+from protocol.realtime import SendText
 from protocol.session import (
     Admit,
     Authenticate,
@@ -74,10 +75,15 @@ class _Link:
 
 
 class SessionActor:
-    def __init__(self, ws: WebSocket, services, bearer: str | None):
+    """`wrap` puts another wire protocol's adapter around the session (protocol/realtime.py)."""
+
+    def __init__(self, ws: WebSocket, services, bearer: str | None, wrap=None):
         self.ws = ws
         self.s = services
-        self.session = Session(services.session_config, services.session_env, now=clock.monotonic(), bearer=bearer)
+        now = clock.monotonic()
+        self.session = Session(services.session_config, services.session_env, now=now, bearer=bearer)
+        if wrap is not None:
+            self.session = wrap(self.session, now)
         self.inbox = Queue(INBOX_BYTES)
         self.outbox = Queue(CLIENT_BACKLOG_BYTES)
         self.store_ops = Queue(1 << 30)  # the session has at most one operation in flight
@@ -154,6 +160,8 @@ class SessionActor:
                         self._to_stream(sid, events, n, now)
                     case SendMessage(message=msg):
                         text = m.encode(msg).decode()
+                        self._to_client(text, len(text), now)
+                    case SendText(text=text):
                         self._to_client(text, len(text), now)
                     case OpenStream(stream_id=sid, events=events):
                         link = self.links[sid] = _Link(sid)

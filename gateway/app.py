@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol.codes import CloseCode
+from protocol import realtime as rt
 from protocol.models import history_limits, model_spec
 from protocol.session import SessionConfig, SessionEnv, may_use
 
@@ -203,6 +204,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         WebSocketRoute("/v1/voice", voice),
+        *([WebSocketRoute("/v1/realtime", realtime)] if settings.realtime else []),
         Route("/v1/conversations/{conversation_id}/history", history_v1, methods=["GET"]),
         Route("/v1/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
         Route("/conversation/{conversation_id}/history", history_guide, methods=["GET"]),
@@ -225,10 +227,40 @@ def _bearer(headers) -> str | None:
 
 
 async def voice(ws: WebSocket) -> None:
+    offered = ws.scope.get("subprotocols") or []
+    await _serve(ws, SUBPROTOCOL if SUBPROTOCOL in offered else None, _bearer(ws.headers))
+
+
+async def realtime(ws: WebSocket) -> None:
+    """The OpenAI Realtime-compatible endpoint: the same sessions, another wire protocol
+    (protocol/realtime.py, docs/realtime-compat.md). A browser sends its key as a subprotocol."""
+    services: Services = ws.app.state.services
+    offered = ws.scope.get("subprotocols") or []
+    key = next((p[len(RT_KEY):] for p in offered if p.startswith(RT_KEY)), None)
+    # OpenAI's SDKs always send their api_key as a bearer: with no identity provider it is not a credential
+    bearer = (_bearer(ws.headers) or key) if services.authenticator.enabled else None
+    settings = rt.Settings(
+        model=services.settings.model_id,
+        client_instructions=services.settings.realtime_client_instructions,
+        endpointing=services.session_config.endpointing_sensitivity is not None
+        or getattr(getattr(services.transport, "capabilities", None), "endpointing_sensitivity", True),
+        server_tools=frozenset(t["toolSpec"]["name"] for t in services.session_config.tools),
+    )
+    resume = ws.query_params.get("resume") or None
+
+    def wrap(session, now: float):
+        return rt.RealtimeSession(session, settings, now=now, new_id=clock.new_id, resume=resume)
+
+    await _serve(ws, "realtime" if "realtime" in offered else None, bearer, wrap)
+
+
+RT_KEY = "openai-insecure-api-key."
+
+
+async def _serve(ws: WebSocket, subprotocol: str | None, bearer: str | None, wrap=None) -> None:
     services: Services = ws.app.state.services
     settings = services.settings
-    offered = ws.scope.get("subprotocols") or []
-    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    await ws.accept(subprotocol=subprotocol)
     if not origin_allowed(ws.headers.get("origin"), settings.origins, services.hosts, ws.headers.get("host", "")):
         metrics.REJECTED.labels("origin").inc()
         await ws.close(CloseCode.FORBIDDEN_ORIGIN, "origin not allowed")
@@ -237,7 +269,7 @@ async def voice(ws: WebSocket) -> None:
         metrics.REJECTED.labels("draining").inc()
         await ws.close(CloseCode.TRY_AGAIN_LATER, "draining")
         return
-    actor = SessionActor(ws, services, _bearer(ws.headers))
+    actor = SessionActor(ws, services, bearer, wrap)
     evicted = asyncio.Event()
     refusal = services.admission.open(actor, client_address(ws.scope), evicted.set)
     if refusal is not None:

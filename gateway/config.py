@@ -270,6 +270,14 @@ class Settings:
     tool_timeout_s: float = field(
         default=20.0, metadata={"help": "seconds one tool call may take; past it the model is told it timed out"}
     )
+    realtime: bool = field(
+        default=True, metadata={"help": "serve the OpenAI Realtime-compatible endpoint /v1/realtime "
+                                "(docs/realtime-compat.md)"}
+    )
+    realtime_client_instructions: bool = field(
+        default=True, metadata={"help": "/v1/realtime: a client's session.update may replace the system prompt "
+                                "(instructions); false: the server's prompt stays and they are refused with an error"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     log_transcripts: bool = field(
         default=False, metadata={"help": "debug: put transcripts in logs (off: redacted)"}

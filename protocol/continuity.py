@@ -178,13 +178,15 @@ class StreamSetup:
         drop_trailing_user: bool = False,
         history_limits: HistoryLimits = NOVA_2_HISTORY,
         tools: Sequence[dict] = (),
+        tool_choice: dict | None = None,
         new_name: Callable[[], str] = nova.new_name,
     ) -> StreamSetup:
         prompt = new_name()
         audio = new_name()
         events = [
             nova.session_start(endpointing_sensitivity=endpointing_sensitivity),
-            nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate, tools=list(tools)),
+            nova.prompt_start(prompt, voice_id=voice, output_sample_rate=output_sample_rate, tools=list(tools),
+                              tool_choice=tool_choice),
             *nova.text_block(prompt, "SYSTEM", split_chunks(system_prompt.strip() or "You are a helpful assistant.")),
             *history_events(prompt, shape_history(
                 history, max_bytes=history_limits.total_bytes, max_message_bytes=history_limits.message_bytes,

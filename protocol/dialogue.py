@@ -1,7 +1,7 @@
 """The dialogue: Nova output events and client playback in, conversation items and actions out.
 
 It decides which item is speaking, what was heard, what to store and what to tell the client.
-`protocol.session.Session` feeds it (`model_event`, `input_text`, `user_speech_started`,
+`protocol.session.Session` feeds it (`model_event`, `input_text`, `barge_in`,
 `playback_truncate`, `playback_flushed`, `played_out`, `truncate_timeout`) and carries out the
 actions it returns from `actions()`. Ids and timestamps come from the callables it is given.
 
@@ -15,7 +15,7 @@ are matched to sentences in order (the k-th FINAL belongs to the k-th SPECULATIV
 session-continuation sample does. History therefore reads as a dialogue: user, assistant, user, …
 
 Barge-in. The model's interrupted marker (a `{"interrupted": true}` text, or a block ending
-INTERRUPTED), a typed turn, or Nova 2's earlier `userSpeechStart` (`user_speech_started`) while the
+INTERRUPTED), a typed turn, Nova 2's earlier `userSpeechStart` or a cancelled response (`barge_in`) while the
 assistant speaks or plays flushes playback once per response; whichever comes first cuts, the others
 find it cut.
 """
@@ -133,6 +133,7 @@ class Dialogue:
         self._barged = False
         self._speaking = False
         self._thinking: Item | None = None  # a user turn the model has not started answering
+        self._next_user_id: str | None = None  # told with input.speech_started, before the item exists
         self._superseded = False  # the gateway cut the model's answer: what it still says of it is dropped
         self._ignored: set[str] = set()  # content ids of that answer
         self.usage = (0, 0)
@@ -145,21 +146,22 @@ class Dialogue:
         self._actions.extend(actions)
 
     # -- client input ---------------------------------------------------------------------------
-    def input_text(self, text: str, *, playing: bool = False) -> None:
-        """A typed turn: the gateway knows the text, so it makes the user item itself. It interrupts
-        the assistant while the model speaks or the client still plays what it said (`playing`)."""
+    def input_text(self, text: str, *, playing: bool = False, item_id: str | None = None) -> None:
+        """A typed turn: the gateway knows the text, so it makes the user item itself (with `item_id`
+        if the client named it). It interrupts the assistant while the model speaks or the client
+        still plays what it said (`playing`)."""
         if self._speaking or playing:
             self._superseded = self._speaking  # the model is still answering: it has not heard the cut yet
             self._barge_in()
-        self._user_item(text)
+        self._user_item(text, item_id)
         self._emit(SendTextTurn(text))
 
-    def user_speech_started(self, *, playing: bool = False) -> None:
-        """The model heard the user start speaking (Nova 2's userSpeechStart): a barge-in at once while
-        the model speaks or the client still plays what it said (`playing`), without waiting for the
-        interrupted marker. The model cuts its answer when it gets there; what it still says of it
-        meanwhile, the marker included, is dropped as after a typed turn, so the cut is flushed and
-        told (`interrupted`) once. Speech that interrupts nothing changes nothing here."""
+    def barge_in(self, *, playing: bool = False) -> None:
+        """The model heard the user start speaking (Nova 2's userSpeechStart), or the client cancelled
+        the response: a barge-in at once while the model speaks or the client still plays what it said
+        (`playing`), without waiting for the interrupted marker. What the model still says of that
+        answer, the marker included, is dropped as after a typed turn, so the cut is flushed and told
+        (`interrupted`) once. Speech that interrupts nothing changes nothing here."""
         if self._speaking or playing:
             self._superseded = self._speaking
             self._barge_in()
@@ -235,6 +237,8 @@ class Dialogue:
                     self._emit(AudioToClient(target[1].item_id, pcm))
             case nova.ContentEnd(content_id=cid, stop_reason=reason):
                 self._content_end(cid, reason)
+            case nova.ToolUse():
+                self._close_turn()  # what it says once the tool has answered is the next item
             case nova.UsageEvent(input_tokens=i, output_tokens=o):
                 self.usage = (i, o)
                 self._emit(SendToClient(m.Usage(i, o)))
@@ -405,8 +409,16 @@ class Dialogue:
         self._thinking = None  # the user took the floor: the answer is no longer owed
         self._emit(FlushPlayback())
 
-    def _user_item(self, text: str) -> None:
-        item = Item(self._new_id(), "user", text, self._utc_now())
+    def upcoming_user_item(self) -> str:
+        """The id the next user item will have: an utterance is told before it is recognised."""
+        if self._next_user_id is None:
+            self._next_user_id = self._new_id()
+        return self._next_user_id
+
+    def _user_item(self, text: str, item_id: str | None = None) -> None:
+        if item_id is None:
+            item_id, self._next_user_id = self.upcoming_user_item(), None
+        item = Item(item_id, "user", text, self._utc_now())
         self._thinking = item
         self._final(item)
         self._emit(SendToClient(m.Status("thinking")))

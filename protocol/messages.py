@@ -67,6 +67,7 @@ class SessionStart:
 class InputText:
     type: ClassVar[str] = "input.text"
     text: str
+    item_id: str | None = None  # the user item's id (an adapter's; the native protocol lets the server choose)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +331,7 @@ class InputSpeechStarted:
 
     type: ClassVar[str] = "input.speech_started"
     source: str  # model | gateway
+    item_id: str | None = None  # the user item this utterance will become, if it is recognised
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +340,7 @@ class InputSpeechStopped:
 
     type: ClassVar[str] = "input.speech_stopped"
     source: str  # model | gateway
+    item_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,7 @@ def prompt_start(
     voice_id: str = "matthew",
     output_sample_rate: int = DEFAULT_MODEL_OUTPUT_RATE,
     tools: list[dict] | None = None,
+    tool_choice: dict | None = None,
 ) -> dict:
     body: dict[str, Any] = {
         "promptName": prompt_name,
@@ -91,6 +92,8 @@ def prompt_start(
     if tools:
         body["toolUseOutputConfiguration"] = {"mediaType": "application/json"}
         body["toolConfiguration"] = {"tools": tools}
+        if tool_choice:  # {"auto": {}} | {"any": {}} | {"tool": {"name": ...}}
+            body["toolConfiguration"]["toolChoice"] = tool_choice
     return _ev("promptStart", body)
 
 

@@ -304,6 +304,18 @@ class SessionConfig:
     tool_timeout_s: float = 20.0             # a tool not done by then is answered with a timeout error
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What a model stream is opened with that a client may change mid-session (`Session.configure`,
+    for the OpenAI Realtime adapter): streams opened before a change are replaced at a quiet moment."""
+
+    system_prompt: str
+    voice: str
+    endpointing_sensitivity: str | None = None
+    tools: tuple[dict, ...] = ()   # Nova toolSpecs: the gateway's, then the client's
+    tool_choice: dict | None = None  # promptStart toolConfiguration.toolChoice (None: the model's default)
+
+
 def may_use(owner: str, principal: str | None) -> bool:
     """The one access rule, for the socket and the HTTP endpoints alike: a conversation owned by a
     user is that user's alone; an anonymous one belongs to whoever holds its resume token."""
@@ -316,6 +328,7 @@ class _Stream:
     setup: StreamSetup
     history_len: int          # items in the history it was opened with
     owed: Item | None         # the user turn it is to be asked again (dropped from its history)
+    prompt: Prompt | None = None  # what it was opened with
     prepared_at: float = 0.0
     opened_at: float = 0.0
     opened: bool = False
@@ -428,6 +441,7 @@ class Session:
         self._store_degraded_told = False
         self._closing: _Closing | None = None
         # tools
+        self._prompt: Prompt | None = None          # set by session.start; changed by configure()
         self._tool_names = frozenset(t["toolSpec"]["name"] for t in config.tools)
         self._calls: dict[str, _ToolCall] = {}      # running, by call_id
         self._late: deque[tuple[str, str]] = deque()  # (name, result) whose stream is gone: told as a user turn
@@ -503,6 +517,15 @@ class Session:
             else:
                 self._reply_error(e.code, e.message)
             return
+        self.receive_message(msg, now)
+
+    def receive_message(self, msg: m.ClientMessage, now: float) -> None:
+        """A decoded client message (`receive_text` decodes the native protocol; other wire protocols'
+        adapters build these themselves)."""
+        self._now = now
+        if not self._accepting_client():
+            return
+        self._last_active = now
         if self.state is State.HANDSHAKE and self._start is None:
             if not isinstance(msg, m.SessionStart):
                 self._fail_client(CloseCode.PROTOCOL_ERROR, "first message must be session.start",
@@ -511,6 +534,44 @@ class Session:
             self._on_start(msg, now)
         else:
             self._on_message(msg, now)
+        self._advance(now)
+
+    @property
+    def now(self) -> float:
+        """The time of the latest input."""
+        return self._now
+
+    @property
+    def prompt(self) -> Prompt | None:
+        """What model streams are opened with now (None before session.start)."""
+        return self._prompt
+
+    def configure(self, prompt: Prompt, now: float) -> None:
+        """The client changed the system prompt, voice, turn-taking or tools: streams opened from now
+        on use them, and the current one is replaced at the next quiet moment (as a rotation is)."""
+        self._now = now
+        if self._prompt is None or not self._accepting_client() or prompt == self._prompt:
+            return
+        self._last_active = now
+        self._prompt = prompt
+        self._tool_names = frozenset(t["toolSpec"]["name"] for t in prompt.tools)
+        self._advance(now)
+
+    @property
+    def responding(self) -> bool:
+        """The model is answering, or the client still plays its answer: there is a reply to cancel."""
+        d = self._dialogue
+        return d is not None and (d.answering or self._pacer.playing(self._now))
+
+    def cancel_response(self, now: float) -> None:
+        """The client cancels the reply under way: playback is cut as at a barge-in, the item is kept
+        as far as the client heard it, and what the model still says of that answer is dropped."""
+        self._now = now
+        if not self.responding or self.state not in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
+            return
+        self._last_active = now
+        self._dialogue.barge_in(playing=self._pacer.playing(now))
+        self._run_dialogue(now)
         self._advance(now)
 
     def receive_audio(self, data: bytes, now: float) -> None:
@@ -759,7 +820,10 @@ class Session:
             return
         s.opened = True
         s.opened_at = now
-        if self.state is State.OPENING:
+        if self.state is State.OPENING and s.prompt is not self._prompt:  # configured while it opened
+            self._retire(s)
+            self._prepare(now)
+        elif self.state is State.OPENING:
             self._next = None
             self._make_current(s, now)
             self._ready(now)
@@ -845,6 +909,8 @@ class Session:
         self._resample = self.env.resampler(start.input_sample_rate)
         self._dialogue = Dialogue(new_id=lambda: self.env.new_id("item"), utc_now=self.env.utc_now,
                                   output_sample_rate=start.output_sample_rate)
+        self._prompt = Prompt(self.cfg.system_prompt, start.voice or self.cfg.voice, self.cfg.endpointing_sensitivity,
+                              self.cfg.tools)
         self._pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms)
         token = self._bearer or start.auth
         if token is not None:
@@ -957,7 +1023,7 @@ class Session:
             history_length=self._total,
             input_sample_rate=start.input_sample_rate,
             output_sample_rate=start.output_sample_rate,
-            voice=start.voice or self.cfg.voice,
+            voice=self._prompt.voice,
             engine=self.cfg.engine,
             resume_failed="not_found" if self._asked and not self._resumed else None,
         ))
@@ -1000,7 +1066,7 @@ class Session:
                 self._typed_refused = 0
                 self._speech_end = self._reply_item = None  # what comes next answers the typed turn
                 self._typing = True
-                self._dialogue.input_text(t, playing=self._pacer.playing(now))
+                self._dialogue.input_text(t, playing=self._pacer.playing(now), item_id=msg.item_id)
                 self._run_dialogue(now)
                 self._typing = False
             case m.PlaybackTruncate(item_id=item_id, played_ms=ms):
@@ -1047,17 +1113,17 @@ class Session:
             self._model_speech = True
             if self._said is None:
                 self._speech_started("model", now)
-            self._dialogue.user_speech_started(playing=self._pacer.playing(now))
+            self._dialogue.barge_in(playing=self._pacer.playing(now))
         elif self._said == "model":
             self._speech_stopped(now)
 
     def _speech_started(self, source: str, now: float) -> None:
         self._said, self._said_at = source, now
         self._speech_end = self._reply_item = None  # the user speaks again: no reply is awaited
-        self._send(m.InputSpeechStarted(source))
+        self._send(m.InputSpeechStarted(source, self._dialogue.upcoming_user_item()))
 
     def _speech_stopped(self, end: float) -> None:
-        self._send(m.InputSpeechStopped(self._said))
+        self._send(m.InputSpeechStopped(self._said, self._dialogue.upcoming_user_item()))
         self._said = None
         self._speech_end, self._reply_item = end, None
 
@@ -1303,19 +1369,20 @@ class Session:
 
     def _prepare(self, now: float) -> None:
         """Open a stream with the system prompt and the history as it is now."""
-        owed = self._owed()
+        owed, prompt = self._owed(), self._prompt
         self._stream_ids += 1
         setup = StreamSetup.build(
-            system_prompt=self.cfg.system_prompt,
+            system_prompt=prompt.system_prompt,
             history=self.history,
-            voice=self._start.voice or self.cfg.voice,
+            voice=prompt.voice,
             output_sample_rate=self._start.output_sample_rate,
-            endpointing_sensitivity=self.cfg.endpointing_sensitivity,
+            endpointing_sensitivity=prompt.endpointing_sensitivity,
             drop_trailing_user=owed is not None,
             history_limits=self._history_limits,
-            tools=self.cfg.tools,
+            tools=prompt.tools,
+            tool_choice=prompt.tool_choice,
         )
-        self._next = _Stream(self._stream_ids, setup, len(self.history), owed, prepared_at=now)
+        self._next = _Stream(self._stream_ids, setup, len(self.history), owed, prompt, prepared_at=now)
         self._emit(OpenStream(self._next.id, setup.events))
 
     def _history_refused(self, failure: Failure, message: str) -> Failure:
@@ -1333,8 +1400,8 @@ class Session:
         return failure
 
     def _fresh(self, s: _Stream) -> bool:
-        """The stream was opened with the history and owed turn as they are now."""
-        return s.history_len == len(self.history) and s.owed is self._owed()
+        """The stream was opened with the history, owed turn and prompt as they are now."""
+        return s.history_len == len(self.history) and s.owed is self._owed() and s.prompt is self._prompt
 
     def _make_current(self, s: _Stream, now: float) -> None:
         self._current = s
@@ -1352,10 +1419,11 @@ class Session:
 
     def _rotate(self, now: float) -> None:
         """Rotation: from `rotate_after_s` of stream age, prepare the next stream at a quiet moment and
-        switch to it if the moment lasted; from `rotate_force_after_s`, whatever is going on."""
+        switch to it if the moment lasted; from `rotate_force_after_s`, whatever is going on. A stream
+        opened with a prompt the client has since changed is replaced the same way, at once."""
         cur = self._current
         age = now - cur.current_since
-        if age < self.cfg.rotate_after_s:
+        if age < self.cfg.rotate_after_s and cur.prompt is self._prompt:
             return
         forced = age >= self.cfg.rotate_force_after_s
         nxt = self._next
@@ -1380,7 +1448,7 @@ class Session:
         self._hear_again(nxt, now)  # forced: the owed answer and the utterance under way
         self._retire(old)
         self.state = State.LIVE
-        self._emit(Count("rotations", "forced" if forced else "quiet"))
+        self._emit(Count("rotations", "forced" if forced else "configured" if old.prompt is not nxt.prompt else "quiet"))
         self._log("info", "model stream rotated", forced=forced, stream=nxt.id, history_items=nxt.history_len,
                   setup_ms=round((nxt.opened_at - nxt.prepared_at) * 1000, 2))
 

@@ -51,17 +51,20 @@ def test_round_trip_started_finished_and_heard():
     assert model.audio["keepalive"] + model.audio["client"] > 0 and not model.tool_results
     h.finish_tool(run.call_id, '{"answer": 42}')
     assert model.tool_results == [(f"tooluse_{model.sid}_0", '{"answer": 42}')]  # the toolUseId it asked with
-    h.until(lambda: h.finals("assistant"), 5)
-    assert 'the tool said {"answer": 42}' in h.finals("assistant")[0].text
+    h.until(lambda: len(h.finals("assistant")) == 2, 5)
+    # what it said before the call is one item, what it says with the result the next
+    first, answer = h.finals("assistant")
+    assert first.text == "one moment" and 'the tool said {"answer": 42}' in answer.text
+    assert first.item_id != answer.item_id
     done = h.of(m.ToolCall)[-1]
     assert (done.status, done.result, done.arguments) == ("finished", {"answer": 42}, {"q": "turn 1"})
     assert done.duration_ms >= 500 and done.item_id and done.receipt
-    # the item: one record of the call, between the user's turn and the answer, stored
-    assert [i.role for i in h.s.history] == ["user", "tool", "assistant"]
+    # the items: the filler, one record of the call, the answer, in the order they happened, stored
+    assert [i.role for i in h.s.history] == ["user", "assistant", "tool", "assistant"]
     record = tool_items(h)[0]
     assert record["name"] == "lookup" and record["status"] == "finished" and record["result"] == {"answer": 42}
-    h.until(lambda: len(h.store.convs["conv1"].items) == 3, 2)
-    assert h.store.convs["conv1"].items[1].item_id == done.item_id
+    h.until(lambda: len(h.store.convs["conv1"].items) == 4, 2)
+    assert h.store.convs["conv1"].items[2].item_id == done.item_id
     assert h.counts[("tool_calls", "started")] == 1 and h.counts[("tool_calls", "finished")] == 1
 
 
@@ -223,7 +226,7 @@ def test_a_drain_waits_for_running_tools_and_the_answer_before_sending_the_clien
     h.until(lambda: h.closed is not None, 12, None)
     assert h.closed == CloseCode.SERVICE_RESTART
     stored = [i.role for i in h.store.convs["conv1"].items]
-    assert stored == ["user", "tool", "assistant"]
+    assert stored == ["user", "assistant", "tool", "assistant"]
 
 
 def test_a_drain_does_not_wait_past_half_its_flush_for_a_stuck_tool():
