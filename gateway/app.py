@@ -278,6 +278,8 @@ async def _serve(ws: WebSocket, subprotocol: str | None, bearer: str | None, wra
     services.sessions.add(actor)
     services.no_sessions.clear()
     metrics.SESSIONS.inc()
+    if wrap is not None:
+        metrics.REALTIME_SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
     try:
         await _run(actor, ws, evicted)

@@ -15,6 +15,8 @@ SESSIONS_ACTIVE = Gauge("novagate_sessions_active", "WebSocket sessions open now
 HANDSHAKES = Gauge("novagate_handshakes_pending", "sockets that have not yet completed session.start and credentials",
                    multiprocess_mode="livesum")
 SESSIONS = Counter("novagate_sessions_total", "WebSocket sessions accepted")
+REALTIME_SESSIONS = Counter("novagate_realtime_sessions_total", "of those, sessions on /v1/realtime "
+                            "(the OpenAI Realtime-compatible endpoint)")
 REJECTED = Counter("novagate_sessions_rejected_total", "sockets refused (origin, draining, overload, capacity, busy, "
                    "per_address, per_user) or evicted from their handshake", ["reason"])
 RESUMES = Counter("novagate_resumes_total", "resume attempts by result", ["result"])

@@ -36,7 +36,6 @@ from .session import CancelTool, RunTool, SendAudio, SendMessage, Session, Promp
 RATE = 24000                 # `audio/pcm` in the GA protocol is 24 kHz, 16-bit, mono, both ways
 START_WAIT_S = 0.25          # a session.update sent at once configures the first stream (no second one)
 ERROR_REPLIES = (10.0, 20)   # error events: per second, burst; past it they are not sent
-MAX_PENDING_TEXT = 20        # typed items waiting for response.create
 
 # OpenAI's built-in voices -> Nova 2 voices (docs/realtime-compat.md); a Nova voice name is taken as is.
 VOICES = {
@@ -159,10 +158,14 @@ class RealtimeSession:
         self._s.tick(now)
 
     def receive_audio(self, data: bytes, now: float) -> None:
+        if not self._s.accepting:
+            return
         self._error("invalid_request_error", "invalid_event", "binary frames are not part of the Realtime protocol: "
                     "send audio as input_audio_buffer.append", None, now)
 
     def receive_text(self, text: str | bytes, now: float) -> None:
+        if not self._s.accepting:
+            return
         try:
             event = orjson.loads(text)
         except (orjson.JSONDecodeError, TypeError) as e:
@@ -399,10 +402,9 @@ class RealtimeSession:
                 raise Refused("item.content.text", "'text' must be a non-empty string", "invalid_value")
             texts.append(part["text"])
         text = " ".join(texts)
-        if len(text) > m.MAX_TEXT_CHARS:
-            raise Refused("item.content.text", f"at most {m.MAX_TEXT_CHARS} characters", codes.TEXT_TOO_LONG)
-        if len(self._pending) >= MAX_PENDING_TEXT:
-            raise Refused("item", f"at most {MAX_PENDING_TEXT} messages wait for response.create", codes.RATE_LIMITED)
+        if len(text) + sum(len(t) + 1 for _, t in self._pending) > m.MAX_TEXT_CHARS:
+            raise Refused("item.content.text", f"a typed turn (the messages waiting for response.create) is at most "
+                          f"{m.MAX_TEXT_CHARS} characters", codes.TEXT_TOO_LONG)
         item_id = item.get("id")
         if item_id is not None and (not isinstance(item_id, str) or not _ITEM_ID.fullmatch(item_id)
                                     or item_id in self._known or any(i.item_id == item_id for i in self._s.history)):
@@ -649,6 +651,9 @@ class RealtimeSession:
         """The response new output joins: the open one, or a new one."""
         if self._responses and not self._responses[-1].closed:
             return self._responses[-1]
+        for it in [i for r in self._responses for i in r.items if not i.done]:
+            it.incomplete = True  # never ended (its audio was dropped unheard): the model has moved on
+            self._finish(it)
         r = _Response(self._new_id("resp"), usage_from=self._usage)
         self._responses.append(r)
         self._emit({"type": "response.created", "response": self._response_object(r, "in_progress")})

@@ -537,6 +537,11 @@ class Session:
         self._advance(now)
 
     @property
+    def accepting(self) -> bool:
+        """The client's frames are still read (its socket is open and the session not closed)."""
+        return self._accepting_client()
+
+    @property
     def now(self) -> float:
         """The time of the latest input."""
         return self._now

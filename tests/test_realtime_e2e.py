@@ -161,10 +161,20 @@ async def test_a_spoken_turn_audio_in_transcript_and_audio_out(gateway):
     assert [(i["role"], i["text"]) for i in items] == [("user", HELLO), ("assistant", said)]
 
 
+def opened_with(gw: Gateway, instructions: str) -> list[dict]:
+    """The promptStart of every model stream whose system prompt was `instructions` (engine trace)."""
+    lines = [json.loads(x) for x in gw.trace.read_text().splitlines()]
+    streams = {x["stream"] for x in lines if x["event"] == "textInput" and x.get("role") == "SYSTEM"
+               and x.get("content") == instructions}
+    return [x for x in lines if x["event"] == "promptStart" and x["stream"] in streams]
+
+
 async def test_a_typed_turn(gateway):
+    instructions = f"You answer typed turns. ({time.monotonic()})"
     async with openai_client(gateway).realtime.connect(model="gpt-realtime") as conn:
         ev = Events(conn)
-        await conn.session.update(session=SESSION)
+        await conn.session.update(session={**SESSION, "instructions": instructions, "audio": {"output": {"voice": "ash"}},
+                                           "tool_choice": {"type": "function", "name": "schedule_visit"}})
         await typed(conn, MET)
         added = await ev.next("conversation.item.added")
         assert added.item.role == "user" and added.item.content[0].text == MET
@@ -176,6 +186,10 @@ async def test_a_typed_turn(gateway):
         ev.close()
     items = await stored(gateway, novagate, 2)
     assert items[0]["item_id"] == added.item.id and items[0]["text"] == MET
+    # the client's settings reached the model, in the one stream the session opened
+    (prompt,) = opened_with(gateway, instructions)
+    assert prompt["voice"] == "matthew" and prompt["tools"] == ["schedule_visit"]
+    assert prompt["toolChoice"] == {"tool": {"name": "schedule_visit"}}
 
 
 async def test_barge_in_then_truncate_keeps_what_was_heard(gateway):
@@ -271,6 +285,14 @@ async def test_resume_on_a_second_process_after_kill_9(tmp_path, backend):
             recap = done.response.output[0].content[0].transcript.lower()
             assert "smith" in recap  # the model was told the history before this turn
             ev.close()
+        # the other way to resume: the token in the first session.update, as the socket opens
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            ev = Events(conn)
+            await conn.session.update(session={**SESSION, "novagate": {"resume": novagate["resume_token"]}})
+            created = await ev.next("session.created")
+            assert created.session.model_extra["novagate"]["resumed"] is True
+            assert created.session.model_extra["novagate"]["history_length"] == 4
+            ev.close()
     finally:
         second.stop()
 
@@ -313,3 +335,34 @@ async def test_a_drain_is_transparent_with_the_sdks_reconnect_hook(tmp_path, bac
         first.kill()
         if second is not None:
             second.stop()
+
+
+async def test_the_api_key_is_the_bearer_token_when_an_identity_provider_is_configured(tmp_path):
+    """Without an identity provider the SDK's api_key is no credential (every test above); with one, it
+    must be a valid token: the session belongs to that user, and a wrong key is refused 4401."""
+    import jwt
+    from websockets.exceptions import ConnectionClosedError
+
+    key = "realtime-auth-test-key-0123456789abcdef"
+    gw = Gateway(tmp_path, {"NOVAGATE_AUTH_JWT_SECRET": key, "NOVAGATE_AUTH_REQUIRED": "true"}).start()
+    try:
+        alice = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, key, algorithm="HS256")
+        client = AsyncOpenAI(base_url=gw.http + "/v1", api_key=alice)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            ev = Events(conn)
+            await typed(conn, HELLO)
+            assert (await ev.next("response.done", timeout=40)).response.status == "completed"
+            novagate = ev.of("session.created")[0].session.model_extra["novagate"]
+            ev.close()
+        async with httpx.AsyncClient(base_url=gw.http) as h:  # alice's conversation, with alice's token
+            r = await h.get(f"/v1/conversations/{novagate['conversation_id']}/history",
+                            headers={"Authorization": f"Bearer {alice}"})
+        assert r.status_code == 200 and r.json()["history"][0]["text"] == HELLO
+        with pytest.raises(ConnectionClosedError) as refused:
+            async with AsyncOpenAI(base_url=gw.http + "/v1", api_key="sk-not-a-token").realtime.connect(
+                    model="gpt-realtime") as conn:
+                async for _ in conn:
+                    pass
+        assert refused.value.rcvd.code == 4401
+    finally:
+        gw.stop()

@@ -426,8 +426,11 @@ class LocalStream:
         if name in ("textInput", "toolResult"):
             record["content"] = body.get("content")
         elif name == "promptStart":
-            tools = (body.get("toolConfiguration") or {}).get("tools") or []
-            record["tools"] = [t.get("toolSpec", {}).get("name") for t in tools if isinstance(t, dict)]
+            config = body.get("toolConfiguration") or {}
+            record["tools"] = [t.get("toolSpec", {}).get("name") for t in config.get("tools") or [] if isinstance(t, dict)]
+            if "toolChoice" in config:
+                record["toolChoice"] = config["toolChoice"]
+            record["voice"] = (body.get("audioOutputConfiguration") or {}).get("voiceId")
         elif name == "contentStart" and typ == "TOOL":
             record["toolUseId"] = (body.get("toolResultInputConfiguration") or {}).get("toolUseId")
         elif name == "audioInput":
