@@ -242,9 +242,9 @@ async def realtime(ws: WebSocket) -> None:
     settings = rt.Settings(
         model=services.settings.model_id,
         client_instructions=services.settings.realtime_client_instructions,
-        endpointing=services.session_config.endpointing_sensitivity is not None
-        or getattr(getattr(services.transport, "capabilities", None), "endpointing_sensitivity", True),
+        endpointing=getattr(getattr(services.transport, "capabilities", None), "endpointing_sensitivity", True),
         server_tools=frozenset(t["toolSpec"]["name"] for t in services.session_config.tools),
+        voices=(getattr(services.transport, "capabilities", None) or model_spec(services.settings.model_id)).voices,
     )
     resume = ws.query_params.get("resume") or None
 

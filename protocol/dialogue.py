@@ -136,7 +136,8 @@ class Dialogue:
         self._next_user_id: str | None = None  # told with input.speech_started, before the item exists
         self._superseded = False  # the gateway cut the model's answer: what it still says of it is dropped
         self._ignored: set[str] = set()  # content ids of that answer
-        self.usage = (0, 0)
+        self.usage = (0, 0)         # tokens of the whole session: Nova's counts restart with each stream
+        self._usage_before = (0, 0)  # ... of the streams before the current one
 
     def actions(self) -> list[Action]:
         out, self._actions = self._actions, []
@@ -153,7 +154,7 @@ class Dialogue:
         if self._speaking or playing:
             self._superseded = self._speaking  # the model is still answering: it has not heard the cut yet
             self._barge_in()
-        self._user_item(text, item_id)
+        self._user_item(text, item_id or self._new_id())  # the id told for an utterance stays the utterance's
         self._emit(SendTextTurn(text))
 
     def barge_in(self, *, playing: bool = False) -> None:
@@ -240,8 +241,8 @@ class Dialogue:
             case nova.ToolUse():
                 self._close_turn()  # what it says once the tool has answered is the next item
             case nova.UsageEvent(input_tokens=i, output_tokens=o):
-                self.usage = (i, o)
-                self._emit(SendToClient(m.Usage(i, o)))
+                self.usage = (self._usage_before[0] + i, self._usage_before[1] + o)
+                self._emit(SendToClient(m.Usage(*self.usage)))
             case _:
                 pass
 
@@ -293,6 +294,7 @@ class Dialogue:
         speaking ends here (what was already sent keeps playing), and FINAL texts it still owed are
         not waited for (the plan stands in for them)."""
         self._close_turn()
+        self._usage_before = self.usage
         for t in self._turns.values():
             t.timed_out = True
         self._awaiting_final.clear()

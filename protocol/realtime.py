@@ -30,6 +30,7 @@ import orjson
 
 from . import codes
 from . import messages as m
+from . import tool_calls
 from .limits import TokenBucket
 from .session import CancelTool, RunTool, SendAudio, SendMessage, Session, Prompt
 
@@ -96,6 +97,7 @@ class Settings:
     client_instructions: bool = True    # session.update may replace the system prompt
     endpointing: bool = True            # the model takes an endpointing sensitivity (Nova 2)
     server_tools: frozenset[str] = frozenset()
+    voices: tuple[str, ...] = ()        # the model's voices (empty: any name)
 
 
 class RealtimeSession:
@@ -112,6 +114,7 @@ class RealtimeSession:
         self._out: list[Any] = []
         self._events = 0
         self._errors = TokenBucket(*ERROR_REPLIES)
+        self._refused: list[Refused] = []   # of the session.update being applied
         # the session as the client configured it (told back in session.created / session.updated)
         self._instructions: str | None = None
         self._voice: str | None = None      # None: the gateway's
@@ -123,11 +126,15 @@ class RealtimeSession:
         self._ready: m.SessionReady | None = None
         self._updated_owed = False          # a session.update answered once session.created is out
         self._create_owed = False           # a response.create that came before the session was ready
+        self._owed: tuple[str, str] | None = None  # ... and the message it is for
         self._told: dict[str, Any] = {}     # the novagate extension: conversation, token, …
         # the conversation as the client sees it
         self._responses: list[_Response] = []  # not yet done
         self._items: dict[str, _Item] = {}     # assistant items and function calls, until done
         self._known: set[str] = set()          # item ids told to the client
+        self._spoken: set[str] = set()         # ... of assistant items with audio (they may be truncated)
+        self._cut_ids: set[str] = set()            # ... of those cut by a barge-in or response.cancel
+        self._latest: str | None = None        # the latest assistant item
         self._last_item: str | None = None
         self._pending: list[tuple[str, str]] = []  # (item_id, text) waiting for response.create
         self._calls: dict[str, _Item] = {}     # client function calls waiting for their output
@@ -135,7 +142,7 @@ class RealtimeSession:
         self._audio_item: _Item | None = None
         self._speech_item: str | None = None
         self._input_ms = 0.0
-        self._usage = (0, 0)
+        self._usage = (0, 0)                   # tokens of the session so far
 
     def __getattr__(self, name: str):
         return getattr(self._s, name)
@@ -156,6 +163,14 @@ class RealtimeSession:
         if self._start_by is not None and now >= self._start_by:
             self._start(now)
         self._s.tick(now)
+
+    def client_gone(self, now: float) -> None:
+        """Nobody is left to answer the client's function calls: the model is told so."""
+        for call_id in list(self._calls):
+            del self._calls[call_id]
+            self._s.tool_finished(call_id, False, tool_calls.error_result(
+                "client_gone", "the client that runs this tool disconnected"), now)
+        self._s.client_gone(now)
 
     def receive_audio(self, data: bytes, now: float) -> None:
         if not self._s.accepting:
@@ -195,12 +210,16 @@ class RealtimeSession:
         if session.get("type", "realtime") != "realtime":
             raise Refused("session.type", "only 'realtime' (speech to speech) sessions are served here; "
                           "transcription sessions are not")
-        refused: list[Refused] = []
+        self._refused = []
         for key, value in sorted(session.items(), key=lambda kv: kv[0] == "tool_choice"):  # tools first
-            try:
-                self._apply(key, value, now)
-            except Refused as e:
-                refused.append(e)
+            self._try(self._apply, key, value)
+        choice = self._tool_choice
+        if isinstance(choice, dict) and choice["name"] not in {t["name"] for t in self._tools} | self._cfg.server_tools:
+            self._tool_choice = "auto"
+            if not any(e.param == "session.tool_choice" for e in self._refused):  # one error per field
+                self._refused.append(Refused("session.tool_choice", f"'{choice['name']}' is no longer a tool: the "
+                                             "tool choice is 'auto' again", "invalid_value"))
+        refused, self._refused = self._refused, []
         for e in refused:
             self._error("invalid_request_error", e.code, e.message, event.get("event_id"), now, param=e.param)
         if self._start_by is not None:
@@ -212,8 +231,15 @@ class RealtimeSession:
         else:
             self._emit({"type": "session.updated", "session": self._session_object()})
 
-    def _apply(self, key: str, value: Any, now: float) -> None:
-        """One field of a session.update: applied, or Refused (the rest of the update still applies)."""
+    def _try(self, apply: Callable[..., None], *args: Any) -> None:
+        """Apply one field; a refusal is told, and the rest of the update still applies."""
+        try:
+            apply(*args)
+        except Refused as e:
+            self._refused.append(e)
+
+    def _apply(self, key: str, value: Any) -> None:
+        """One field of a session.update: applied, or Refused."""
         match key:
             case "type" | "model" | "object" | "id" | "expires_at":
                 pass  # the gateway's model serves every session
@@ -230,7 +256,7 @@ class RealtimeSession:
                 for part in ("input", "output"):
                     if isinstance(value.get(part), dict):
                         for k, v in value[part].items():
-                            (self._audio_input if part == "input" else self._audio_output)(k, v)
+                            self._try(self._audio_input if part == "input" else self._audio_output, k, v)
             case "tools":
                 self._set_tools(value)
             case "tool_choice":
@@ -310,8 +336,11 @@ class RealtimeSession:
                 if not isinstance(value, str):
                     raise Refused("session.audio.output.voice", "custom voices do not exist with Nova Sonic: "
                                   f"one of {', '.join(VOICES)} or a Nova voice name")
-                if value not in VOICES and not re.fullmatch(r"[a-z]{2,20}", value):
-                    raise Refused("session.audio.output.voice", f"unknown voice '{value[:40]}'", "invalid_value")
+                nova = VOICES.get(value, value)
+                if not re.fullmatch(r"[a-z]{2,20}", nova) or (self._cfg.voices and nova not in self._cfg.voices):
+                    raise Refused("session.audio.output.voice", f"'{value[:40]}' is not a voice of this model: one of "
+                                  f"{', '.join(VOICES)}, or a Nova voice ({', '.join(self._cfg.voices) or 'any'})",
+                                  "invalid_value")
                 self._voice = value
             case "speed":
                 if value not in (None, 1, 1.0):
@@ -326,29 +355,35 @@ class RealtimeSession:
             raise Refused("session.tools", "'tools' must be a list", "invalid_value")
         kept = []
         for i, tool in enumerate(tools):
-            param = f"session.tools[{i}]"
-            if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-                raise Refused(param, "only function tools: MCP servers are configured on the gateway "
-                              "(NOVAGATE_MCP_CONFIG, docs/tools.md)")
-            name = tool.get("name")
-            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-                raise Refused(f"{param}.name", "a tool name is 1-64 letters, digits, '_' or '-'", "invalid_value")
-            if name in self._cfg.server_tools:
-                raise Refused(f"{param}.name", f"'{name}' is a tool of the gateway itself: name yours differently",
-                              "invalid_value")
-            params = tool.get("parameters") or {"type": "object", "properties": {}}
-            if not isinstance(params, dict):
-                raise Refused(f"{param}.parameters", "'parameters' must be a JSON schema object", "invalid_value")
-            kept.append({"type": "function", "name": name, "description": str(tool.get("description") or ""),
-                         "parameters": params})
+            self._try(self._add_tool, kept, i, tool)
         self._tools = kept
+
+    def _add_tool(self, kept: list[dict], i: int, tool: Any) -> None:
+        param = f"session.tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise Refused(param, "only function tools: MCP servers are configured on the gateway "
+                          "(NOVAGATE_MCP_CONFIG, docs/tools.md)")
+        name = tool.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise Refused(f"{param}.name", "a tool name is 1-64 letters, digits, '_' or '-'", "invalid_value")
+        if name in self._cfg.server_tools:
+            raise Refused(f"{param}.name", f"'{name}' is a tool of the gateway itself: name yours differently",
+                          "invalid_value")
+        params = tool.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise Refused(f"{param}.parameters", "'parameters' must be a JSON schema object", "invalid_value")
+        if any(t["name"] == name for t in kept):
+            raise Refused(f"{param}.name", f"two tools named '{name}'", "invalid_value")
+        kept.append({"type": "function", "name": name, "description": str(tool.get("description") or ""),
+                     "parameters": params})
 
     def _set_tool_choice(self, choice: Any) -> None:
         names = {t["name"] for t in self._tools} | self._cfg.server_tools
         if choice in (None, "auto", "required"):
             self._tool_choice = choice or "auto"
         elif choice == "none":
-            raise Refused("session.tool_choice", "Nova Sonic has no 'none' tool choice: send tools: [] instead")
+            raise Refused("session.tool_choice", "Nova Sonic has no 'none' tool choice (send tools: [] to declare "
+                          "none of yours; the gateway's own tools stay available)")
         elif isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name") in names:
             self._tool_choice = {"type": "function", "name": choice["name"]}
         else:
@@ -402,14 +437,17 @@ class RealtimeSession:
                 raise Refused("item.content.text", "'text' must be a non-empty string", "invalid_value")
             texts.append(part["text"])
         text = " ".join(texts)
-        if len(text) + sum(len(t) + 1 for _, t in self._pending) > m.MAX_TEXT_CHARS:
-            raise Refused("item.content.text", f"a typed turn (the messages waiting for response.create) is at most "
-                          f"{m.MAX_TEXT_CHARS} characters", codes.TEXT_TOO_LONG)
+        if len(text) > m.MAX_TEXT_CHARS:
+            raise Refused("item.content.text", f"a typed turn is at most {m.MAX_TEXT_CHARS} characters",
+                          codes.TEXT_TOO_LONG)
         item_id = item.get("id")
         if item_id is not None and (not isinstance(item_id, str) or not _ITEM_ID.fullmatch(item_id)
                                     or item_id in self._known or any(i.item_id == item_id for i in self._s.history)):
             raise Refused("item.id", "an item id is 1-64 letters, digits or _.:- and new to this conversation",
                           "invalid_value")
+        if self._pending:
+            raise Refused("item", "a user message already waits for response.create: Nova Sonic answers every "
+                          "typed turn, so they go one at a time")
         item_id = item_id or self._new_id("item")
         self._pending.append((item_id, text))
         told = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
@@ -441,8 +479,15 @@ class RealtimeSession:
             raise Refused("item_id", "'item_id' must be an item's id", "invalid_value")
         if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
             raise Refused("audio_end_ms", "'audio_end_ms' must be an integer >= 0", "invalid_value")
-        if item_id not in self._known:
-            raise Refused("item_id", f"no assistant item '{item_id[:64]}' in this session", "invalid_value")
+        if item_id not in self._spoken:
+            raise Refused("item_id", f"no assistant item '{item_id[:64]}' was spoken in this session", "invalid_value")
+        if item_id not in self._cut_ids:
+            if item_id != self._latest or not self._s.responding:
+                raise Refused("item_id", "this item was played to its end and is stored whole; only the item "
+                              "being played can be truncated")
+            for r in self._responses:
+                r.cancelled = r.cancelled or "client_cancelled"
+            self._s.cancel_response(now)  # the client stopped playing it: a cut, as at a barge-in
         self._s.receive_message(m.PlaybackTruncate(item_id, ms), now)
         self._emit({"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0,
                     "audio_end_ms": ms})
@@ -456,19 +501,20 @@ class RealtimeSession:
         if not isinstance(params, dict):
             raise Refused("response", "'response' must be an object", "invalid_value")
         for key, value in params.items():
-            if key in ("metadata",) or value in (None, "auto", "inf"):
+            if key == "metadata" or value in (None, "auto", "inf") or (key, value) == ("output_modalities", ["audio"]):
                 continue
             raise Refused(f"response.{key}", "a response with its own settings (out of band, other instructions, "
                           "tools or modalities) has no Nova Sonic equivalent; change the session instead")
-        if self._ready is None:
-            self._create_owed = True  # sent as soon as the session is ready
+        if self._ready is None:  # sent as soon as the session is ready
+            self._create_owed = True
+            self._owed = self._pending.pop() if self._pending else None
             return
         self._send_pending(now)
 
     def _send_pending(self, now: float) -> None:
-        if self._pending:
-            (item_id, _), text = self._pending[0], " ".join(t for _, t in self._pending)
-            self._pending.clear()
+        if self._pending or self._owed:
+            item_id, text = self._owed or self._pending.pop()
+            self._owed = None
             self._s.receive_message(m.InputText(text, item_id), now)
         elif self._answered or self._s.responding or self._calls:
             pass  # the model answers (or goes on after a function output) by itself
@@ -566,7 +612,8 @@ class RealtimeSession:
                 if msg.resume_failed:
                     self._told["resume_failed"] = msg.resume_failed
                 self._known.update(i["item_id"] for i in msg.history)
-                self._last_item = msg.history[-1]["item_id"] if msg.history else None
+                if self._last_item is None and msg.history:  # items added before it follow the history
+                    self._last_item = msg.history[-1]["item_id"]
                 self._emit({"type": "session.created", "session": self._session_object()})
                 if self._updated_owed:
                     self._updated_owed = False
@@ -593,7 +640,10 @@ class RealtimeSession:
                 if (it := self._assistant(item_id)) is not None:
                     it.audio = True
                     self._audio_item = it
+                    self._spoken.add(item_id)
             case m.ResponseAudioEnd(item_id=item_id, reason=reason):
+                if reason == "interrupted":
+                    self._cut_ids.add(item_id)
                 if (it := self._items.get(item_id)) is not None:  # generated: done (it may still be playing)
                     it.response.closed = True
                     if reason == "interrupted":
@@ -601,10 +651,11 @@ class RealtimeSession:
                     else:
                         self._finish(it)
             case m.Interrupted(item_id=item_id):
+                self._cut_ids.add(item_id)
                 if (it := self._items.get(item_id)) is not None:
                     self._cut(it)
             case m.Usage(input_tokens=i, output_tokens=o):
-                self._usage = (i, o)
+                self._usage = (i, o)  # the session's, across its model streams
             case m.InputSpeechStarted(item_id=item_id):
                 self._speech_item = item_id
                 self._emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": round(self._input_ms),
@@ -654,6 +705,7 @@ class RealtimeSession:
         for it in [i for r in self._responses for i in r.items if not i.done]:
             it.incomplete = True  # never ended (its audio was dropped unheard): the model has moved on
             self._finish(it)
+        self._answered = False  # the model goes on: a later response.create is a new request
         r = _Response(self._new_id("resp"), usage_from=self._usage)
         self._responses.append(r)
         self._emit({"type": "response.created", "response": self._response_object(r, "in_progress")})
@@ -666,6 +718,7 @@ class RealtimeSession:
             return it
         r = self._response()
         it = self._items[item_id] = _Item(item_id, r)
+        self._latest = item_id
         r.items.append(it)
         item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
                 "status": "in_progress", "content": []}

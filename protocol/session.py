@@ -411,6 +411,7 @@ class Session:
         self._model_speech = False                  # the model sends userSpeechStart: it is the source
         self._said: str | None = None               # source of the utterance told started, not yet stopped
         self._said_at = 0.0                         # ... and when it started
+        self._said_item: str | None = None          # ... and the user item it will become
         self._speech_end: float | None = None       # end of the last utterance, until its reply's first audio
         self._reply_item: str | None = None         # the reply's item, once its audio has started
         # dialogue and playback
@@ -1125,10 +1126,11 @@ class Session:
     def _speech_started(self, source: str, now: float) -> None:
         self._said, self._said_at = source, now
         self._speech_end = self._reply_item = None  # the user speaks again: no reply is awaited
-        self._send(m.InputSpeechStarted(source, self._dialogue.upcoming_user_item()))
+        self._said_item = self._dialogue.upcoming_user_item()
+        self._send(m.InputSpeechStarted(source, self._said_item))
 
     def _speech_stopped(self, end: float) -> None:
-        self._send(m.InputSpeechStopped(self._said, self._dialogue.upcoming_user_item()))
+        self._send(m.InputSpeechStopped(self._said, self._said_item))
         self._said = None
         self._speech_end, self._reply_item = end, None
 

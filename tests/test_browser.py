@@ -685,16 +685,16 @@ def test_tool_calls_end_to_end(make_gateway, launch):
     def turn_with_tool(text: str, tool: str) -> dict:
         """Type `text`; wait until, after that user turn, the call of `tool` has finished and a final
         assistant item is there, and every receipt is saved. Returns the tool's row. (The engine's reply
-        is one item, "One moment." and then what the tool said: its bubble comes before the tool's row.)"""
+        is two items: "One moment." before the tool's row, and what the tool said after it.)"""
         _type(page, text)
         js_wait(page, f"""(() => {{
             const rows = [...document.querySelectorAll('#transcript li.turn, #transcript li.tool')];
             const u = rows.findIndex(li => li.dataset.role === 'user' && li.dataset.final === 'true'
                                            && li.textContent.includes({text!r}));
             const after = u < 0 ? [] : rows.slice(u + 1);
-            return after.some(li => li.classList.contains('tool') && li.dataset.name === {tool!r}
-                                    && li.dataset.status === 'finished')
-                && after.some(li => li.dataset.role === 'assistant' && li.dataset.final === 'true')
+            const t = after.findIndex(li => li.classList.contains('tool') && li.dataset.name === {tool!r}
+                                            && li.dataset.status === 'finished');
+            return t >= 0 && after.slice(t + 1).some(li => li.dataset.role === 'assistant' && li.dataset.final === 'true')
                 && novagate.stats().pendingReceipts === 0;
         }})()""", 60, f"the {tool} call and the reply to the turn")
         return next(r for r in tool_rows(page) if r["name"] == tool)

@@ -366,3 +366,41 @@ async def test_the_api_key_is_the_bearer_token_when_an_identity_provider_is_conf
         assert refused.value.rcvd.code == 4401
     finally:
         gw.stop()
+
+
+async def test_the_gateways_own_tools_work_beside_the_clients(tmp_path):
+    """A server tool (NOVAGATE_TOOLS) runs in the gateway, unseen by the realtime client; a client tool
+    of the same session is still the client's to answer; a client tool may not take a server tool's name."""
+    rules = [*RULES, {"phrase": "doctor smith", "tool": "add_visit", "arguments": {"doctor": "Dr. Smith"}}]
+    gw = Gateway(tmp_path, {"NOVAGATE_ENGINE_TOOL_CALLS": json.dumps(rules),
+                            "NOVAGATE_TOOLS": "tests.tools_fixture:TOOLS"}).start()
+    try:
+        async with openai_client(gw).realtime.connect(model="gpt-realtime") as conn:
+            ev = Events(conn)
+            await conn.session.update(session={**SESSION, "tools": [TOOL, {**TOOL, "name": "echo"}]})
+            err = await ev.next("error")
+            assert err.error.param == "session.tools[1].name"  # echo is the gateway's; schedule_visit is kept
+            updated = await ev.next("session.updated")
+            assert [t.name for t in updated.session.tools] == ["schedule_visit"]
+            await typed(conn, MET)
+            answer = await ev.wait(lambda: next((e for e in ev.of("response.done")
+                                                 if "add_visit" in e.response.output[0].content[0].transcript), None), 40)
+            assert answer.response.status == "completed"
+            assert not ev.of("response.function_call_arguments.done")  # the gateway answered it
+            mark = len(ev.all)
+            await typed(conn, FOLLOW_UP)
+            call = await ev.next("response.function_call_arguments.done", after=mark, timeout=40)
+            assert call.name == "schedule_visit"
+            await conn.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
+                                                      "output": "booked for Tuesday"})  # plain text
+            done = await ev.wait(lambda: next((e for e in ev.all[mark:] if e.type == "response.done"
+                                               and "booked for Tuesday" in e.response.output[0].content[0].transcript),
+                                              None), 40)
+            assert done.response.status == "completed"
+            novagate = ev.of("session.created")[0].session.model_extra["novagate"]
+            ev.close()
+        tools = [json.loads(i["text"]) for i in await stored(gw, novagate, 8) if i["role"] == "tool"]
+        assert [(t["name"], t["status"]) for t in tools] == [("add_visit", "finished"), ("schedule_visit", "finished")]
+        assert tools[1]["result"] == "booked for Tuesday"  # plain text, kept as a JSON string
+    finally:
+        gw.stop()
