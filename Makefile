@@ -7,7 +7,7 @@ PORT  ?= 8000
 # `make run WORKERS=0`: one worker process per CPU (novagate serve --workers)
 WORKERS ?= 1
 
-.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity fuzz nginx browser
+.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity bench-realtime fuzz nginx browser
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -61,6 +61,10 @@ bench-capacity: $(VENV)/.dev
 # Sessions per machine with 1 and 2 worker processes (scripted engine, novagate loadtest): about 8 minutes.
 bench-workers: $(VENV)/.dev
 	$(PY) scripts/bench_workers.py
+
+# What /v1/realtime's base64-in-JSON audio costs per second of audio, against /v1/voice's binary frames.
+bench-realtime: $(VENV)/.dev
+	$(PY) scripts/bench_realtime.py
 
 # The local engine's demo configuration (whisper + hibari): model load, per-turn latency.
 bench-local: $(VENV)/.dev
