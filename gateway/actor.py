@@ -21,7 +21,7 @@ from protocol import messages as m
 from protocol import tool_calls
 from protocol.codes import CloseCode
 from protocol.continuity import CONNECTION
-from protocol.realtime import SendText
+from protocol.adapter import SendText
 from protocol.session import (
     Admit,
     Authenticate,

@@ -14,14 +14,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketState
 
 from protocol.codes import CloseCode
 from protocol import realtime as rt
 from protocol.models import history_limits, model_spec
 from protocol.session import SessionConfig, SessionEnv, may_use
 
-from . import clock, metrics
+from . import clock, codecs, metrics, telephony
 from .actor import SessionActor
 from .admission import Admission, Limits, client_address, refuse
 from .audio import InputResampler, SpeechActivity
@@ -119,6 +119,8 @@ def session_env(signer: Signer) -> SessionEnv:
         wall_time=clock.wall_time,
         resampler=lambda rate: InputResampler(rate).to_model,
         speech_detector=SpeechActivity,
+        decoder=codecs.decoder,
+        encoder=codecs.encoder,
     )
 
 
@@ -202,9 +204,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await services.store.aclose()
             await toolbox.aclose()
 
+    twilio = telephony.TwilioEndpoint.from_settings(settings, _serve)  # None: not served (docs/telephony.md)
     routes = [
         WebSocketRoute("/v1/voice", voice),
         *([WebSocketRoute("/v1/realtime", realtime)] if settings.realtime else []),
+        *([WebSocketRoute(telephony.PATH, twilio.serve)] if twilio is not None else []),
         Route("/v1/conversations/{conversation_id}/history", history_v1, methods=["GET"]),
         Route("/v1/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
         Route("/conversation/{conversation_id}/history", history_guide, methods=["GET"]),
@@ -251,16 +255,17 @@ async def realtime(ws: WebSocket) -> None:
     def wrap(session, now: float):
         return rt.RealtimeSession(session, settings, now=now, new_id=clock.new_id, resume=resume)
 
-    await _serve(ws, "realtime" if "realtime" in offered else None, bearer, wrap)
+    await _serve(ws, "realtime" if "realtime" in offered else None, bearer, wrap, metrics.REALTIME_SESSIONS)
 
 
 RT_KEY = "openai-insecure-api-key."
 
 
-async def _serve(ws: WebSocket, subprotocol: str | None, bearer: str | None, wrap=None) -> None:
+async def _serve(ws: WebSocket, subprotocol: str | None, bearer: str | None, wrap=None, counter=None) -> None:
     services: Services = ws.app.state.services
     settings = services.settings
-    await ws.accept(subprotocol=subprotocol)
+    if ws.application_state is WebSocketState.CONNECTING:  # /v1/telephony/twilio accepts before its preamble
+        await ws.accept(subprotocol=subprotocol)
     if not origin_allowed(ws.headers.get("origin"), settings.origins, services.hosts, ws.headers.get("host", "")):
         metrics.REJECTED.labels("origin").inc()
         await ws.close(CloseCode.FORBIDDEN_ORIGIN, "origin not allowed")
@@ -278,8 +283,8 @@ async def _serve(ws: WebSocket, subprotocol: str | None, bearer: str | None, wra
     services.sessions.add(actor)
     services.no_sessions.clear()
     metrics.SESSIONS.inc()
-    if wrap is not None:
-        metrics.REALTIME_SESSIONS.inc()
+    if counter is not None:  # sessions of another wire protocol (/v1/realtime)
+        counter.inc()
     metrics.SESSIONS_ACTIVE.inc()
     try:
         await _run(actor, ws, evicted)

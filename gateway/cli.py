@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--new", action="store_true", help="start a new conversation even if --state has a token")
     client.add_argument("--token", help="bearer token (JWT) for an authenticated user")
     client.add_argument("--voice")
-    client.add_argument("--output-rate", type=int, default=messages.DEFAULT_CLIENT_OUTPUT_RATE,
-                        choices=messages.CLIENT_OUTPUT_RATES)
+    client.add_argument("--output-rate", type=int, default=None, choices=messages.CLIENT_OUTPUT_RATES,
+                        help="default: 24000 (mu-law: 8000)")
+    client.add_argument("--codec", default="pcm16", choices=messages.CODECS,
+                        help="audio both ways: pcm16 (default), opus (raw 20 ms packets, 16 kHz up, 24 kHz down) or "
+                        "mulaw (G.711, 8 kHz); the WAV is resampled as needed (docs/mobile.md)")
     client.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
     client.set_defaults(func=_client)
 

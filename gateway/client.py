@@ -18,6 +18,15 @@ conversation item of role `tool`, and its receipt is kept until `item.saved` lik
 transcript's. `novagate client` prints them as `[tool record_call started]`, `[tool record_call
 finished 1.2 s]`, and shows the last items of a resumed conversation, tool items included. The
 additive `input.speech_started` / `input.speech_stopped` messages are collected in `speech_events`.
+
+Audio codecs (additive, docs/protocol.md#audio-codecs): `codec="opus"` or `"mulaw"` (or `input_codec` /
+`output_codec` apart) negotiates them in `session.start` and checks that `session.ready.audio` confirms
+them. The microphone's PCM (`say()`, at `input_rate`) is resampled to the codec's rate (Opus: 16 kHz,
+or 24 kHz when that is the source's rate; mu-law: 8 kHz) and sent as one encoded 20 ms frame per binary
+message; what comes back is decoded, so `audio`, `audio_by_item` and `received_ms()` are PCM16 at
+`output_rate` (Opus: 24 kHz; mu-law: 8 kHz) and durations are decoded milliseconds, as
+`playback.truncate` wants them (`truncate(item_id)` sends what was received of the item). `wire`
+counts the bytes on the socket both ways (`WireStats`); `novagate client` prints them.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import random
 import sys
 import time
 import wave
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +46,14 @@ from typing import Any, Callable
 import orjson
 import websockets
 
-from protocol.messages import DEFAULT_CLIENT_INPUT_RATE, DEFAULT_CLIENT_OUTPUT_RATE
+from protocol.messages import (
+    CLIENT_INPUT_RATES,
+    CODEC_INPUT_RATES,
+    CODEC_OUTPUT_RATES,
+    CODECS,
+    DEFAULT_CLIENT_INPUT_RATE,
+    DEFAULT_CLIENT_OUTPUT_RATE,
+)
 
 FRAME_MS = 20
 
@@ -45,6 +62,172 @@ FRAME_MS = 20
 # capacity or draining, bad gateway). Anything else (1000 after session.end, 1009, 4xxx) is final.
 RECONNECT_AT_ONCE = frozenset({1012})
 RECONNECT_WITH_BACKOFF = frozenset({1001, 1006, 1011, 1013, 1014})
+
+
+# -- audio codecs (docs/protocol.md#audio-codecs) -----------------------------------------------------
+def codec_input_rate(codec: str, source_rate: int) -> int:
+    """The sample rate of what a codec carries up: PCM16 the source's own; Opus 16 kHz (24 kHz when the
+    source is at 24 kHz: no resampling); mu-law 8 kHz."""
+    if codec == "pcm16":
+        return source_rate
+    rates = CODEC_INPUT_RATES[codec]
+    if source_rate in rates:
+        return source_rate
+    return 16000 if 16000 in rates else rates[0]
+
+
+def codec_output_rate(codec: str, requested: int | None = None) -> int:
+    """The output rate to ask for: `requested`, or the codec's default (24 kHz; mu-law 8 kHz)."""
+    if requested is not None:
+        return requested
+    rates = CODEC_OUTPUT_RATES[codec]
+    return DEFAULT_CLIENT_OUTPUT_RATE if DEFAULT_CLIENT_OUTPUT_RATE in rates else rates[0]
+
+
+_OPUS_SILK_MS = (10.0, 20.0, 40.0, 60.0)
+_OPUS_HYBRID_MS = (10.0, 20.0)
+_OPUS_CELT_MS = (2.5, 5.0, 10.0, 20.0)
+
+
+def opus_packet_ms(packet: bytes) -> float:
+    """The duration of one raw Opus packet, from its TOC byte (RFC 6716 §3.1), without decoding it;
+    0.0 for a malformed one."""
+    if not packet:
+        return 0.0
+    toc = packet[0]
+    config, code = toc >> 3, toc & 3
+    per_frame = (_OPUS_SILK_MS[config % 4] if config < 12 else _OPUS_HYBRID_MS[config % 2] if config < 16
+                 else _OPUS_CELT_MS[config % 4])
+    if code == 0:
+        frames = 1
+    elif code in (1, 2):
+        frames = 2
+    else:
+        if len(packet) < 2:
+            return 0.0
+        frames = packet[1] & 0x3F
+    return per_frame * frames
+
+
+def ws_frame_bytes(payload: int, *, masked: bool) -> int:
+    """One WebSocket frame on the wire: its header (2, 4 or 10 bytes, plus the 4-byte mask of a
+    client's frame) and the payload (RFC 6455 §5.2; no extension)."""
+    header = 2 if payload < 126 else 4 if payload < 65536 else 10
+    return header + (4 if masked else 0) + payload
+
+
+class AudioEncoder:
+    """PCM16 frames (20 ms at `rate`) to what the codec sends: one binary message per frame. PCM16 is
+    passed through; Opus and mu-law use the gateway's own PyAV codecs (gateway/codecs.py). One encoder
+    per connection: Opus keeps state between frames."""
+
+    def __init__(self, codec: str, rate: int):
+        self.codec = codec
+        self.rate = rate
+        self._encode: Callable[[bytes], bytes] | None = None
+        if codec != "pcm16":
+            from . import codecs
+
+            self._encode = codecs.encoder(codec, rate)
+
+    def __call__(self, pcm: bytes) -> bytes:
+        return pcm if self._encode is None else self._encode(pcm)
+
+
+class AudioDecoder:
+    """What the gateway sends, one binary message at a time, to PCM16 at `rate`. Opus decodes at 48 kHz
+    (FFmpeg's decoders always do) and is brought to `rate` by keeping every (48000 / rate)-th sample:
+    an Opus stream encoded at `rate` holds nothing above rate / 2, so nothing aliases and every packet
+    stays exactly its own duration (no resampler delay smearing item boundaries). Raises ValueError on
+    a frame that does not decode."""
+
+    def __init__(self, codec: str, rate: int):
+        self.codec = codec
+        self.rate = rate
+        self._decode: Callable[[bytes], bytes] | None = None
+        self._step = 1
+        if codec != "pcm16":
+            from . import codecs
+
+            self._decode, decoded_rate = codecs.decoder(codec)
+            if decoded_rate % rate:
+                raise ValueError(f"cannot bring {codec} decoded at {decoded_rate} Hz to {rate} Hz")
+            self._step = decoded_rate // rate
+
+    def __call__(self, frame: bytes) -> bytes:
+        if self._decode is None:
+            return frame
+        pcm = self._decode(frame)
+        if self._step > 1:
+            import numpy as np
+
+            pcm = np.frombuffer(pcm, "<i2")[:: self._step].tobytes()
+        return pcm
+
+
+def resample(pcm: bytes, rate: int, to: int) -> bytes:
+    """PCM16LE mono from `rate` to `to` (soxr, anti-aliased); as is when the rates are equal."""
+    if rate == to or not pcm:
+        return pcm
+    import numpy as np
+    import soxr
+
+    x = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2")
+    return soxr.resample(x, rate, to).astype("<i2").tobytes()
+
+
+@dataclass
+class WireStats:
+    """What crossed the socket, over every connection. `audio_*`: the payloads of binary (audio) frames,
+    as encoded; `text_*`: the JSON messages; `ws_*`: every frame with its WebSocket header (a client's
+    frames also carry a 4-byte mask). TCP/IP and TLS add about 60–90 bytes per packet on top
+    (docs/mobile.md#data-rates). `ms_*`: the decoded duration of the audio each way."""
+
+    audio_up: int = 0
+    audio_down: int = 0
+    frames_up: int = 0
+    frames_down: int = 0
+    speech_up: int = 0          # the part of audio_up that carried say()'s speech (the rest: the open mic's silence)
+    speech_frames_up: int = 0
+    text_up: int = 0
+    text_down: int = 0
+    ws_up: int = 0
+    ws_down: int = 0
+    ms_up: float = 0.0
+    ms_down: float = 0.0
+    bad_frames_down: int = 0    # received audio that did not decode (dropped)
+
+    @staticmethod
+    def kbit_s(nbytes: int, ms: float) -> float | None:
+        """kbit/s of `nbytes` spread over `ms` milliseconds (bits per millisecond)."""
+        return nbytes * 8 / ms if ms > 0 else None
+
+    @property
+    def up_kbit_s(self) -> float | None:
+        """Audio up, per second of audio sent (the microphone is always on: per second connected)."""
+        return self.kbit_s(self.audio_up, self.ms_up)
+
+    @property
+    def down_kbit_s(self) -> float | None:
+        """Audio down, per second of audio received (while the assistant speaks)."""
+        return self.kbit_s(self.audio_down, self.ms_down)
+
+    def summary(self, input_codec: str, input_rate: int, output_codec: str, output_rate: int) -> str:
+        """One line for `novagate client`."""
+        def side(nbytes: int, ms: float, codec: str, rate: int) -> str:
+            rate_s = self.kbit_s(nbytes, ms)
+            return (f"{nbytes / 1000:.1f} kB for {ms / 1000:.1f} s of {codec} {rate / 1000:g} kHz"
+                    + (f" = {rate_s:.1f} kbit/s" if rate_s is not None else ""))
+
+        return (f"wire: up {side(self.audio_up, self.ms_up, input_codec, input_rate)}; down "
+                f"{side(self.audio_down, self.ms_down, output_codec, output_rate)}; messages "
+                f"{self.text_up / 1000:.1f} kB up, {self.text_down / 1000:.1f} kB down; with WebSocket framing "
+                f"{self.ws_up / 1000:.1f} kB up, {self.ws_down / 1000:.1f} kB down")
+
+
+class CodecNotConfirmed(ConnectionError):
+    """session.ready did not confirm the codecs or rates asked for (a gateway without codec support
+    ignores the fields and would send PCM16): the connection is closed, and this is final."""
 
 
 @dataclass
@@ -143,8 +326,12 @@ class VoiceClient:
         token: str | None = None,
         auth: str | None = None,
         input_rate: int = DEFAULT_CLIENT_INPUT_RATE,
-        output_rate: int = DEFAULT_CLIENT_OUTPUT_RATE,
+        output_rate: int | None = None,
         voice: str | None = None,
+        codec: str = "pcm16",
+        input_codec: str | None = None,
+        output_codec: str | None = None,
+        wire_input_rate: int | None = None,
         conversation_id: str | None = None,
         resume: bool = True,
         on_message: Callable[[dict], None] | None = None,
@@ -159,8 +346,26 @@ class VoiceClient:
         self.state = state or ClientState()
         self.token = token
         self.auth = auth
+        # codecs: `input_rate` is the rate of the PCM given to say() (the microphone's, the WAV's);
+        # `wire_input_rate` the rate declared and sent (the codec's); `output_rate` that of what comes back
+        self.input_codec = input_codec or codec
+        self.output_codec = output_codec or codec
+        for c in (self.input_codec, self.output_codec):
+            if c not in CODECS:
+                raise ValueError(f"codec {c!r}: one of {', '.join(CODECS)}")
         self.input_rate = input_rate
-        self.output_rate = output_rate
+        self.wire_input_rate = wire_input_rate or codec_input_rate(self.input_codec, input_rate)
+        self.output_rate = codec_output_rate(self.output_codec, output_rate)
+        if self.input_codec != "pcm16" and self.wire_input_rate not in CODEC_INPUT_RATES[self.input_codec]:
+            rates = " or ".join(map(str, CODEC_INPUT_RATES[self.input_codec]))
+            raise ValueError(f"{self.input_codec} is sent at {rates} Hz, not {self.wire_input_rate}")
+        if self.output_codec != "pcm16" and self.output_rate not in CODEC_OUTPUT_RATES[self.output_codec]:
+            rates = " or ".join(map(str, CODEC_OUTPUT_RATES[self.output_codec]))
+            raise ValueError(f"{self.output_codec} comes at {rates} Hz, not {self.output_rate}")
+        self.wire = WireStats()
+        self.frame_ms_down: Counter[float] = Counter()  # decoded duration of each binary frame received, ms
+        self._encoder = AudioEncoder(self.input_codec, self.wire_input_rate)
+        self._decoder = AudioDecoder(self.output_codec, self.output_rate)
         self.voice = voice
         self.raw_conversation_id = conversation_id
         self.resume = resume
@@ -168,9 +373,10 @@ class VoiceClient:
         self.ws: Any = None
         self.ready: dict = {}
         self.messages: list[dict] = []
-        self.audio = bytearray()
-        self.audio_sent = 0  # bytes of microphone audio handed to the socket (every connection)
-        self.audio_by_item: dict[str, bytearray] = {}
+        self.audio = bytearray()  # every reply's audio, decoded: PCM16 at output_rate
+        self.audio_sent = 0  # bytes of microphone audio handed to the socket (every connection), as encoded
+        self.audio_by_item: dict[str, bytearray] = {}  # decoded too
+        self.audio_span: dict[str, list[float]] = {}  # item -> [first, last] arrival of its frames (monotonic)
         self.audio_end: dict[str, str] = {}
         self.finals: list[dict] = []
         self.tool_calls: list[dict] = []  # every tool.call message (started, then how it ended), in order
@@ -231,10 +437,12 @@ class VoiceClient:
         self._notice, self._notice_at = None, None
         self._notice_event.clear()
         self._current_item = None
-        start: dict[str, Any] = {
-            "type": "session.start", "protocol": 1,
-            "audio": {"input_sample_rate": self.input_rate, "output_sample_rate": self.output_rate},
-        }
+        self._encoder = AudioEncoder(self.input_codec, self.wire_input_rate)  # codec state: per connection
+        self._decoder = AudioDecoder(self.output_codec, self.output_rate)
+        audio: dict[str, Any] = {"input_sample_rate": self.wire_input_rate, "output_sample_rate": self.output_rate}
+        if self.input_codec != "pcm16" or self.output_codec != "pcm16":
+            audio |= {"input_codec": self.input_codec, "output_codec": self.output_codec}
+        start: dict[str, Any] = {"type": "session.start", "protocol": 1, "audio": audio}
         if self.auth:
             start["auth"] = self.auth
         if self.voice:
@@ -254,7 +462,7 @@ class VoiceClient:
         self._reader_task = reader
         self._tasks.append(reader)
         try:
-            await ws.send(orjson.dumps(start).decode())
+            await self._send_text(ws, orjson.dumps(start).decode())
             if self.reconnect:
                 deadline = time.monotonic() + 30
                 while not ready():
@@ -270,6 +478,7 @@ class VoiceClient:
                 msg = ready()
             else:
                 msg = await self.wait_for(ready, timeout=30)
+            self._check_audio(msg)
         except BaseException:
             with contextlib.suppress(Exception):
                 await ws.close()
@@ -283,6 +492,19 @@ class VoiceClient:
         self._connected.set()
         self._changed.set()
         return msg
+
+    def _check_audio(self, ready: dict) -> None:
+        """session.ready.audio must confirm what was asked: the rates, and the codecs (a gateway that
+        does not know them leaves them out, and would send PCM16 whatever we said)."""
+        audio = ready.get("audio") or {}
+        want = {"input_sample_rate": self.wire_input_rate, "output_sample_rate": self.output_rate,
+                "input_codec": self.input_codec, "output_codec": self.output_codec}
+        got = {k: audio.get(k, "pcm16" if k.endswith("codec") else None) for k in want}
+        if self.input_codec == "pcm16" and self.output_codec == "pcm16":  # v1: the rates only
+            want = {k: v for k, v in want.items() if k in audio}
+            got = {k: v for k, v in got.items() if k in audio}
+        if got != want:
+            raise CodecNotConfirmed(f"session.ready.audio is {audio}, not {want}")
 
     def _backoff(self, attempt: int) -> float:
         """Capped exponential backoff with jitter (half fixed, half random)."""
@@ -406,9 +628,11 @@ class VoiceClient:
 
     # -- sending ---------------------------------------------------------------------------------
     async def say(self, pcm: bytes) -> None:
-        """Queue speech for the microphone; returns when it has all been sent (or, reconnecting,
-        when the connection was lost: the rest of the utterance is dropped, not continued)."""
-        frame = self.input_rate * 2 * FRAME_MS // 1000
+        """Queue speech (PCM16 at `input_rate`) for the microphone; returns when it has all been sent
+        (or, reconnecting, when the connection was lost: the rest of the utterance is dropped, not
+        continued). It goes out at `wire_input_rate`, resampled if need be, in the input codec."""
+        pcm = resample(pcm, self.input_rate, self.wire_input_rate)
+        frame = self.wire_input_rate * 2 * FRAME_MS // 1000
         for i in range(0, len(pcm), frame):
             self._speech.put_nowait(pcm[i : i + frame])
         while not self._speech.empty():
@@ -416,8 +640,9 @@ class VoiceClient:
 
     async def _mic(self) -> None:
         """An open microphone: speech when there is some, silence otherwise, in real time. When
-        reconnecting it pauses while there is no usable connection and starts again on the new one."""
-        frame = self.input_rate * 2 * FRAME_MS // 1000
+        reconnecting it pauses while there is no usable connection and starts again on the new one.
+        Each 20 ms frame is one binary message, encoded in the input codec."""
+        frame = self.wire_input_rate * 2 * FRAME_MS // 1000
         silence = bytes(frame)
         period = FRAME_MS / 1000 / self.speed
         next_at = time.monotonic()
@@ -427,18 +652,38 @@ class VoiceClient:
                 next_at = time.monotonic()  # no catch-up burst after a gap
             try:
                 data = self._speech.get_nowait()
+                spoken = True
             except asyncio.QueueEmpty:
-                data = silence
+                data, spoken = silence, False
             if len(data) < frame:
                 data = data + bytes(frame - len(data))
+            payload = self._encoder(data)
             try:
-                await self.ws.send(data)
-                self.audio_sent += len(data)
+                if payload:
+                    await self.ws.send(payload)
+                    self._count_up(payload, spoken)
             except websockets.ConnectionClosed:
                 if not self.reconnect:
                     raise
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    def _count_up(self, payload: bytes, spoken: bool) -> None:
+        w = self.wire
+        self.audio_sent += len(payload)
+        w.audio_up += len(payload)
+        w.frames_up += 1
+        w.ms_up += FRAME_MS
+        w.ws_up += ws_frame_bytes(len(payload), masked=True)
+        if spoken:
+            w.speech_up += len(payload)
+            w.speech_frames_up += 1
+
+    async def _send_text(self, ws, text: str) -> None:
+        await ws.send(text)
+        n = len(text.encode())
+        self.wire.text_up += n
+        self.wire.ws_up += ws_frame_bytes(n, masked=True)
 
     async def send_text(self, text: str) -> None:
         await self.send({"type": "input.text", "text": text})
@@ -446,7 +691,18 @@ class VoiceClient:
     async def send(self, message: dict) -> None:
         if self.reconnect and not self.connected:
             await self.wait_connected()
-        await self.ws.send(orjson.dumps(message).decode())
+        await self._send_text(self.ws, orjson.dumps(message).decode())
+
+    async def truncate(self, item_id: str, played_ms: int | None = None) -> int:
+        """`playback.truncate` for an interrupted item: `played_ms` (default: all of its audio received so
+        far, in decoded milliseconds — this client plays what it receives). Returns the value sent."""
+        played = self.received_ms(item_id) if played_ms is None else played_ms
+        await self.send({"type": "playback.truncate", "item_id": item_id, "played_ms": played})
+        return played
+
+    def received_ms(self, item_id: str) -> int:
+        """Milliseconds of an item's audio received so far, decoded (whatever the output codec)."""
+        return len(self.audio_by_item.get(item_id, b"")) * 1000 // (2 * self.output_rate)
 
     async def end(self) -> None:
         """End the conversation for good (its resume token stops working)."""
@@ -462,11 +718,27 @@ class VoiceClient:
         try:
             async for data in ws:
                 if isinstance(data, bytes):
-                    self.audio += data
+                    w = self.wire
+                    w.audio_down += len(data)
+                    w.frames_down += 1
+                    w.ws_down += ws_frame_bytes(len(data), masked=False)
+                    try:
+                        pcm = self._decoder(data)
+                    except ValueError:
+                        w.bad_frames_down += 1
+                        continue
+                    ms = len(pcm) * 1000 / (2 * self.output_rate)
+                    w.ms_down += ms
+                    self.frame_ms_down[round(ms, 3)] += 1
+                    self.audio += pcm
                     if self._current_item:
-                        self.audio_by_item.setdefault(self._current_item, bytearray()).extend(data)
+                        self.audio_by_item.setdefault(self._current_item, bytearray()).extend(pcm)
+                        self.audio_span.setdefault(self._current_item, [time.monotonic(), 0.0])[1] = time.monotonic()
                     self._changed.set()  # wait_for() predicates may be about the audio received
                     continue
+                n = len(data.encode()) if isinstance(data, str) else len(data)
+                self.wire.text_down += n
+                self.wire.ws_down += ws_frame_bytes(n, masked=False)
                 msg = orjson.loads(data)
                 self._handle(msg)
         except websockets.ConnectionClosed:
@@ -692,14 +964,25 @@ async def run_cli(args) -> int:
                 print(f"{'':>13}result: {_json_short(msg['result'])}", flush=True)
 
     pcm, rate = (read_wav(args.wav) if args.wav else (None, DEFAULT_CLIENT_INPUT_RATE))
-    client = VoiceClient(args.url, state=state, token=args.token, input_rate=rate, output_rate=args.output_rate,
-                         voice=args.voice, resume=not args.new, on_message=show)
+    codec = getattr(args, "codec", None) or "pcm16"
+    # PCM16 goes at the WAV's own rate when the protocol has it (else resampled to 16 kHz); a codec at its own
+    wire_rate = None if codec != "pcm16" or rate in CLIENT_INPUT_RATES else DEFAULT_CLIENT_INPUT_RATE
+    try:
+        client = VoiceClient(args.url, state=state, token=args.token, input_rate=rate, wire_input_rate=wire_rate,
+                             output_rate=args.output_rate, codec=codec, voice=args.voice, resume=not args.new,
+                             on_message=show)
+    except ValueError as e:  # e.g. --codec mulaw --output-rate 24000
+        print(f"novagate client: {e}", file=sys.stderr)
+        return 2
     client.speed = 1.0
     ready = await client.connect()
     resumed = "resumed" if ready["resumed"] else ("new (resume failed: not found)" if ready.get("resume_failed")
                                                   else "new")
+    audio = "" if client.input_codec == client.output_codec == "pcm16" else (
+        f", audio {client.input_codec} {client.wire_input_rate / 1000:g} kHz up, {client.output_codec} "
+        f"{client.output_rate / 1000:g} kHz down")
     print(f"conversation {ready['conversation_id']}: {resumed}, {ready['history_length']} earlier items, "
-          f"engine {ready['engine']}", flush=True)
+          f"engine {ready['engine']}{audio}", flush=True)
     history = ready.get("history") or []
     if ready["resumed"] and history:
         shown = history[-HISTORY_SHOWN:]
@@ -713,12 +996,14 @@ async def run_cli(args) -> int:
         if args.text or pcm:
             await client.turn(pcm, text=args.text, timeout=args.timeout)
         if args.out:
-            write_wav(args.out, bytes(client.audio), args.output_rate)
-        secs = len(client.audio) / (2 * args.output_rate)
+            write_wav(args.out, bytes(client.audio), client.output_rate)
+        secs = len(client.audio) / (2 * client.output_rate)
         print(f"done in {time.monotonic() - t0:.1f} s: {secs:.2f} s of assistant audio"
-              + (f" written to {args.out}" if args.out else "")
+              + (f" written to {args.out} ({client.output_rate} Hz)" if args.out else "")
               + f"; {len(client.saved)} items saved, {len(state.pending)} receipts pending"
               + (f"; state in {args.state}" if args.state else ""), flush=True)
+        print(client.wire.summary(client.input_codec, client.wire_input_rate, client.output_codec,
+                                  client.output_rate), flush=True)
     finally:
         await client.close()
     return 0

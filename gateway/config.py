@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -278,6 +279,34 @@ class Settings:
         default=True, metadata={"help": "/v1/realtime: a client's session.update may replace the system prompt "
                                 "(instructions); false: the server's prompt stays and they are refused with an error"}
     )
+    # -- telephony: Twilio Media Streams, /v1/telephony/twilio (gateway/telephony.py, docs/telephony.md)
+    twilio_auth_token: str = field(
+        default="", repr=False,
+        metadata={"secret": True, "help": "the Twilio account's Auth Token: /v1/telephony/twilio is served and every "
+                  "handshake's X-Twilio-Signature is checked with it (403 otherwise); empty: the endpoint is not "
+                  "served, unless NOVAGATE_TWILIO_INSECURE"}
+    )
+    twilio_auth_token_file: str = field(
+        default="", metadata={"help": "file holding the Twilio Auth Token, instead of NOVAGATE_TWILIO_AUTH_TOKEN"}
+    )
+    twilio_public_url: str = field(
+        default="", metadata={"help": "the stream URL exactly as in the TwiML (wss://voice.example.com/v1/telephony/"
+                              "twilio): the URL Twilio signs, for when a proxy changes the host or the path; empty: "
+                              "wss:// with the request's Host and path"}
+    )
+    twilio_caller_parameter: str = field(
+        default="caller", metadata={"help": "the <Parameter> of the TwiML <Stream> that names the caller "
+                                    "(value=\"{{From}}\"): their E.164 number owns the conversation"}
+    )
+    twilio_resume_window_s: float = field(
+        default=1800.0, metadata={"help": "a call from the same number within this many seconds of its conversation's "
+                                  "last activity resumes it; later, or 0, a new conversation"}
+    )
+    twilio_insecure: bool = field(
+        default=False, metadata={"help": "development only: serve /v1/telephony/twilio without an Auth Token, with no "
+                                 "signature check (anyone reaching it can call as any number and hear that number's "
+                                 "recent conversation)"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     log_transcripts: bool = field(
         default=False, metadata={"help": "debug: put transcripts in logs (off: redacted)"}
@@ -321,6 +350,7 @@ class Settings:
             raise ConfigError(f"NOVAGATE_LOCAL_INPUT_GAP_S={self.local_input_gap_s} must be >= 0 seconds (0: off)")
         self._validate_auth()
         self._validate_scripted()
+        self._validate_twilio()
         if (self.engine == "bedrock" or self.store == "agent-runtime") and not self.aws_region:
             raise ConfigError(
                 f"NOVAGATE_ENGINE={self.engine} / NOVAGATE_STORE={self.store} need an AWS region: set "
@@ -341,6 +371,22 @@ class Settings:
                 parse_tool_calls(self.engine_tool_calls)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"NOVAGATE_ENGINE_TOOL_CALLS: {e}") from None
+
+    def _validate_twilio(self) -> None:
+        if self.twilio_auth_token and self.twilio_auth_token_file:
+            raise ConfigError("set NOVAGATE_TWILIO_AUTH_TOKEN or NOVAGATE_TWILIO_AUTH_TOKEN_FILE, not both")
+        if self.twilio_public_url:
+            url = urlsplit(self.twilio_public_url)
+            if url.scheme != "wss" or not url.hostname or url.query or url.fragment:
+                raise ConfigError(f"NOVAGATE_TWILIO_PUBLIC_URL={self.twilio_public_url!r} must be the wss:// URL of the "
+                                  "TwiML <Stream> (no query string: Twilio allows none), e.g. "
+                                  "wss://voice.example.com/v1/telephony/twilio")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.twilio_caller_parameter):
+            raise ConfigError(f"NOVAGATE_TWILIO_CALLER_PARAMETER={self.twilio_caller_parameter!r} must be 1-64 letters, "
+                              "digits, '_', '.' or '-'")
+        if not 0 <= self.twilio_resume_window_s <= self.conversation_ttl:
+            raise ConfigError(f"NOVAGATE_TWILIO_RESUME_WINDOW_S={self.twilio_resume_window_s} must be between 0 (never "
+                              f"resume) and NOVAGATE_CONVERSATION_TTL ({self.conversation_ttl}) seconds")
 
     def _validate_auth(self) -> None:
         for name in ("secret", "auth_jwt_secret"):

@@ -26,6 +26,12 @@ CLIENT_INPUT_RATES = (8000, 16000, 24000, 48000)  # audio.input_sample_rate; the
 CLIENT_OUTPUT_RATES = MODEL_OUTPUT_RATES  # audio.output_sample_rate; passed to the model, not resampled
 DEFAULT_CLIENT_INPUT_RATE = 16000
 DEFAULT_CLIENT_OUTPUT_RATE = 24000
+# Additive: audio codecs (docs/protocol.md#audio-codecs). pcm16: binary frames of PCM16LE, as in v1. opus:
+# one raw Opus packet (20 ms, mono; no Ogg) per binary frame. mulaw: G.711 mu-law bytes at 8 kHz.
+CODECS = ("pcm16", "opus", "mulaw")
+CODEC_INPUT_RATES = {"pcm16": CLIENT_INPUT_RATES, "opus": (16000, 24000), "mulaw": (8000,)}
+CODEC_OUTPUT_RATES = {"pcm16": MODEL_OUTPUT_RATES, "opus": (24000,), "mulaw": (8000,)}
+MAX_OPUS_PACKET_BYTES = 1500  # a 20 ms packet is at most 1275 bytes (RFC 6716)
 MAX_TEXT_CHARS = 1000
 MAX_PENDING = 100
 MAX_TEXT_MESSAGE_BYTES = 65536
@@ -61,6 +67,8 @@ class SessionStart:
     output_sample_rate: int = DEFAULT_CLIENT_OUTPUT_RATE
     voice: str | None = None
     pending: tuple[str, ...] = ()
+    input_codec: str = "pcm16"
+    output_codec: str = "pcm16"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,18 @@ def _opt_str(obj: dict, key: str) -> str | None:
     return v
 
 
+def _codec(audio: dict, key: str) -> str:
+    v = audio.get(key)
+    if v is None:
+        return "pcm16"
+    if not isinstance(v, str):
+        raise _invalid(f"'audio.{key}' must be a string")
+    if v not in CODECS:
+        shown = v if len(v) <= 20 else v[:20] + "…"
+        raise ProtocolError(codes.UNSUPPORTED, f"'audio.{key}' must be one of {', '.join(CODECS)}; got '{shown}'")
+    return v
+
+
 def _rate(audio: dict, key: str, allowed: tuple[int, ...], default: int) -> int:
     v = audio.get(key)
     if v is None:
@@ -138,15 +158,21 @@ def _session_start(obj: dict) -> SessionStart:
     voice = _opt_str(obj, "voice")
     if voice is not None and not _VOICE.fullmatch(voice):
         raise _invalid("'voice' must be 2-20 lowercase letters a-z")
+    input_codec, output_codec = _codec(audio, "input_codec"), _codec(audio, "output_codec")
+    inputs, outputs = CODEC_INPUT_RATES[input_codec], CODEC_OUTPUT_RATES[output_codec]
     return SessionStart(
         protocol=PROTOCOL_VERSION,
         auth=_opt_str(obj, "auth"),
         resume=_opt_str(obj, "resume"),
         conversation_id=_opt_str(obj, "conversation_id"),
-        input_sample_rate=_rate(audio, "input_sample_rate", CLIENT_INPUT_RATES, DEFAULT_CLIENT_INPUT_RATE),
-        output_sample_rate=_rate(audio, "output_sample_rate", CLIENT_OUTPUT_RATES, DEFAULT_CLIENT_OUTPUT_RATE),
+        input_sample_rate=_rate(audio, "input_sample_rate", inputs, DEFAULT_CLIENT_INPUT_RATE
+                                if DEFAULT_CLIENT_INPUT_RATE in inputs else inputs[0]),
+        output_sample_rate=_rate(audio, "output_sample_rate", outputs, DEFAULT_CLIENT_OUTPUT_RATE
+                                 if DEFAULT_CLIENT_OUTPUT_RATE in outputs else outputs[0]),
         voice=voice,
         pending=tuple(pending),
+        input_codec=input_codec,
+        output_codec=output_codec,
     )
 
 
@@ -226,6 +252,8 @@ class SessionReady:
     voice: str
     engine: str
     resume_failed: str | None = None
+    input_codec: str = "pcm16"
+    output_codec: str = "pcm16"
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +404,8 @@ def to_wire(msg: ServerMessage) -> dict:
         out["audio"] = {
             "input_sample_rate": out.pop("input_sample_rate"),
             "output_sample_rate": out.pop("output_sample_rate"),
+            "input_codec": out.pop("input_codec"),
+            "output_codec": out.pop("output_codec"),
         }
     return out
 

@@ -20,6 +20,7 @@ class _Item:
     ended: bool = False          # the model finished its audio (end message queued)
     end_released: bool = False   # the end message has been released
     released_ms: float = 0.0
+    rest: bytes = b""            # whole_frames: audio short of a frame, kept for the next push
     first_play: float | None = None   # when the client starts playing it
     play_end: float = 0.0             # when the client will have played all released audio
 
@@ -41,10 +42,14 @@ class FlushResult:
 class PlaybackPacer:
     """Orders and paces everything that belongs to assistant audio items."""
 
-    def __init__(self, sample_rate: int, *, lead_ms: int = 200, chunk_ms: int = 40, max_queue_ms: int = 60_000):
+    def __init__(self, sample_rate: int, *, lead_ms: int = 200, chunk_ms: int = 40, max_queue_ms: int = 60_000,
+                 whole_frames: bool = False):
         self.bytes_per_ms = sample_rate * 2 / 1000
         self.lead = lead_ms / 1000
         self.chunk_bytes = max(2, int(self.bytes_per_ms * chunk_ms) // 2 * 2)
+        # a codec's frames (Opus: 20 ms): every frame released is exactly chunk_ms, the model's events
+        # joined across their boundaries and an item's last frame padded with silence
+        self.whole_frames = whole_frames
         self.max_queue_ms = max_queue_ms
         self._queue: deque[tuple[str, str | None, Any]] = deque()  # (kind, item_id, payload)
         self._items: dict[str, _Item] = {}
@@ -58,8 +63,16 @@ class PlaybackPacer:
 
     def push_audio(self, item_id: str, pcm: bytes) -> None:
         """Queue audio, re-cut into frames of about chunk_ms (memoryview: no copy until sent)."""
-        if item_id not in self._items:
+        item = self._items.get(item_id)
+        if item is None:
             return
+        if self.whole_frames:
+            pcm = item.rest + pcm
+            cut = len(pcm) - len(pcm) % self.chunk_bytes
+            pcm, item.rest = pcm[:cut], pcm[cut:]
+        self._queue_audio(item_id, pcm)
+
+    def _queue_audio(self, item_id: str, pcm: bytes) -> None:
         view = memoryview(pcm)
         for i in range(0, len(view), self.chunk_bytes):
             piece = view[i : i + self.chunk_bytes]
@@ -71,6 +84,9 @@ class PlaybackPacer:
         if item is None:
             return
         item.ended = True
+        if item.rest:
+            self._queue_audio(item_id, item.rest.ljust(self.chunk_bytes, b"\0"))
+            item.rest = b""
         self._queue.append(("end", item_id, message))
 
     def push_message(self, message: Any) -> None:

@@ -31,11 +31,14 @@ import orjson
 from . import codes
 from . import messages as m
 from . import tool_calls
+from .adapter import SendText, SessionAdapter
 from .limits import TokenBucket
 from .session import CancelTool, RunTool, SendAudio, SendMessage, Session, Prompt
 
 RATE = 24000                 # `audio/pcm` in the GA protocol is 24 kHz, 16-bit, mono, both ways
-START_WAIT_S = 0.25          # a session.update sent at once configures the first stream (no second one)
+MULAW_RATE = 8000            # `audio/pcmu`: G.711 mu-law, 8 kHz
+START_WAIT_S = 1.0           # a session.update sent at once configures the first stream (no second one);
+                             # a client that waits for session.created first waits this long once
 ERROR_REPLIES = (10.0, 20)   # error events: per second, burst; past it they are not sent
 
 # OpenAI's built-in voices -> Nova 2 voices (docs/realtime-compat.md); a Nova voice name is taken as is.
@@ -50,13 +53,6 @@ _ITEM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CLIENT_ERRORS = {codes.INVALID_JSON, codes.UNKNOWN_TYPE, codes.INVALID_FIELD, codes.TEXT_TOO_LONG,
                   codes.UNSUPPORTED_SAMPLE_RATE, codes.NOT_READY, codes.BAD_RECEIPT, codes.UNSUPPORTED,
                   codes.RATE_LIMITED, codes.IDLE_TIMEOUT, codes.CONVERSATION_FULL}
-
-
-@dataclass(frozen=True, slots=True)
-class SendText:
-    """A text frame for the client, already encoded (the Realtime protocol is JSON only)."""
-
-    text: str = field(repr=False)
 
 
 class Refused(Exception):
@@ -100,21 +96,20 @@ class Settings:
     voices: tuple[str, ...] = ()        # the model's voices (empty: any name)
 
 
-class RealtimeSession:
+class RealtimeSession(SessionAdapter):
     """A `Session` that speaks OpenAI Realtime events. Inputs the gateway calls that are not
     defined here (store, model, tool results, drain, …) go to the session unchanged."""
 
     def __init__(self, session: Session, settings: Settings, *, now: float, new_id: Callable[[str], str],
                  resume: str | None = None):
-        self._s = session
+        super().__init__(session, start_by=now + START_WAIT_S)
         self._cfg = settings
         self._new_id = new_id
         self._resume = resume
-        self._start_by: float | None = now + START_WAIT_S  # None once the session has been started
-        self._out: list[Any] = []
         self._events = 0
         self._errors = TokenBucket(*ERROR_REPLIES)
         self._refused: list[Refused] = []   # of the session.update being applied
+        self._codecs = {"input": "pcm16", "output": "pcm16"}  # audio/pcm, or audio/pcmu: mulaw
         # the session as the client configured it (told back in session.created / session.updated)
         self._instructions: str | None = None
         self._voice: str | None = None      # None: the gateway's
@@ -144,26 +139,7 @@ class RealtimeSession:
         self._input_ms = 0.0
         self._usage = (0, 0)                   # tokens of the session so far
 
-    def __getattr__(self, name: str):
-        return getattr(self._s, name)
-
     # -- what the gateway drives -----------------------------------------------------------------------
-    def effects(self) -> list:
-        self._translate()
-        out, self._out = self._out, []
-        return out
-
-    def next_deadline(self) -> float | None:
-        deadline = self._s.next_deadline()
-        if self._start_by is not None:
-            return self._start_by if deadline is None else min(deadline, self._start_by)
-        return deadline
-
-    def tick(self, now: float) -> None:
-        if self._start_by is not None and now >= self._start_by:
-            self._start(now)
-        self._s.tick(now)
-
     def client_gone(self, now: float) -> None:
         """Nobody is left to answer the client's function calls: the model is told so."""
         for call_id in list(self._calls):
@@ -290,10 +266,25 @@ class RealtimeSession:
             case _:
                 raise Refused(f"session.{key}", f"unknown session field '{key}'", "unknown_parameter")
 
+    def _format(self, value: Any, param: str, current: str) -> str:
+        """The session codec of an audio format: audio/pcm (24 kHz) or audio/pcmu (G.711 mu-law, 8 kHz);
+        chosen before the session starts (the first session.update), fixed after."""
+        if not isinstance(value, dict):
+            raise Refused(param, "'format' must be an object", "invalid_value")
+        kind = value.get("type", "audio/pcm")
+        if kind not in ("audio/pcm", "audio/pcmu"):
+            raise Refused(f"{param}.type", f"'{str(kind)[:20]}' is not offered: audio/pcm (24 kHz) or audio/pcmu")
+        if kind == "audio/pcm" and value.get("rate", RATE) != RATE:
+            raise Refused(f"{param}.rate", "audio/pcm is 24000 Hz", "invalid_value")
+        codec = "mulaw" if kind == "audio/pcmu" else "pcm16"
+        if codec != current and self._start_by is None:
+            raise Refused(param, "the audio format is chosen in the first session.update, sent as the socket opens")
+        return codec
+
     def _audio_input(self, key: str, value: Any) -> None:
         match key:
             case "format":
-                _pcm_format(value, "session.audio.input.format")
+                self._codecs["input"] = self._format(value, "session.audio.input.format", self._codecs["input"])
             case "transcription":
                 if value is not None and not isinstance(value, dict):
                     raise Refused("session.audio.input.transcription", "'transcription' must be an object or null",
@@ -331,7 +322,7 @@ class RealtimeSession:
     def _audio_output(self, key: str, value: Any) -> None:
         match key:
             case "format":
-                _pcm_format(value, "session.audio.output.format")
+                self._codecs["output"] = self._format(value, "session.audio.output.format", self._codecs["output"])
             case "voice":
                 if not isinstance(value, str):
                     raise Refused("session.audio.output.voice", "custom voices do not exist with Nova Sonic: "
@@ -398,7 +389,7 @@ class RealtimeSession:
             pcm = None
         if pcm is None:
             raise Refused("audio", "'audio' must be base64 of 24 kHz 16-bit mono PCM", "invalid_value")
-        self._input_ms += len(pcm) / (RATE * 2 / 1000)
+        self._input_ms += len(pcm) / (8 if self._codecs["input"] == "mulaw" else RATE * 2 / 1000)
         for i in range(0, len(pcm), m.MAX_FRAME_BYTES):
             self._s.receive_audio(pcm[i:i + m.MAX_FRAME_BYTES], now)
 
@@ -534,7 +525,10 @@ class RealtimeSession:
     def _start(self, now: float) -> None:
         self._start_by = None
         voice = VOICES.get(self._voice, self._voice) if self._voice else None
-        self._s.receive_message(m.SessionStart(resume=self._resume, input_sample_rate=RATE, output_sample_rate=RATE,
+        rates = {c: MULAW_RATE if codec == "mulaw" else RATE for c, codec in self._codecs.items()}
+        self._s.receive_message(m.SessionStart(resume=self._resume, input_sample_rate=rates["input"],
+                                               output_sample_rate=rates["output"], input_codec=self._codecs["input"],
+                                               output_codec=self._codecs["output"],
                                                voice=voice), now)
         self._configure(now)
 
@@ -576,9 +570,9 @@ class RealtimeSession:
             "instructions": self._instructions if self._instructions is not None
             else (self._s.prompt.system_prompt if self._s.prompt else ""),
             "audio": {
-                "input": {"format": {"type": "audio/pcm", "rate": RATE}, "transcription": self._transcription,
+                "input": {"format": _FORMATS[self._codecs["input"]], "transcription": self._transcription,
                           "noise_reduction": None, "turn_detection": self._turn_detection},
-                "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": self._voice_name, "speed": 1.0},
+                "output": {"format": _FORMATS[self._codecs["output"]], "voice": self._voice_name, "speed": 1.0},
             },
             "tools": self._tools, "tool_choice": self._tool_choice, "max_output_tokens": "inf",
             "truncation": "auto", "tracing": None,
@@ -827,7 +821,7 @@ class RealtimeSession:
         out: dict[str, Any] = {"id": r.id, "object": "realtime.response", "status": status,
                                "output": [self._item_object(i) for i in r.items] if status != "in_progress" else [],
                                "output_modalities": ["audio"], "conversation_id": self._told.get("conversation_id"),
-                               "audio": {"output": {"format": {"type": "audio/pcm", "rate": RATE},
+                               "audio": {"output": {"format": _FORMATS[self._codecs["output"]],
                                                     "voice": self._voice_name}},
                                "max_output_tokens": "inf", "usage": None, "status_details": None}
         if status == "cancelled":
@@ -854,13 +848,7 @@ class RealtimeSession:
         self._emit({"type": "error", "error": error})
 
 
-def _pcm_format(value: Any, param: str) -> None:
-    if not isinstance(value, dict):
-        raise Refused(param, "'format' must be an object", "invalid_value")
-    if value.get("type", "audio/pcm") != "audio/pcm":
-        raise Refused(f"{param}.type", f"'{str(value.get('type'))[:20]}' is not offered: audio/pcm (24 kHz) only")
-    if value.get("rate", RATE) != RATE:
-        raise Refused(f"{param}.rate", "audio/pcm is 24000 Hz", "invalid_value")
+_FORMATS = {"pcm16": {"type": "audio/pcm", "rate": RATE}, "mulaw": {"type": "audio/pcmu"}}
 
 
 def _sensitivity(td: dict) -> str | None:

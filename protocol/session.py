@@ -81,6 +81,8 @@ STORE_RETRY_FIRST_S = 0.2
 STORE_RETRY_MAX_S = 5.0
 CLOSE_FLUSH_S = 5.0               # how long a closing session waits for its store writes (and running tools)
 RELOADS_AFTER_S = (2.0, CLOSE_FLUSH_S + 1.0)  # a resume of an unanswered turn reads the store again then
+AUDIO_FRAMES = (200.0, 500)       # binary frames per second, burst (20 ms frames are 50 per second; a reconnect
+                                  # may send 10 s of held audio at once): past it 4429, decodable or not
 PINGS = (5.0, 50)                 # pings answered: per second, burst (pings queued behind a stalled loop
                                   # arrive together: 10 s of a client pinging at 5 per second); past it unanswered
 ERROR_REPLIES = (10.0, 20)        # non-fatal error replies: per second, burst; past it they are not sent
@@ -278,6 +280,10 @@ class SessionEnv:
     wall_time: Callable[[], float]                        # seconds since the epoch, for pong
     resampler: Callable[[int], Callable[[bytes], bytes]]  # client rate -> converter to 16 kHz
     speech_detector: Callable[[], SpeechDetector]
+    # audio codecs other than pcm16 (None: pcm16 only). decoder(codec) -> (one client frame -> PCM16, its
+    # rate), raising ValueError on a bad frame; encoder(codec, rate) -> (one frame of PCM16 -> encoded)
+    decoder: Callable[[str], tuple[Callable[[bytes], bytes], int]] | None = None
+    encoder: Callable[[str, int], Callable[[bytes], bytes]] | None = None
 
 
 @dataclass(frozen=True)
@@ -392,12 +398,15 @@ class Session:
         # audio in
         self._limiter = AudioRateLimiter()
         self._pings = TokenBucket(*PINGS)
+        self._frames = TokenBucket(*AUDIO_FRAMES)
         self._error_replies = TokenBucket(*ERROR_REPLIES)
         self._typed_turns = TokenBucket(*TYPED_TURNS)
         self._typed_refused = 0
         self._last_active = now                     # the client's last message or voiced frame
         self._resample: Callable[[bytes], bytes] = bytes
-        self._input_rate = m.DEFAULT_CLIENT_INPUT_RATE
+        self._decode: Callable[[bytes], bytes] | None = None  # the client's codec (None: PCM16)
+        self._encode: Callable[[bytes], bytes] | None = None
+        self._input_rate = m.DEFAULT_CLIENT_INPUT_RATE        # of the PCM the client's frames hold
         self._vad = env.speech_detector()
         self._replay = ReplayBuffer()
         self._last_voiced = -1e9                    # when the last voiced frame arrived
@@ -590,6 +599,16 @@ class Session:
         if len(data) > m.MAX_FRAME_BYTES:
             self._fail_client(CloseCode.MESSAGE_TOO_BIG, f"audio frame over {m.MAX_FRAME_BYTES} bytes")
             return
+        if not self._frames.take(now):  # tiny or undecodable frames cost work the audio limit does not see
+            self._fail_client(CloseCode.RATE_LIMITED, f"over {AUDIO_FRAMES[0]:g} audio frames per second")
+            return
+        if self._decode is not None:
+            try:
+                data = self._decode(data)
+            except ValueError as e:
+                self._reply_error(codes.INVALID_FIELD, f"a {self._start.input_codec} frame that does not decode "
+                                  f"({e}); frame dropped")
+                return
         if not self._limiter.add(len(data) / (2 * self._input_rate), now):  # every frame is charged
             self._fail_client(CloseCode.RATE_LIMITED, "audio faster than 2x real time")
             return
@@ -911,13 +930,24 @@ class Session:
     # -- the handshake ---------------------------------------------------------------------------------
     def _on_start(self, start: m.SessionStart, now: float) -> None:
         self._start = start
+        codecs = {start.input_codec, start.output_codec} - {"pcm16"}
+        if codecs and (self.env.decoder is None or self.env.encoder is None):
+            self._fail_client(CloseCode.PROTOCOL_ERROR, "codec not supported", m.Error(
+                codes.UNSUPPORTED, f"this gateway speaks pcm16 only, not {', '.join(sorted(codecs))}", True))
+            return
         self._input_rate = start.input_sample_rate
-        self._resample = self.env.resampler(start.input_sample_rate)
+        if start.input_codec != "pcm16":
+            self._decode, self._input_rate = self.env.decoder(start.input_codec)
+        if start.output_codec != "pcm16":
+            self._encode = self.env.encoder(start.output_codec, start.output_sample_rate)
+        self._resample = self.env.resampler(self._input_rate)
         self._dialogue = Dialogue(new_id=lambda: self.env.new_id("item"), utc_now=self.env.utc_now,
                                   output_sample_rate=start.output_sample_rate)
         self._prompt = Prompt(self.cfg.system_prompt, start.voice or self.cfg.voice, self.cfg.endpointing_sensitivity,
                               self.cfg.tools)
-        self._pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms)
+        # a codec's audio goes out in its frames (20 ms); PCM16 in 40 ms frames
+        self._pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms,
+                                    chunk_ms=20 if self._encode else 40, whole_frames=self._encode is not None)
         token = self._bearer or start.auth
         if token is not None:
             self._emit(Authenticate(token))
@@ -1031,6 +1061,8 @@ class Session:
             output_sample_rate=start.output_sample_rate,
             voice=self._prompt.voice,
             engine=self.cfg.engine,
+            input_codec=start.input_codec,
+            output_codec=start.output_codec,
             resume_failed="not_found" if self._asked and not self._resumed else None,
         ))
         for msg in self._before_ready:
@@ -1246,7 +1278,7 @@ class Session:
         for out in pacer.poll(now):
             if isinstance(out, Audio):
                 if self._client_open:
-                    self._emit(SendAudio(out.pcm))
+                    self._emit(SendAudio(out.pcm if self._encode is None else self._encode(out.pcm)))
                 if out.item_id == self._reply_item:  # the reply's first audio
                     self._emit(Observe("speech_end_to_audio_seconds", now - self._speech_end))
                     self._speech_end = self._reply_item = None

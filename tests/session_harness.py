@@ -294,8 +294,9 @@ class Harness:
 
     def step(self, pcm: bytes | None = None, dt: float = FRAME_S) -> None:
         self.now = round(self.now + dt, 6)
+        self.before_audio()
         if pcm is not None and self.closed is None:
-            self.s.receive_audio(pcm, self.now)
+            self.send_audio(pcm)
         for t, sid in [o for o in self.opens if o[0] <= self.now]:
             self.opens.remove((t, sid))
             self.s.stream_opened(sid, self.now)
@@ -307,6 +308,13 @@ class Harness:
         if d is not None and d <= self.now:
             self.s.tick(self.now)
         self.pump()
+
+    def before_audio(self) -> None:
+        """What a harness of another wire protocol does at each step before the client's audio."""
+
+    def send_audio(self, pcm: bytes) -> None:
+        """One frame of the client's audio (16 kHz PCM16), as the client's protocol carries it."""
+        self.s.receive_audio(pcm, self.now)
 
     def run(self, seconds: float, pcm: bytes | None = None) -> None:
         for _ in range(round(seconds / FRAME_S)):

@@ -746,3 +746,126 @@ def test_the_status_line_shows_the_user_speaking_when_the_server_says_so(fake_ga
     js_wait(page, "novagate.status === 'mic-off'", 10, "back to the idle line")
     log = [s["status"] for s in page.evaluate("novagate.statusLog")]
     assert "user-speaking" in log and page.errors == []
+
+
+# -- audio codecs ------------------------------------------------------------------------------------
+# Chromium has WebCodecs Opus: the page offers Opus both ways and sends/plays what session.ready
+# confirms; ?codec=pcm16 keeps PCM16. The data rates are what the page's debug panel measures (binary
+# WebSocket payload over the last ~3 s) and what its byte counters add up to.
+
+PCM16_UP_KBPS = 16000 * 16 / 1000     # 256 kbit/s: PCM16 mono at 16 kHz
+PCM16_DOWN_KBPS = 24000 * 16 / 1000   # 384 kbit/s: PCM16 mono at 24 kHz
+# the highest rates the page's panel shows (a 3 s window), polled while the page lives: while the user
+# speaks (up) and while the assistant does (down)
+PEAK_RECORDER = """(() => {
+  window.__peak = {up: 0, down: 0};
+  setInterval(() => {
+    if (!window.novagate) return;  // the page's module is not there yet
+    const s = novagate.stats();
+    __peak.up = Math.max(__peak.up, s.kbpsUp);
+    __peak.down = Math.max(__peak.down, s.kbpsDown);
+  }, 250);
+})()"""
+
+
+def _codec_figures(page) -> dict:
+    """The page's figures once the mic has run ≥ 3 s: the measured rates (now, and the peaks) and
+    what the counters say per second of audio (up: frames are 20 ms; down: per millisecond played)."""
+    js_wait(page, "novagate.stats().kbpsUp > 0", 10, "a measured up-rate")
+    s = page.evaluate("novagate.stats()")
+    c = s["counters"]
+    peak = page.evaluate("window.__peak")
+    return {
+        "stats": s, "kbpsUp": s["kbpsUp"], "kbpsDown": s["kbpsDown"], "peakUp": peak["up"], "peakDown": peak["down"],
+        # the whole session's average: every frame up is 20 ms of audio (Opus packets and PCM frames alike)
+        "avgUp": s["bytesUp"] * 8 / (c["framesSent"] * 20),
+        # bits per ms = kbit/s of the assistant's audio
+        "avgDown": s["bytesDown"] * 8 / max(1, s["player"]["playedMs"]),
+    }
+
+
+def test_opus_through_webcodecs_by_default_and_pcm16_on_request(make_gateway, launch, tmp_path):
+    gw = make_gateway()
+    wav = _wav(tmp_path / "met.wav", _silence(1.5), _say(MET), _silence(9.0))
+    page = launch(wav)
+
+    # 1. by default: Opus both ways, offered in session.start and confirmed by session.ready
+    page.goto(gw.http + "/?debug")
+    page.evaluate(PEAK_RECORDER)
+    page.get_by_role("button", name="Start").click()
+    user_turn_done(page, 0, what="a spoken turn over Opus")
+    assert last_user(page) == MET
+    assert any("doctor smith" in a["text"].lower() for a in finals(page, "assistant"))
+    start = next(m for m in page.evaluate("novagate.sent") if m["type"] == "session.start")
+    assert start["audio"] == {"input_sample_rate": 16000, "output_sample_rate": 24000,
+                              "input_codec": "opus", "output_codec": "opus"}, start
+    opus = _codec_figures(page)
+    s = opus["stats"]
+    assert s["codec"]["input"] == s["codec"]["output"] == "opus", s["codec"]
+    assert s["codec"]["confirmed"] == {"input_sample_rate": 16000, "output_sample_rate": 24000,
+                                       "input_codec": "opus", "output_codec": "opus"}, s["codec"]
+    assert s["codec"]["reason"] == "Opus through WebCodecs"
+    assert s["player"]["playedMs"] >= 2000, s["player"]
+    assert s["opus"]["encoder"]["packets"] > 100 and s["opus"]["encoder"]["errors"] == 0, s["opus"]
+    decoded = s["opus"]["decoder"]
+    assert decoded["packets"] >= s["player"]["playedMs"] / 20 - 5 and decoded["errors"] == 0, (decoded, s["player"])
+    assert s["counters"]["framesSent"] > 100 and s["counters"]["framesDropped"] == 0, s["counters"]
+    # far below PCM16: Opus at ~24 kbit/s against 256 up and 384 down
+    assert 2 < opus["kbpsUp"] < 64 and opus["avgUp"] < 64 and 8 < opus["peakUp"] < 64, opus
+    assert opus["avgDown"] < 64 and 8 < opus["peakDown"] < 64, opus
+    panel = page.locator("#debug")
+    assert panel.get_attribute("open") is not None
+    assert page.locator("#debug-codec").inner_text() == "Opus 16 kHz up · Opus 24 kHz down"
+    assert re.fullmatch(r"\d+\.\d kbit/s · [\d.]+ [kM]B sent", page.locator("#debug-up").inner_text())
+    assert page.locator("#debug-why").inner_text() == "Opus through WebCodecs"
+    shot(page, "browser-opus-debug.png")
+
+    # 2. ?codec=pcm16 (the session is on: the page starts again by itself and resumes): PCM16 both ways
+    n = len(transcript(page))
+    page.goto(gw.http + "/?codec=pcm16&debug")
+    js_wait(page, "novagate.stats().connection === 'ready'", 20, "the session in PCM16")
+    page.evaluate(PEAK_RECORDER)
+    start = next(m for m in page.evaluate("novagate.sent") if m["type"] == "session.start")
+    assert "input_codec" not in start["audio"] and "output_codec" not in start["audio"], start
+    user_turn_done(page, n, what="a spoken turn in PCM16")
+    assert last_user(page) == MET
+    pcm = _codec_figures(page)
+    s = pcm["stats"]
+    assert s["codec"]["input"] == s["codec"]["output"] == "pcm16", s["codec"]
+    assert s["codec"]["confirmed"]["input_codec"] == s["codec"]["confirmed"]["output_codec"] == "pcm16"
+    assert s["codec"]["reason"] == "PCM16 (?codec=pcm16)" and s["opus"]["encoder"]["packets"] == 0
+    assert s["bytesUp"] == 640 * s["counters"]["framesSent"]  # 20 ms of PCM16 at 16 kHz each
+    assert abs(pcm["kbpsUp"] - PCM16_UP_KBPS) < 0.05 * PCM16_UP_KBPS, pcm
+    assert abs(pcm["avgDown"] - PCM16_DOWN_KBPS) < 0.1 * PCM16_DOWN_KBPS, pcm
+    assert abs(pcm["peakDown"] - PCM16_DOWN_KBPS) < 0.15 * PCM16_DOWN_KBPS, pcm  # (+ the pacer's 200 ms lead)
+    assert page.locator("#debug-codec").inner_text() == "PCM16 16 kHz up · PCM16 24 kHz down"
+    assert opus["peakUp"] < pcm["kbpsUp"] / 4 and opus["peakDown"] < pcm["peakDown"] / 4
+    shot(page, "browser-pcm16-debug.png")
+    for name, f in (("Opus", opus), ("PCM16", pcm)):
+        print(f"\n{name}: up {f['peakUp']:.1f} kbit/s at most, {f['kbpsUp']:.1f} in the last 3 s, "
+              f"{f['avgUp']:.1f} on average; down {f['peakDown']:.1f} at most, {f['avgDown']:.1f} per second played")
+    assert page.errors == []
+
+
+def test_a_server_that_confirms_no_codec_gets_pcm16(fake_gateway, launch):
+    """The page offers Opus; a server without codecs (the stand-in confirms none in session.ready)
+    gets PCM16: the page follows what session.ready says, not what it asked for."""
+    fake = fake_gateway
+    page = launch(None, grant_mic=False)  # the client's own silence, in the codec of the session
+    page.goto(fake.http + "/")
+    page.get_by_role("button", name="Start").click()
+    js_wait(page, "novagate.stats().connection === 'ready'", 15, "the session")
+    start = fake.messages("session.start")[-1]
+    assert start["audio"]["input_codec"] == start["audio"]["output_codec"] == "opus", start
+    s = page.evaluate("novagate.stats()")
+    assert (s["codec"]["input"], s["codec"]["output"]) == ("pcm16", "pcm16"), s["codec"]
+    assert (s["codec"]["offered"]["input"], s["codec"]["offered"]["output"]) == ("opus", "opus"), s["codec"]
+    assert s["codec"]["reason"] == "PCM16: the server did not confirm opus", s["codec"]
+    js_wait(page, "document.querySelector('#debug-codec').textContent === 'PCM16 16 kHz up · PCM16 24 kHz down'",
+            5, "the debug panel's codecs (closed: ?debug not given)")
+    before = s["bytesUp"], s["counters"]["framesSent"]
+    page.wait_for_timeout(1000)
+    s = page.evaluate("novagate.stats()")
+    frames = s["counters"]["framesSent"] - before[1]
+    assert frames > 30 and s["bytesUp"] - before[0] == 640 * frames, s["counters"]  # PCM16 silence
+    assert page.errors == []

@@ -29,7 +29,8 @@ def client(gw, **kw) -> VoiceClient:
 async def test_spoken_turn(gateway):
     async with client(gateway) as c:
         assert c.ready["protocol"] == 1 and c.ready["resumed"] is False
-        assert c.ready["audio"] == {"input_sample_rate": 16000, "output_sample_rate": 24000}
+        assert c.ready["audio"] == {"input_sample_rate": 16000, "output_sample_rate": 24000,
+                                    "input_codec": "pcm16", "output_codec": "pcm16"}
         turn = await c.turn(speech(MET))
         assert turn["user"].lower() == MET
         assert "doctor smith" in turn["assistant"].lower()

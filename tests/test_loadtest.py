@@ -211,3 +211,24 @@ print(s.text())
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert orjson.loads((tmp_path / "s.json").read_bytes())["sessions"]["refused"] == 1
+
+
+def test_loadtest_speaks_opus_and_reports_the_wire_rate(gw, tmp_path):
+    out = tmp_path / "opus.json"
+    p = novagate("loadtest", "--url", gw.ws, "-n", "2", "--duration", "8", "--think", "0.5", "--codec", "opus",
+                 "--out", str(out), "--quiet", "--seed", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = orjson.loads(out.read_bytes())
+    assert s["sessions"]["connected"] == 2 and s["errors"]["total"] == 0, s["errors"]
+    assert s["turns"]["count"] > 0 and s["turns"]["timeouts"] == 0
+    assert s["options"]["codec"] == "opus" and s["options"]["output_rate"] == 24000
+    assert s["audio"]["received_s"] > 0.5  # decoded seconds (from the Opus packets' TOC), not bytes
+    w = s["wire"]
+    assert w["codec"] == "opus" and w["up_bytes_per_session"] > 0 and w["down_bytes_per_session"] > 0
+    # per session: far under PCM16's 256 kbit/s up (16 kHz) and 384 kbit/s down (24 kHz)
+    assert 1 < w["up_kbit_s"] < 256 / 5 and 5 < w["down_kbit_s_speaking"] < 384 / 5
+    assert w["down_kbit_s"] <= w["down_kbit_s_speaking"]
+    assert "wire       opus, per session: up" in p.stdout and "kbit/s" in p.stdout
+    # mu-law comes at 8 kHz only: refused before anything starts
+    bad = novagate("loadtest", "--url", gw.ws, "--codec", "mulaw", "--output-rate", "24000", "--quiet")
+    assert bad.returncode == 2 and "8000" in bad.stderr and "Traceback" not in bad.stderr

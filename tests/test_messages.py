@@ -353,7 +353,8 @@ def test_session_ready_shape_nests_audio_and_omits_resume_failed():
             {"item_id": "i1", "role": "user", "text": "hi", "at": "2026-01-01T00:00:00.000000Z", "interrupted": False}
         ],
         "history_length": 1,
-        "audio": {"input_sample_rate": 16000, "output_sample_rate": 24000},
+        "audio": {"input_sample_rate": 16000, "output_sample_rate": 24000, "input_codec": "pcm16",
+                  "output_codec": "pcm16"},
         "voice": "matthew",
         "engine": "local",
     }

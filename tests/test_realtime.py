@@ -85,23 +85,10 @@ class RT(Harness):
         self.s.receive_text(orjson.dumps(event).decode(), self.now)
         self.pump()
 
-    def step(self, pcm: bytes | None = None, dt: float = FRAME_S) -> None:
-        """Harness.step, with the client's audio sent as input_audio_buffer.append."""
-        self.now = round(self.now + dt, 6)
-        if pcm is not None and self.closed is None:
-            self.s.receive_text(orjson.dumps({"type": "input_audio_buffer.append",
-                                              "audio": base64.b64encode(frame24(pcm)).decode()}).decode(), self.now)
-        for t, sid in [o for o in self.opens if o[0] <= self.now]:
-            self.opens.remove((t, sid))
-            self.s.stream_opened(sid, self.now)
-        for model in list(self.models.values()):
-            if model is self.current_model:
-                for ev in model.poll(self.now):
-                    self.s.model_event(model.sid, ev, self.now)
-        d = self.s.next_deadline()
-        if d is not None and d <= self.now:
-            self.s.tick(self.now)
-        self.pump()
+    def send_audio(self, pcm: bytes) -> None:
+        """The client's audio as input_audio_buffer.append."""
+        self.s.receive_text(orjson.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(frame24(pcm)).decode()}).decode(), self.now)
 
     # -- what was sent -----------------------------------------------------------------------------
     def types(self, since: int = 0) -> list[str]:
@@ -210,7 +197,7 @@ def test_without_a_client_event_the_session_starts_after_the_wait_with_the_gatew
      "session.audio.input.turn_detection.threshold"),
     ({"output_modalities": ["text"]}, "session.output_modalities"),
     ({"tool_choice": "none"}, "session.tool_choice"),
-    ({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "session.audio.input.format.type"),
+    ({"audio": {"input": {"format": {"type": "audio/pcma"}}}}, "session.audio.input.format.type"),
     ({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "session.audio.output.format.rate"),
     ({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://example.com/mcp"}]}, "session.tools[0]"),
     ({"speed": 1.5}, "session.speed"),
@@ -248,7 +235,7 @@ def test_a_refused_audio_field_keeps_the_other_audio_fields():
     h = live(voice="tiffany")
     n = len(h.events)
     h.send(type="session.update", session={"audio": {
-        "input": {"format": {"type": "audio/pcmu"}, "transcription": {"model": "whisper-1"}},
+        "input": {"format": {"type": "audio/pcma"}, "transcription": {"model": "whisper-1"}},
         "output": {"voice": "sage"}}})
     assert [e["param"] for e in h.errors(n)] == ["session.audio.input.format.type"]
     [updated] = h.of_type("session.updated", n)
@@ -963,3 +950,18 @@ def test_a_typed_turn_during_an_utterance_does_not_take_its_item_id():
     [started], [stopped] = h.of(m.InputSpeechStarted), h.of(m.InputSpeechStopped)
     [spoken] = [t for t in h.finals("user") if t.text == "turn 1"]
     assert started.item_id == stopped.item_id == spoken.item_id
+
+
+def test_the_audio_format_is_chosen_before_the_session_starts():
+    """audio/pcmu asks for the session's mu-law codec: the session has none here (the harness's env),
+    so the start itself is refused; once started, a format change is refused and nothing changes."""
+    h = live()
+    n = len(h.events)
+    h.send(type="session.update", session={"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}})
+    assert [e["param"] for e in h.errors(n)] == ["session.audio.input.format"]
+    assert h.of_type("session.updated", n)[-1]["session"]["audio"]["input"]["format"] == {"type": "audio/pcm",
+                                                                                           "rate": 24000}
+    h = RT()
+    h.send(type="session.update", session={"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}}}})
+    h.until(lambda: h.closed is not None, 2, None)
+    assert h.errors()[-1]["code"] == "unsupported"  # this gateway (the harness) has no codecs

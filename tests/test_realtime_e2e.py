@@ -404,3 +404,35 @@ async def test_the_gateways_own_tools_work_beside_the_clients(tmp_path):
         assert tools[1]["result"] == "booked for Tuesday"  # plain text, kept as a JSON string
     finally:
         gw.stop()
+
+
+async def test_g711_mu_law_both_ways(gateway):
+    """audio/pcmu, chosen in the first session.update: the caller's mu-law reaches the model as 16 kHz
+    PCM of the same length, and the answer comes back as mu-law at 8 kHz, one byte per sample. (The test
+    engine's recogniser does not know 8 kHz speech: tests/test_codecs_e2e.py checks transcripts with
+    one that does.)"""
+    from gateway import codecs
+
+    instructions = f"You answer on the telephone. ({time.monotonic()})"
+    ulaw = codecs.encoder("mulaw", 8000)(speech(HELLO, 8000))
+    async with openai_client(gateway).realtime.connect(model="gpt-realtime") as conn:
+        ev = Events(conn)
+        await conn.session.update(session={**SESSION, "instructions": instructions, "audio": {
+            "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}})
+        updated = await ev.next("session.updated")
+        assert updated.session.audio.input.format.type == updated.session.audio.output.format.type == "audio/pcmu"
+        for i in range(0, len(ulaw), 800):  # 100 ms appends, in real time
+            await conn.input_audio_buffer.append(audio=base64.b64encode(ulaw[i:i + 800]).decode())
+            await asyncio.sleep(0.1)
+        await typed(conn, MET)
+        done = await ev.wait(lambda: next((e for e in ev.of("response.done") if e.response.status == "completed"),
+                                          None), 40)
+        reply = bytes(ev.audio[done.response.output[0].id])
+        decode, rate = codecs.decoder("mulaw")
+        assert rate == 8000 and len(decode(reply)) == 2 * len(reply)  # one byte per sample
+        assert len(reply) > 8000 // 2  # more than half a second
+        ev.close()
+    (prompt,) = opened_with(gateway, instructions)
+    lines = [json.loads(x) for x in gateway.trace.read_text().splitlines()]
+    heard = sum(x.get("bytes", 0) for x in lines if x["stream"] == prompt["stream"] and x["event"] == "audioInput")
+    assert heard >= 2 * len(ulaw) * 0.9  # the caller's audio, as 16 kHz PCM16 (plus the keepalive's silence)

@@ -3,6 +3,7 @@
 
 import { NovagateClient, browserStorage } from "./novagate-client.js";
 import { Microphone, Player } from "./audio/audio-io.js";
+import { OpusEncoder, opusSupport } from "./audio/opus.js";
 import { MODE_KEY, prepareStorage, readMode, storageFor, switchMode } from "./remember.js";
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +13,8 @@ const ui = {
   empty: $("empty"), conversation: $("conversation"), mic: $("mic"), micLabel: $("mic-label"), level: $("level"),
   form: $("text-form"), say: $("say"), send: $("send"), newConv: $("new"), announce: $("announce"),
   memory: $("memory"), memoryText: $("memory-text"), tabOnly: $("tab-only"), forget: $("forget"),
+  debug: $("debug"), debugCodec: $("debug-codec"), debugUp: $("debug-up"), debugDown: $("debug-down"),
+  debugWhy: $("debug-why"),
 };
 
 // The gateway serving this page, or another one given as ?gateway=wss://host/v1/voice.
@@ -32,8 +35,54 @@ const client = new NovagateClient({
   storage: prepareStorage(rememberMode, storages, STORAGE_KEY),
 });
 const player = new Player({ sampleRate: 24000, targetMs: 80 });
-const mic = new Microphone({ targetRate: 16000, frameMs: 20, onframe: (pcm) => client.sendAudio(pcm) });
+const mic = new Microphone({ targetRate: 16000, frameMs: 20, onframe: (pcm) => sendMic(pcm) });
 client.attachPlayer(player);
+
+// -- audio codec -----------------------------------------------------------------------------------
+// Opus through WebCodecs when this browser encodes and decodes it, PCM16 otherwise; ?codec=pcm16
+// forces PCM16, ?codec=opus insists on Opus (still PCM16 when the browser cannot). session.start
+// offers it, and the frames follow what session.ready confirms (client.codecs).
+const codecChoice = chooseCodec(params.get("codec"));
+let chosenReason = ""; // why the page offers what it offers
+let codecReason = ""; // why this session has the codecs it has (the debug panel says it)
+const encoder = new OpusEncoder({
+  onpacket: (packet) => {
+    if (client.codecs.input === "opus") client.sendAudio(packet); // (not one still on its way when it became PCM16)
+  },
+});
+
+async function chooseCodec(wanted) {
+  if (wanted === "pcm16") return { codec: "pcm16", inputRate: 16000, reason: "PCM16 (?codec=pcm16)" };
+  const can = await opusSupport();
+  if (can.input && can.output) {
+    return { codec: "opus", inputRate: can.input, reason: `Opus through WebCodecs${wanted === "opus" ? " (?codec=opus)" : ""}` };
+  }
+  if (wanted === "opus") console.warn(`novagate: ?codec=opus, but ${can.reason}: PCM16`);
+  return { codec: "pcm16", inputRate: 16000, reason: `PCM16: ${can.reason}` };
+}
+
+async function applyCodec() {
+  const choice = await codecChoice;
+  client.setCodecs({ input: choice.codec, output: choice.codec });
+  client.options.inputSampleRate = mic.targetRate = encoder.sampleRate = choice.inputRate;
+  chosenReason = choice.reason;
+}
+
+function sendMic(pcm) {
+  if (client.codecs.input === "opus" && client.canSend) encoder.encode(pcm); // on to client.sendAudio
+  else client.sendAudio(pcm);
+}
+
+client.addEventListener("codecfallback", (e) => {
+  chosenReason = `PCM16: the server does not take ${e.detail.input} (${e.detail.message})`;
+  console.info("novagate:", chosenReason);
+});
+
+client.addEventListener("ready", () => {
+  const offered = client.options.inputCodec;
+  codecReason = offered !== "pcm16" && client.codecs.input !== offered
+    ? `PCM16: the server did not confirm ${offered}` : chosenReason;
+});
 
 let active = false; // the user wants the conversation running
 let micOn = false;
@@ -432,6 +481,9 @@ client.addEventListener("servererror", (e) => {
   const err = e.detail;
   if (err.code === "store_degraded") {
     showAlert("The history store is slow to answer: your turns are kept and will be saved.", { kind: "info" });
+  } else if (err.code === "unsupported" && client.state !== "ready") {
+    // a codec the server does not take: the client asks again in PCM16 (codecfallback); anything
+    // else it refuses ends in `fatal`
   } else if (err.fatal) {
     showAlert(`${err.message}. Trying again…`, { kind: "network" });
   } else if (err.code !== "bad_receipt") {
@@ -489,6 +541,7 @@ async function start() {
   } catch (e) {
     showAlert(`The audio output could not start (${e.message || e}).`);
   }
+  await applyCodec();
   client.connect();
   try {
     await mic.start();
@@ -613,6 +666,50 @@ setInterval(() => {
   ui.level.style.width = `${Math.min(100, Math.round(Math.sqrt(mic.level) * 140))}%`;
 }, 100);
 
+// -- debug panel: the codecs and the data rate -------------------------------------------------------
+// The rate is the WebSocket's binary (audio) payload, up and down, over the last ~3 s: PCM16 at
+// 16 kHz is 256 kbit/s up, Opus about 24.
+const RATE_WINDOW_MS = 3000;
+const rateSamples = []; // {at, up, down}: the client's byte counters every 500 ms
+let rates = { up: 0, down: 0 };
+
+function measureRates() {
+  const now = performance.now();
+  rateSamples.push({ at: now, up: client.counters.bytesSent, down: client.counters.bytesReceived });
+  while (rateSamples.length > 2 && now - rateSamples[1].at >= RATE_WINDOW_MS) rateSamples.shift();
+  const first = rateSamples[0];
+  const seconds = (now - first.at) / 1000;
+  const kbps = (bytes) => (seconds > 0 ? (bytes * 8) / seconds / 1000 : 0);
+  rates = { up: kbps(client.counters.bytesSent - first.up), down: kbps(client.counters.bytesReceived - first.down) };
+  renderDebug();
+}
+setInterval(measureRates, 500);
+
+const CODEC_NAMES = { pcm16: "PCM16", opus: "Opus", mulaw: "G.711 µ-law" };
+
+function codecText(codec, rate) {
+  return `${CODEC_NAMES[codec] || codec}${rate ? ` ${rate / 1000} kHz` : ""}`;
+}
+
+function byteText(n) {
+  return n < 1e6 ? `${(n / 1e3).toFixed(1)} kB` : `${(n / 1e6).toFixed(2)} MB`;
+}
+
+function renderDebug() {
+  if (client.state === "ready" && client.session) {
+    const audio = client.session.audio || {};
+    const up = codecText(client.codecs.input, audio.input_sample_rate || client.options.inputSampleRate);
+    const down = codecText(client.codecs.output, audio.output_sample_rate || client.options.outputSampleRate);
+    ui.debugCodec.textContent = `${up} up · ${down} down`;
+  } else {
+    ui.debugCodec.textContent = "— (not connected)";
+  }
+  ui.debugUp.textContent = `${rates.up.toFixed(1)} kbit/s · ${byteText(client.counters.bytesSent)} sent`;
+  ui.debugDown.textContent = `${rates.down.toFixed(1)} kbit/s · ${byteText(client.counters.bytesReceived)} received`;
+  ui.debugWhy.textContent = codecReason;
+}
+if (params.has("debug")) ui.debug.open = true;
+
 // -- on load: carry on where the page left off ---------------------------------------------------
 async function showStoredConversation() {
   const cid = client.conversationId;
@@ -691,6 +788,16 @@ window.novagate = {
       mic: { frames: mic.frames, level: mic.level, deviceRate: mic.deviceRate, running: mic.running },
       player: { ...player.stats, playedMs: player.playedMs, running: player.running, lastFlush: player.lastFlush,
                 flushes: player.flushes.slice() },
+      codec: { ...client.codecs, offered: { input: client.options.inputCodec, output: client.options.outputCodec },
+               confirmed: client.session && client.session.audio ? { ...client.session.audio } : null,
+               reason: codecReason },
+      bytesUp: client.counters.bytesSent, bytesDown: client.counters.bytesReceived,
+      kbpsUp: rates.up, kbpsDown: rates.down,
+      opus: {
+        encoder: { packets: encoder.packets, bytes: encoder.bytes, dropped: encoder.dropped, errors: encoder.errors },
+        decoder: player.decoder ? { packets: player.decoder.packets, bytes: player.decoder.bytes,
+                                    dropped: player.decoder.dropped, errors: player.decoder.errors } : null,
+      },
     };
   },
 };

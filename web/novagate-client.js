@@ -10,6 +10,12 @@
 //   client.connect();
 //   microphone.onframe = (pcm16) => client.sendAudio(pcm16);   // PCM16LE, 16 kHz, 20–32 ms
 //
+// Codecs (additive): with `inputCodec: "opus"` / `outputCodec: "opus"` the binary frames are raw
+// Opus packets (20 ms each) instead of PCM16; what session.ready confirms is in `client.codecs`,
+// and a server that refuses the codec (error `unsupported`) is asked again at once in PCM16. The
+// client encodes and decodes nothing itself: you send what `client.codecs.input` says, and the
+// attached player is told the output codec (`setCodec`).
+//
 // What it does for you:
 // - session.start with the stored resume token and the receipts not yet acknowledged;
 // - resume token, conversation id and unsaved receipts kept in localStorage (or the `storage` you
@@ -20,7 +26,8 @@
 //   copies of conversation items: they hold the text, so they leave storage as soon as they can);
 // - reconnects by itself: at once (with a little jitter) on close 1012 or `session.reconnect`,
 //   with exponential backoff and jitter on a lost connection or 1013; never blindly on 4xxx;
-// - real-time audio up: your microphone frames, or silence while you have no microphone running;
+// - real-time audio up: your microphone frames, or silence while you have no microphone running
+//   (PCM16 zeros, or an Opus packet of silence);
 // - barge-in: on `interrupted` the attached player is flushed and `playback.truncate` is sent with
 //   the milliseconds of that item actually played;
 // - an application-level ping that notices a dead connection.
@@ -37,7 +44,9 @@
 //   speech       {speaking, source}  the user started (true) or stopped (false) speaking, as the
 //                server heard it (additive input.speech_started / input.speech_stopped; source
 //                "model" or "gateway"); servers without them send none: `userSpeaking` stays false
-//   audiostart   {itemId}    audio   {itemId, pcm: ArrayBuffer}    audioend {itemId, reason}
+//   audiostart   {itemId}    audio   {itemId, pcm: ArrayBuffer, codec}    audioend {itemId, reason}
+//                (`pcm` is the binary frame as received: an Opus packet when codec is "opus")
+//   codecfallback {input, output, message}  the server refused the codecs offered: PCM16 from now on
 //   interrupted  {itemId, playedMs}   (after the flush and the playback.truncate)
 //   saved        {itemId}    updated {conversation_id}
 //   reconnecting {attempt, delayMs, code, reason, unreachable}
@@ -62,10 +71,16 @@ export const CLOSE_REASONS = {
   4429: "too much audio was sent too fast",
 };
 
+// 20 ms of silence as one Opus packet (CELT, one frame): what the client sends while no microphone
+// runs on an Opus session. Any Opus decoder makes 20 ms of zeros of it.
+export const OPUS_SILENCE = Uint8Array.of(0xf8, 0xff, 0xfe);
+
 const DEFAULTS = {
   storageKey: "novagate.conversation",
   inputSampleRate: 16000,
   outputSampleRate: 24000,
+  inputCodec: "pcm16", // what session.start offers: pcm16 | opus | mulaw
+  outputCodec: "pcm16",
   frameMs: 20,
   backoff: { initialMs: 500, maxMs: 15000, factor: 2 },
   busyInitialMs: 2000, // after 1013
@@ -107,6 +122,8 @@ export class NovagateClient extends EventTarget {
    * @param {string} [options.voice]
    * @param {number} [options.inputSampleRate=16000]  rate of the PCM you send
    * @param {number} [options.outputSampleRate=24000] rate of the PCM you receive
+   * @param {string} [options.inputCodec="pcm16"]  codec of the frames you send (pcm16 | opus | mulaw)
+   * @param {string} [options.outputCodec="pcm16"] codec of the frames you want to receive
    * @param {Storage} [options.storage=localStorage]   where the token and receipts live (sessionStorage: this tab only)
    * @param {string} [options.storageKey]
    * @param {typeof WebSocket} [options.WebSocket]
@@ -122,6 +139,9 @@ export class NovagateClient extends EventTarget {
     this.serverStatus = null;
     this.userSpeaking = false; // between input.speech_started and input.speech_stopped
     this.session = null; // the last session.ready
+    // the codecs of the binary frames on this connection: what session.start offered, until
+    // session.ready says what the server took
+    this.codecs = { input: this.options.inputCodec, output: this.options.outputCodec };
     this.player = null;
     this.sent = []; // control messages sent (secrets left out), newest last: for debugging and tests
     this.counters = { framesSent: 0, bytesSent: 0, framesDropped: 0, framesReceived: 0, bytesReceived: 0,
@@ -137,6 +157,7 @@ export class NovagateClient extends EventTarget {
     this._reconnectHint = null;
     this._ending = null;
     this._lastFatalError = null;
+    this._codecRefused = false;
     this._everOpened = false;
     this._failuresBeforeOpen = 0;
     this.saved = this._load();
@@ -218,6 +239,12 @@ export class NovagateClient extends EventTarget {
     this.storage = storage;
     if (move) this._save();
     else this.forget();
+  }
+
+  /** The codecs the next session.start offers (the current connection keeps its own). */
+  setCodecs({ input = "pcm16", output = "pcm16" } = {}) {
+    this.options.inputCodec = input;
+    this.options.outputCodec = output;
   }
 
   // -- connection ---------------------------------------------------------------------------------
@@ -313,11 +340,16 @@ export class NovagateClient extends EventTarget {
     this._failuresBeforeOpen = 0;
     this._reconnectHint = null;
     this._lastFatalError = null;
+    this._codecRefused = false;
     const start = {
       type: "session.start",
       protocol: PROTOCOL_VERSION,
       audio: { input_sample_rate: this.options.inputSampleRate, output_sample_rate: this.options.outputSampleRate },
     };
+    // PCM16 is the default: only another codec is named, so a server without codecs sees v1 as it was
+    this._setCodecs({ input: this.options.inputCodec, output: this.options.outputCodec });
+    if (this.codecs.input !== "pcm16") start.audio.input_codec = this.codecs.input;
+    if (this.codecs.output !== "pcm16") start.audio.output_codec = this.codecs.output;
     if (this.options.voice) start.voice = this.options.voice;
     if (this.saved.resume_token) start.resume = this.saved.resume_token;
     const pending = Object.values(this.saved.pending).slice(0, 100);
@@ -340,7 +372,7 @@ export class NovagateClient extends EventTarget {
       const itemId = this._currentItem;
       if (itemId === null) return; // audio of an item that was interrupted: not to be played
       if (this.player) this.player.push(itemId, e.data);
-      this._emit("audio", { itemId, pcm: e.data });
+      this._emit("audio", { itemId, pcm: e.data, codec: this.codecs.output });
       return;
     }
     let msg;
@@ -363,6 +395,9 @@ export class NovagateClient extends EventTarget {
         if (msg.resume_failed) s.pending = {}; // receipts of a conversation that is gone
         this._save();
         this.session = msg;
+        // what the server took (a server without codecs confirms none: PCM16)
+        const audio = msg.audio || {};
+        this._setCodecs({ input: audio.input_codec || "pcm16", output: audio.output_codec || "pcm16" });
         this._attempt = 0;
         this.counters.readies++;
         this.serverStatus = "listening";
@@ -440,6 +475,10 @@ export class NovagateClient extends EventTarget {
         break;
       case "error":
         if (msg.fatal) this._lastFatalError = msg;
+        if (msg.fatal && msg.code === "unsupported" && this.state !== "ready" &&
+            (this.codecs.input !== "pcm16" || this.codecs.output !== "pcm16")) {
+          this._codecRefused = true; // the close that follows is not the end: see _onClose
+        }
         this._emit("servererror", msg);
         break;
       default:
@@ -470,6 +509,18 @@ export class NovagateClient extends EventTarget {
     const opened = this._opened;
     if (!this._wanted) {
       this._setState("idle");
+      return;
+    }
+    if (this._codecRefused) {
+      // the server does not take the codecs offered: the same session again at once, in PCM16
+      this._codecRefused = false;
+      const refused = { input: this.codecs.input, output: this.codecs.output };
+      this.setCodecs({ input: "pcm16", output: "pcm16" });
+      this._emit("codecfallback", { ...refused, message: (this._lastFatalError && this._lastFatalError.message) || reason });
+      this._retryTimer = setTimeout(() => {
+        this._retryTimer = null;
+        if (this._wanted) this._open();
+      }, 0);
       return;
     }
     if (code >= 4000 || code === 1009 || code === 1008 || code === 1003) {
@@ -555,6 +606,12 @@ export class NovagateClient extends EventTarget {
     return t;
   }
 
+  /** The codecs of this connection's frames; the player is told the output codec. */
+  _setCodecs(codecs) {
+    this.codecs = codecs;
+    if (this.player && this.player.setCodec) this.player.setCodec(codecs.output);
+  }
+
   _setState(state) {
     if (state === this.state) return;
     const previous = this.state;
@@ -614,8 +671,9 @@ export class NovagateClient extends EventTarget {
   }
 
   /**
-   * Send microphone audio: PCM16LE mono at inputSampleRate (Int16Array or ArrayBuffer), 20–32 ms.
-   * Dropped (and counted) while not connected: nobody would hear it.
+   * Send microphone audio: PCM16LE mono at inputSampleRate (Int16Array or ArrayBuffer), 20–32 ms;
+   * or, when `codecs.input` is "opus", one Opus packet (20 ms). Dropped (and counted) while not
+   * connected: nobody would hear it.
    */
   sendAudio(pcm) {
     const buf = pcm instanceof ArrayBuffer ? pcm : pcm.buffer.slice(pcm.byteOffset, pcm.byteOffset + pcm.byteLength);
@@ -642,17 +700,28 @@ export class NovagateClient extends EventTarget {
   _startFiller() {
     if (this._micActive || this._filler) return;
     const frameMs = this.options.frameMs;
-    const frameBytes = Math.round((this.options.inputSampleRate * frameMs) / 1000) * 2;
-    const silence = new ArrayBuffer(frameBytes);
     const t0 = performance.now();
     let sent = 0;
     this._filler = setInterval(() => {
       if (!this.canSend) return;
       const due = Math.floor((performance.now() - t0) / frameMs) - sent;
       const n = Math.min(due, 50); // after a throttled timer, at most 1 s at once
+      const silence = this._silence(frameMs); // the codec may change with session.ready
       for (let i = 0; i < n; i++) this.sendAudio(silence);
       sent += due; // what could not be sent is skipped, not owed
     }, frameMs);
+  }
+
+  /** A frame of silence in the input codec (Opus: always 20 ms, the filler's frameMs). */
+  _silence(frameMs) {
+    const codec = this.codecs.input;
+    if (this._silenceFrame && this._silenceFrame.codec === codec) return this._silenceFrame.data;
+    const samples = Math.round((this.options.inputSampleRate * frameMs) / 1000);
+    const data = codec === "opus" ? OPUS_SILENCE.buffer.slice(0)
+      : codec === "mulaw" ? new Uint8Array(Math.round((8000 * frameMs) / 1000)).fill(0xff).buffer
+        : new ArrayBuffer(samples * 2);
+    this._silenceFrame = { codec, data };
+    return data;
   }
 
   _stopFiller() {
@@ -679,9 +748,12 @@ export class NovagateClient extends EventTarget {
    *   flush(itemId) -> Promise<number>  (drop all queued audio now; resolve with the ms of
    *                                      itemId that were actually played),
    *   reset()                            (optional: drop everything, no report)
+   *   setCodec(codec)                    (optional: the output codec of the frames pushed from now
+   *                                      on, "pcm16" or "opus"; needed to receive anything but PCM16)
    */
   attachPlayer(player) {
     this.player = player;
+    if (player && player.setCodec) player.setCodec(this.codecs.output);
   }
 
   _playerReset() {

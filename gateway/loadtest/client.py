@@ -1,8 +1,8 @@
 """One simulated user over asyncio and the `websockets` client: an open microphone streaming 20 ms
-frames in real time (the utterance, then silence while the answer plays, then the next turn), typed
-turns and reconnects when the plan says so, and a resume after the server asks for one
-(`session.reconnect`, close 1012). Everything it learns goes to `UserState` (measurements) and
-`UserStats` (connection outcomes); finished turns go to `on_turn`."""
+frames (PCM16, or the utterance's Opus / mu-law packets) in real time (the utterance, then silence
+while the answer plays, then the next turn), typed turns and reconnects when the plan says so, and
+a resume after the server asks for one (`session.reconnect`, close 1012). Everything it learns goes
+to `UserState` (measurements) and `UserStats` (connection outcomes); finished turns go to `on_turn`."""
 
 from __future__ import annotations
 
@@ -67,13 +67,13 @@ class SimUser:
     def __init__(self, index: int, url: str, speech: Speech, plan: Plan, *, token: str | None = None,
                  output_rate: int = 24000, gap_threshold: float = 0.1, voice: str | None = None,
                  on_turn: Callable[[TurnRecord], None] | None = None, rng: random.Random | None = None,
-                 deflate: bool = True):
+                 deflate: bool = True, output_codec: str | None = None):
         self.url = url
         self.deflate = deflate  # offer permessage-deflate, as browsers do (the server decides)
         self.token = token
         self.plan = plan
         self.state = UserState(index, speech, plan, output_rate=output_rate, gap_threshold=gap_threshold,
-                               voice=voice)
+                               voice=voice, output_codec=output_codec)
         self.stats = UserStats(index)
         self.on_turn = on_turn or (lambda r: None)
         self.rng = rng or random.Random()
@@ -186,7 +186,7 @@ class SimUser:
                     data = await ws.recv()
                     now = time.monotonic()
                     if isinstance(data, bytes):
-                        self.state.on_audio(len(data), now)
+                        self.state.on_audio(len(data), now, data)
                         continue
                     if self.state.on_message(data, now).get("type") == "session.ready":
                         break
@@ -208,7 +208,7 @@ class SimUser:
             async for data in ws:
                 now = time.monotonic()
                 if isinstance(data, bytes):
-                    state.on_audio(len(data), now)
+                    state.on_audio(len(data), now, data)
                 elif state.on_message(data, now).get("type") in ("response.audio.end", "session.reconnect"):
                     wake.set()
         except websockets.ConnectionClosed:

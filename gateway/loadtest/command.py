@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from protocol.messages import CLIENT_OUTPUT_RATES, DEFAULT_CLIENT_OUTPUT_RATE
+from protocol.messages import CLIENT_OUTPUT_RATES, CODECS
 
 
 def locustfile_path() -> Path:
@@ -33,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--token", help="bearer token for an authenticated gateway (prefer --token-file: a command "
                      "line is visible in ps)")
     tok.add_argument("--token-file", help="file holding the bearer token")
-    p.add_argument("--output-rate", type=int, default=DEFAULT_CLIENT_OUTPUT_RATE, choices=CLIENT_OUTPUT_RATES)
+    p.add_argument("--output-rate", type=int, default=None, choices=CLIENT_OUTPUT_RATES,
+                   help="audio.output_sample_rate (default 24000; mu-law: 8000)")
+    p.add_argument("--codec", default="pcm16", choices=CODECS,
+                   help="audio both ways: pcm16 (default), opus (raw 20 ms packets: 16 kHz up, 24 kHz down) or mulaw "
+                   "(G.711, 8 kHz): a mobile app's load; the summary's `wire` says the bytes per session")
     p.add_argument("--voice")
     p.add_argument("--gap-ms", type=float, default=100.0,
                    help="received audio this far behind real-time playback counts as a gap (default 100)")
@@ -81,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         url=args.url, sessions=args.sessions, ramp=args.ramp, rate=args.rate, duration=args.duration, wav=args.wav,
         text_every=args.text_every, reconnect_every=args.reconnect_every, think=args.think,
         turn_timeout=args.turn_timeout, token=token or None, output_rate=args.output_rate, voice=args.voice,
+        codec=args.codec,
         gap_ms=args.gap_ms, deflate=not args.no_deflate, metrics_urls=args.metrics_url,
         metrics_interval=args.metrics_interval, processes=args.processes, seed=args.seed,
     )

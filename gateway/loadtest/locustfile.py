@@ -18,10 +18,14 @@ Reported to Locust:
   error / <code>               an `error` message from the server: a failure
   gap / audio                  the reply's audio fell behind real-time playback by more than the gap
                                threshold (response time = the turn's longest gap, ms); not a failure
+  wire / up, wire / down       bytes on the wire, one per turn (from one turn's start to the next's):
+                               length = the audio bytes sent / received, response time = their rate in
+                               kbit/s (not milliseconds); not a failure
 
 Options (also in the web UI; environment LOCUST_NOVAGATE_...): --novagate-wav, --novagate-text-every,
 --novagate-reconnect-every, --novagate-think, --novagate-turn-timeout, --novagate-gap-ms,
---novagate-output-rate, --novagate-no-deflate, --novagate-token-file (bearer token; LOCUST_NOVAGATE_TOKEN also works).
+--novagate-output-rate, --novagate-codec (pcm16 | opus | mulaw), --novagate-no-deflate, --novagate-token-file
+(bearer token; LOCUST_NOVAGATE_TOKEN also works).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from locust import User, events, task
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from gateway.client import codec_output_rate
 from gateway.loadtest.script import FrameClock, Plan, Speech, load_speech, normalize_url
 from gateway.loadtest.state import UserState
 
@@ -61,8 +66,11 @@ def _options(parser) -> None:
                    help="seconds from end of speech to a complete reply")
     g.add_argument("--novagate-gap-ms", type=float, default=100.0, env_var="LOCUST_NOVAGATE_GAP_MS",
                    help="received audio this far behind real-time playback is a gap")
-    g.add_argument("--novagate-output-rate", type=int, default=24000, env_var="LOCUST_NOVAGATE_OUTPUT_RATE",
-                   choices=[8000, 16000, 24000])
+    g.add_argument("--novagate-output-rate", type=int, default=0, env_var="LOCUST_NOVAGATE_OUTPUT_RATE",
+                   choices=[0, 8000, 16000, 24000], help="0: 24000 (mu-law: 8000)")
+    g.add_argument("--novagate-codec", default="pcm16", env_var="LOCUST_NOVAGATE_CODEC",
+                   choices=["pcm16", "opus", "mulaw"],
+                   help="audio both ways: pcm16, opus (raw 20 ms packets, 16 kHz up, 24 kHz down) or mulaw (8 kHz)")
     g.add_argument("--novagate-no-deflate", action="store_true", default=False, env_var="LOCUST_NOVAGATE_NO_DEFLATE",
                    help="do not offer permessage-deflate (browsers do)")
     g.add_argument("--novagate-token-file", default="", env_var="LOCUST_NOVAGATE_TOKEN_FILE",
@@ -72,8 +80,8 @@ def _options(parser) -> None:
 
 
 @functools.cache
-def _speech(path: str) -> Speech:
-    return load_speech(path or None)
+def _speech(path: str, codec: str = "pcm16") -> Speech:
+    return load_speech(path or None, codec)
 
 
 class TurnTimeout(Exception):
@@ -128,9 +136,11 @@ class VoiceUser(User):
             token = Path(token_file).read_text().strip()
         self.token = token or None
         self.deflate = not getattr(o, "novagate_no_deflate", False)
-        self.state = UserState(next(_ids), _speech(getattr(o, "novagate_wav", "") or ""), self.plan,
-                               output_rate=getattr(o, "novagate_output_rate", 24000),
-                               gap_threshold=(getattr(o, "novagate_gap_ms", 100.0) or 100.0) / 1000)
+        codec = getattr(o, "novagate_codec", "pcm16") or "pcm16"
+        self.state = UserState(next(_ids), _speech(getattr(o, "novagate_wav", "") or "", codec), self.plan,
+                               output_rate=codec_output_rate(codec, getattr(o, "novagate_output_rate", 0) or None),
+                               gap_threshold=(getattr(o, "novagate_gap_ms", 100.0) or 100.0) / 1000,
+                               output_codec=codec)
         self.ws = None
         self._closed: int | None = None
         self._by_us = False
@@ -159,7 +169,7 @@ class VoiceUser(User):
                     data = ws.recv(timeout=max(0.0, deadline - time.monotonic()))
                     now = time.monotonic()
                     if isinstance(data, bytes):
-                        self.state.on_audio(len(data), now)
+                        self.state.on_audio(len(data), now, data)
                     elif self.state.on_message(data, now).get("type") == "session.ready":
                         break
             except BaseException:
@@ -187,7 +197,7 @@ class VoiceUser(User):
             for data in ws:
                 now = time.monotonic()
                 if isinstance(data, bytes):
-                    state.on_audio(len(data), now)
+                    state.on_audio(len(data), now, data)
                     continue
                 msg = state.on_message(data, now)
                 if msg.get("type") == "error":
@@ -263,7 +273,8 @@ class VoiceUser(User):
             self.state.drop_speech()
             self._open("reconnect", "planned", since=since)
             return
-        turn = state.begin_turn(time.monotonic())
+        t0, sent0, received0 = time.monotonic(), state.bytes_out, state.bytes_in
+        turn = state.begin_turn(t0)
         kind = turn.record.kind
         if kind == "text":
             with contextlib.suppress(ConnectionClosed):
@@ -291,4 +302,7 @@ class VoiceUser(User):
             end = time.monotonic() + pause
             while self._closed is None and time.monotonic() < end:
                 gevent.sleep(min(0.25, max(0.0, end - time.monotonic())))
+        seconds = time.monotonic() - t0
+        for name, nbytes in (("up", state.bytes_out - sent0), ("down", state.bytes_in - received0)):
+            self._fire("wire", name, nbytes * 8 / seconds / 1000 if seconds > 0 else 0.0, nbytes)
 

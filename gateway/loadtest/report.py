@@ -52,6 +52,7 @@ class Summary:
     client: dict
     server: dict | None
     timeline: list[dict]
+    wire: dict = field(default_factory=dict)  # bytes on the wire, per session and kbit/s (see build)
     turn_log: list[dict] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -111,9 +112,9 @@ def build(*, url: str, started_at: str, duration: float, options: dict, users: l
         "gap_total_ms": round(sum(r.gap_total for r in records) * 1000, 1),
         "max_gap_ms": round(max((r.max_gap for r in records), default=0.0) * 1000, 1),
         "turns_with_gaps": len(gaps),
-        "received_s": round(totals.received_bytes / (2 * options["output_rate"]), 1),
+        "received_s": round(totals.received_seconds, 1),
         "sent_s": round(totals.sent_seconds, 1),
-        "stray_audio_s": round(totals.stray_bytes / (2 * options["output_rate"]), 3),
+        "stray_audio_s": round(totals.stray_seconds, 3),
         "interruptions": totals.interruptions,
     }
     by_code = totals.errors
@@ -140,10 +141,38 @@ def build(*, url: str, started_at: str, duration: float, options: dict, users: l
             "t": round((r.eos_at if r.eos_at is not None else r.started_at) - t0, 3),
             "latency_ms": None if r.latency is None else round(r.latency * 1000, 1),
             "gaps": r.gaps, "gap_ms": round(r.gap_total * 1000, 1),
-            "audio_s": round(r.audio_bytes / (2 * options["output_rate"]), 3)} for r in records]
+            "audio_s": round(r.audio_seconds, 3)} for r in records]
     return Summary(url=url, started_at=started_at, duration_s=round(duration, 3), options=options,
                    sessions=sessions, turns=turns, latency_ms=latency, audio=audio, errors=errors,
-                   reconnects=reconnects, client=client, server=server, timeline=timeline, turn_log=log)
+                   reconnects=reconnects, client=client, server=server, timeline=timeline,
+                   wire=wire_summary(totals, options.get("codec", "pcm16"), sessions["connected"]), turn_log=log)
+
+
+def _kbit_s(nbytes: float, seconds: float) -> float | None:
+    return round(nbytes * 8 / seconds / 1000, 2) if seconds > 0 else None
+
+
+def wire_summary(totals: Totals, codec: str, sessions: int) -> dict:
+    """Bytes on the wire: audio frames' payloads as encoded (`up` the microphone's, `down` the replies')
+    and JSON messages, in all and per connected session. The kbit/s are per session: `up_kbit_s` and
+    `down_kbit_s` over its time connected (the microphone streams all along, so that is its time of
+    audio sent), `down_kbit_s_speaking` over the reply audio's own duration (the rate while the assistant
+    speaks). WebSocket framing (2–8 bytes a frame), TLS and TCP/IP come on top (docs/mobile.md)."""
+    n = max(1, sessions)
+    connected = totals.sent_seconds
+    return {
+        "codec": codec,
+        "up_bytes": totals.sent_bytes,
+        "down_bytes": totals.received_bytes,
+        "up_bytes_per_session": round(totals.sent_bytes / n),
+        "down_bytes_per_session": round(totals.received_bytes / n),
+        "up_kbit_s": _kbit_s(totals.sent_bytes, connected),
+        "down_kbit_s": _kbit_s(totals.received_bytes, connected),
+        "down_kbit_s_speaking": _kbit_s(totals.received_bytes, totals.received_seconds),
+        "messages_up_bytes": totals.text_sent_bytes,
+        "messages_down_bytes": totals.text_received_bytes,
+        "messages_kbit_s": _kbit_s(totals.text_sent_bytes + totals.text_received_bytes, connected),
+    }
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -178,6 +207,13 @@ def render_text(s: Summary) -> str:
     lines.append(f"  audio      {au['gaps']} gaps > {au['gap_threshold_ms']:.0f} ms ({au['gap_total_ms']:.0f} ms in "
                  f"all, longest {au['max_gap_ms']:.0f} ms) in {au['received_s']:.1f} s received; "
                  f"{au['sent_s']:.1f} s sent")
+    w = s.wire
+    if w:
+        lines.append(f"  wire       {w['codec']}, per session: up {_fmt(w['up_kbit_s'], ' kbit/s', 1)}, down "
+                     f"{_fmt(w['down_kbit_s'], ' kbit/s', 1)} ({_fmt(w['down_kbit_s_speaking'], ' kbit/s', 1)} while "
+                     f"the assistant speaks); {w['up_bytes_per_session'] / 1000:.1f} kB up, "
+                     f"{w['down_bytes_per_session'] / 1000:.1f} kB down; messages "
+                     f"{_fmt(w['messages_kbit_s'], ' kbit/s', 1)}")
     if er["total"]:
         parts = [f"{k} x{v}" for k, v in er["by_code"].items()]
         parts += [f"close {k} x{v}" for k, v in er["by_close_code"].items()]
@@ -327,6 +363,8 @@ def render_html(s: Summary) -> str:
         ("turns", s.turns["count"]),
         ("end of speech -> first audio", f"p50 {_fmt(sp['p50'])}, p95 {_fmt(sp['p95'])}, p99 {_fmt(sp['p99'])}"),
         ("audio gaps", f"{s.audio['gaps']} ({s.audio['gap_total_ms']:.0f} ms)"),
+        ("wire per session", f"{s.wire.get('codec', '-')}: up {_fmt(s.wire.get('up_kbit_s'), ' kbit/s', 1)}, down "
+                             f"{_fmt(s.wire.get('down_kbit_s'), ' kbit/s', 1)}"),
         ("errors", s.errors["total"]),
     ])
     figures = "".join(f"<figure>{svg}<figcaption>{e(cap)}</figcaption></figure>" for cap, svg in plots)

@@ -27,8 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from protocol.messages import DEFAULT_CLIENT_OUTPUT_RATE
+from protocol.messages import CODEC_OUTPUT_RATES, CODECS
 
+from ..client import codec_output_rate
 from .client import SimUser
 from .metrics import RSS, Scraper
 from .report import Summary, build, percentiles
@@ -53,8 +54,9 @@ class Options:
     think: float = 1.0               # silence after a reply has played, before the next turn
     turn_timeout: float = 30.0       # end of speech to the end of the reply, at most
     token: str | None = None         # bearer token (Authorization header)
-    output_rate: int = DEFAULT_CLIENT_OUTPUT_RATE
+    output_rate: int | None = None   # audio.output_sample_rate; None: 24 kHz (mu-law: 8 kHz)
     voice: str | None = None
+    codec: str = "pcm16"             # audio both ways: pcm16 | opus | mulaw (docs/protocol.md#audio-codecs)
     gap_ms: float = 100.0            # received audio this far behind real-time playback is a gap
     deflate: bool = True             # offer permessage-deflate, as browsers do
     metrics_urls: list[str] = field(default_factory=list)
@@ -62,6 +64,19 @@ class Options:
     processes: int = 0               # generator processes; 0: one per 150 sessions, at most one per core
     seed: int | None = None
     stop_timeout: float = 10.0       # at the end, how long sessions get to close
+
+    def check(self) -> None:
+        """ValueError for a codec the protocol does not have, or an output rate it does not take."""
+        if self.codec not in CODECS:
+            raise ValueError(f"--codec {self.codec}: one of {', '.join(CODECS)}")
+        if self.codec != "pcm16" and self.rate_out not in CODEC_OUTPUT_RATES[self.codec]:
+            raise ValueError(f"{self.codec} comes at {' or '.join(map(str, CODEC_OUTPUT_RATES[self.codec]))} Hz, "
+                             f"not --output-rate {self.output_rate}")
+
+    @property
+    def rate_out(self) -> int:
+        """The output rate asked for: `output_rate`, or the codec's default."""
+        return codec_output_rate(self.codec, self.output_rate)
 
     def start_offsets(self) -> list[float]:
         if self.rate and self.rate > 0:
@@ -80,6 +95,7 @@ class Options:
         d = dataclasses.asdict(self)
         d["token"] = bool(self.token)
         d["processes"] = self.process_count()
+        d["output_rate"] = self.rate_out
         return d
 
 
@@ -89,7 +105,7 @@ class Generator:
 
     def __init__(self, options: Options, indices: list[int], seeds: list[float], offsets: list[float]):
         url = normalize_url(options.url)
-        speech = load_speech(options.wav)
+        speech = load_speech(options.wav, options.codec)
         plan = Plan(text_every=options.text_every, reconnect_every=options.reconnect_every, think=options.think,
                     turn_timeout=options.turn_timeout)
         self.options = options
@@ -97,9 +113,9 @@ class Generator:
         self.records: list[TurnRecord] = []
         self.loop_lags: list[float] = []
         self._sent = 0  # records already handed to the parent (snapshot)
-        self.users = [SimUser(i, url, speech, plan, token=options.token, output_rate=options.output_rate,
+        self.users = [SimUser(i, url, speech, plan, token=options.token, output_rate=options.rate_out,
                               gap_threshold=options.gap_ms / 1000, voice=options.voice, on_turn=self.records.append,
-                              rng=random.Random(seed), deflate=options.deflate)
+                              rng=random.Random(seed), deflate=options.deflate, output_codec=options.codec)
                       for i, seed in zip(indices, seeds)]
 
     async def run(self, t0: float, stop: asyncio.Event) -> None:
@@ -364,7 +380,8 @@ async def run(options: Options, *, progress: TextIO | None = None, stop: asyncio
     """Run the load test described by `options`; `progress`: where the live line goes (None: nowhere);
     `stop`: set it to end the run early (Ctrl-C does, in the main thread). Returns the summary."""
     url = normalize_url(options.url)
-    load_speech(options.wav)  # a bad WAV fails here, before anything starts
+    options.check()
+    load_speech(options.wav, options.codec)  # a bad WAV fails here, before anything starts
     rng = random.Random(options.seed)
     seeds = [rng.random() for _ in range(options.sessions)]
     offsets = options.start_offsets()

@@ -1,9 +1,11 @@
-"""What one simulated user says and when: the utterance cut into 20 ms frames, the microphone's
-clock, and the turn plan (speech or typed, reconnect or not). Pure: no sockets, no asyncio; times
-are `time.monotonic()` seconds passed in, so the asyncio client and the Locust user share it."""
+"""What one simulated user says and when: the utterance cut into 20 ms frames (encoded once, when the
+user speaks a codec), the microphone's clock, and the turn plan (speech or typed, reconnect or not).
+Pure: no sockets, no asyncio; times are `time.monotonic()` seconds passed in, so the asyncio client
+and the Locust user share it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import urllib.parse
 from dataclasses import dataclass
@@ -12,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.messages import CLIENT_INPUT_RATES
+from protocol.messages import CLIENT_INPUT_RATES, CODECS
 
-from ..client import FRAME_MS, read_wav
+from ..client import FRAME_MS, AudioEncoder, codec_input_rate, read_wav, resample
 
 FRAME_S = FRAME_MS / 1000
 DEFAULT_TEXT = "I met with Doctor Smith today at two pm"  # typed turns: the bundled WAV's words
@@ -35,12 +37,27 @@ def default_wav() -> Path:
 
 @dataclass(frozen=True)
 class Speech:
-    """One utterance as microphone frames: PCM16LE mono at `rate`, 20 ms each (the last one padded)."""
+    """One utterance as microphone frames: PCM16LE mono at `rate`, 20 ms each (the last one padded).
+    With a codec (`opus`, `mulaw`), `packets` are those frames as sent (encoded once, by one encoder,
+    after a little silence) and `silence_packet` the open microphone's silence in between: a load
+    generator does not pay an Opus encoder per user and frame."""
 
     frames: tuple[bytes, ...]
     rate: int
     last_speech: int  # index of the frame holding the end of the speech (trailing silence excluded)
     source: str
+    codec: str = "pcm16"
+    packets: tuple[bytes, ...] = ()
+    silence_packet: bytes = b""
+
+    @property
+    def wire_frames(self) -> tuple[bytes, ...]:
+        """The utterance's frames as they go on the wire."""
+        return self.packets if self.codec != "pcm16" else self.frames
+
+    @property
+    def wire_silence(self) -> bytes:
+        return self.silence_packet if self.codec != "pcm16" else self.silence
 
     @property
     def seconds(self) -> float:
@@ -55,17 +72,33 @@ class Speech:
         return bytes(self.frame_bytes)
 
 
-def load_speech(path: str | Path | None = None) -> Speech:
-    """A 16-bit mono WAV (the bundled one without `path`). The protocol's rates (8, 16, 24, 48 kHz) are
-    sent as they are; any other rate is resampled to 16 kHz first."""
+def load_speech(path: str | Path | None = None, codec: str = "pcm16") -> Speech:
+    """A 16-bit mono WAV (the bundled one without `path`). PCM16: the protocol's rates (8, 16, 24, 48 kHz)
+    are sent as they are; any other rate is resampled to 16 kHz first. A codec: resampled to its rate
+    (Opus 16 kHz, or 24 kHz for a 24 kHz WAV; mu-law 8 kHz) and encoded."""
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r}: one of {', '.join(CODECS)}")
     source = str(path or default_wav())
     pcm, rate = read_wav(source)
-    if rate not in CLIENT_INPUT_RATES:
-        import soxr
+    to = (rate if rate in CLIENT_INPUT_RATES else 16000) if codec == "pcm16" else codec_input_rate(codec, rate)
+    pcm = resample(pcm, rate, to)
+    return encode_speech(speech_from_pcm(pcm, to, source), codec)
 
-        x = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2")
-        pcm, rate = soxr.resample(x, rate, 16000).astype("<i2").tobytes(), 16000
-    return speech_from_pcm(pcm, rate, source)
+
+def encode_speech(speech: Speech, codec: str) -> Speech:
+    """The utterance's frames in `codec` at its rate, encoded in one stream: 200 ms of silence, the
+    frames, then silence until the encoder is steady, whose packet is then the microphone's silence."""
+    if codec == "pcm16":
+        return dataclasses.replace(speech, codec="pcm16", packets=(), silence_packet=b"")
+    enc = AudioEncoder(codec, speech.rate)
+    for _ in range(10):
+        enc(speech.silence)
+    packets = tuple(enc(f) for f in speech.frames)
+    for _ in range(10):
+        silence = enc(speech.silence)
+    if not all(packets) or not silence:
+        raise ValueError(f"the {codec} encoder did not give one packet per 20 ms frame")
+    return dataclasses.replace(speech, codec=codec, packets=packets, silence_packet=silence)
 
 
 def speech_from_pcm(pcm: bytes, rate: int, source: str = "pcm") -> Speech:

@@ -9,10 +9,16 @@ socket (a typed turn: the `input.text`) to the arrival of the first binary audio
 A *gap* is the reply's audio falling behind real-time playback: a player starts at the first frame
 and plays on; when a frame arrives more than `gap_threshold` seconds after the audio received so far
 would have finished playing, that is one gap of that length (the player then resumes from there).
+Durations of received audio are those of the decoded audio, whatever the codec: PCM16 and mu-law
+from their length, Opus from each packet's TOC byte (no decoding in the load generator).
+
+Bytes on the wire are counted both ways (`bytes_out`, `bytes_in`: audio payloads as encoded;
+`text_out`, `text_in`: the JSON messages).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +27,8 @@ import orjson
 
 from protocol.messages import DEFAULT_CLIENT_OUTPUT_RATE, MAX_PENDING, PROTOCOL_VERSION, decode_server_message
 
-from .script import Plan, Speech
+from ..client import opus_packet_ms
+from .script import FRAME_S, Plan, Speech
 
 REPLY_DONE = ("end_turn", "interrupted")
 
@@ -41,7 +48,8 @@ class TurnRecord:
     first_audio_at: float | None = None
     ended_at: float | None = None  # response.audio.end with end_turn / interrupted
     outcome: str = "unfinished"
-    audio_bytes: int = 0
+    audio_bytes: int = 0           # the reply's audio frames as received (encoded)
+    audio_seconds: float = 0.0     # ... and how long they play, decoded
     gaps: int = 0
     gap_total: float = 0.0
     max_gap: float = 0.0
@@ -73,18 +81,20 @@ class Turn:
         if self.record.eos_at is None:
             self.record.eos_at = now
 
-    def audio(self, now: float, nbytes: int) -> None:
+    def audio(self, now: float, nbytes: int, seconds: float | None = None) -> None:
+        """A frame of `nbytes` arrived, playing `seconds` (default: PCM16 at the output rate)."""
         r = self.record
         if self._play_start is None:
             r.first_audio_at = self._play_start = now
         else:
-            behind = now - (self._play_start + r.audio_bytes / self.bytes_per_s)
+            behind = now - (self._play_start + r.audio_seconds)
             if behind > self.gap_threshold:
                 r.gaps += 1
                 r.gap_total += behind
                 r.max_gap = max(r.max_gap, behind)
                 self._play_start += behind  # the player stalled, and goes on from here
         r.audio_bytes += nbytes
+        r.audio_seconds += nbytes / self.bytes_per_s if seconds is None else seconds
 
     def audio_end(self, reason: str, now: float) -> None:
         if reason in REPLY_DONE and self.record.ended_at is None:
@@ -94,7 +104,7 @@ class Turn:
         """When the last audio received for the reply finishes playing."""
         if self._play_start is None:
             return now
-        return self._play_start + self.record.audio_bytes / self.bytes_per_s
+        return self._play_start + self.record.audio_seconds
 
     def deadline(self, timeout: float) -> float | None:
         """Past this with no complete reply, the turn timed out (None while speech is still going out)."""
@@ -107,11 +117,13 @@ class UserState:
     current turn, and counters of what the server said."""
 
     def __init__(self, index: int, speech: Speech, plan: Plan, *, output_rate: int = DEFAULT_CLIENT_OUTPUT_RATE,
-                 gap_threshold: float = 0.1, voice: str | None = None):
+                 gap_threshold: float = 0.1, voice: str | None = None, output_codec: str | None = None):
         self.index = index
         self.speech = speech
         self.plan = plan
         self.output_rate = output_rate
+        self.input_codec = speech.codec
+        self.output_codec = output_codec or speech.codec
         self.gap_threshold = gap_threshold
         self.voice = voice
         self.resume_token: str | None = None
@@ -123,20 +135,25 @@ class UserState:
         self.errors: Counter[str] = Counter()          # error messages by code
         self.notice: dict | None = None                # session.reconnect on this connection
         self.interruptions = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.bytes_in = 0       # audio frames received, as encoded
+        self.bytes_out = 0      # audio frames sent, as encoded
+        self.frames_out = 0     # 20 ms each
+        self.seconds_in = 0.0   # the received audio's duration, decoded
+        self.text_in = 0        # JSON messages, bytes
+        self.text_out = 0
         self.stray_audio = 0  # bytes of audio that arrived outside any turn
+        self.stray_seconds = 0.0
         self._mic: deque[tuple[bytes, bool, bool]] = deque()  # (frame, last speech frame, last frame)
-        self._sending: tuple[bool, bool] = (False, False)
+        self._sending: tuple[bool, bool, int] = (False, False, 0)
         self._mic_turn: Turn | None = None
 
     # -- connection -------------------------------------------------------------------------------
     def session_start(self, *, auth: str | None = None) -> str:
         """`session.start` for a new connection: resume token and unsaved receipts when there are some."""
-        start: dict[str, Any] = {
-            "type": "session.start", "protocol": PROTOCOL_VERSION,
-            "audio": {"input_sample_rate": self.speech.rate, "output_sample_rate": self.output_rate},
-        }
+        audio: dict[str, Any] = {"input_sample_rate": self.speech.rate, "output_sample_rate": self.output_rate}
+        if self.input_codec != "pcm16" or self.output_codec != "pcm16":
+            audio |= {"input_codec": self.input_codec, "output_codec": self.output_codec}
+        start: dict[str, Any] = {"type": "session.start", "protocol": PROTOCOL_VERSION, "audio": audio}
         if auth:
             start["auth"] = auth
         if self.voice:
@@ -147,10 +164,13 @@ class UserState:
             start["pending"] = list(self.pending.values())[:MAX_PENDING]
         self.notice = None
         self.ready = None
-        return orjson.dumps(start).decode()
+        text = orjson.dumps(start).decode()
+        self.text_out += len(text)
+        return text
 
     # -- receiving --------------------------------------------------------------------------------
     def on_message(self, data: str | bytes, now: float) -> dict:
+        self.text_in += len(data.encode()) if isinstance(data, str) else len(data)
         msg = decode_server_message(data)
         t = msg.get("type")
         turn = self.turn
@@ -168,6 +188,10 @@ class UserState:
             self.interruptions += 1
         elif t == "session.ready":
             self.ready = msg
+            audio = msg.get("audio") or {}
+            if (audio.get("input_codec", "pcm16"), audio.get("output_codec", "pcm16")) != (
+                    self.input_codec, self.output_codec):
+                self.errors["codec_not_confirmed"] += 1  # the gateway ignored the codecs: its audio is not ours
             self.resume_token = msg.get("resume_token")
             self.conversation_id = msg.get("conversation_id")
         elif t == "session.updated":
@@ -177,12 +201,22 @@ class UserState:
             self.notice = msg
         return msg
 
-    def on_audio(self, nbytes: int, now: float) -> None:
+    def audio_seconds(self, nbytes: int, frame: bytes | None = None) -> float:
+        """How long a received frame plays, decoded: PCM16 2 bytes a sample, mu-law 1, Opus from its
+        TOC byte (a 20 ms packet when the frame is not given)."""
+        if self.output_codec == "opus":
+            return opus_packet_ms(frame) / 1000 if frame is not None else FRAME_S
+        return nbytes / ((1 if self.output_codec == "mulaw" else 2) * self.output_rate)
+
+    def on_audio(self, nbytes: int, now: float, frame: bytes | None = None) -> None:
+        seconds = self.audio_seconds(nbytes, frame)
         self.bytes_in += nbytes
+        self.seconds_in += seconds
         if self.turn is not None and not self.turn.done:
-            self.turn.audio(now, nbytes)
+            self.turn.audio(now, nbytes, seconds)
         else:
             self.stray_audio += nbytes
+            self.stray_seconds += seconds
 
     # -- turns ------------------------------------------------------------------------------------
     def begin_turn(self, now: float) -> Turn:
@@ -194,14 +228,16 @@ class UserState:
                     gap_threshold=self.gap_threshold)
         self.turn = turn
         if kind == "speech":
-            frames = self.speech.frames
+            frames = self.speech.wire_frames
             last = len(frames) - 1
             self._mic.extend((f, i == self.speech.last_speech, i == last) for i, f in enumerate(frames))
             self._mic_turn = turn
         return turn
 
     def text_message(self) -> str:
-        return orjson.dumps({"type": "input.text", "text": self.plan.text}).decode()
+        text = orjson.dumps({"type": "input.text", "text": self.plan.text}).decode()
+        self.text_out += len(text)
+        return text
 
     def end_turn(self, outcome: str) -> TurnRecord:
         """Close the current turn's measurement with `outcome` (see TurnRecord)."""
@@ -229,15 +265,17 @@ class UserState:
         """The next 20 ms frame to send: the utterance's, else silence (an open microphone)."""
         if self._mic:
             frame, last_speech, last = self._mic.popleft()
-            self._sending = (last_speech, last)
+            self._sending = (last_speech, last, len(frame))
             return frame
-        self._sending = (False, False)
-        return self.speech.silence
+        silence = self.speech.wire_silence
+        self._sending = (False, False, len(silence))
+        return silence
 
     def mic_sent(self, now: float) -> None:
         """The frame from `mic_frame()` was handed to the socket at `now`."""
-        self.bytes_out += self.speech.frame_bytes
-        last_speech, last = self._sending
+        last_speech, last, nbytes = self._sending
+        self.bytes_out += nbytes
+        self.frames_out += 1
         turn = self._mic_turn
         if turn is not None:
             if last_speech:
@@ -249,7 +287,7 @@ class UserState:
     def drop_speech(self) -> None:
         """The connection went (or the turn was given up): the rest of the utterance is not sent."""
         self._mic.clear()
-        self._sending = (False, False)
+        self._sending = (False, False, 0)
         self._mic_turn = None
 
 
@@ -257,9 +295,14 @@ class UserState:
 class Totals:
     """Counters of many users' `UserState`s, small enough to send between processes."""
 
-    received_bytes: int = 0      # reply audio, at the output rate
-    sent_seconds: float = 0.0    # microphone audio
+    received_bytes: int = 0      # reply audio as received (encoded)
+    received_seconds: float = 0.0  # ... its duration, decoded
+    sent_bytes: int = 0          # microphone audio as sent (encoded)
+    sent_seconds: float = 0.0    # ... its duration (the microphone is always on: the time connected)
+    text_received_bytes: int = 0  # JSON messages
+    text_sent_bytes: int = 0
     stray_bytes: int = 0         # audio outside any turn
+    stray_seconds: float = 0.0
     interruptions: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -268,18 +311,23 @@ class Totals:
         t = cls()
         for s in states:
             t.received_bytes += s.bytes_in
-            t.sent_seconds += s.bytes_out / (2 * s.speech.rate)
+            t.received_seconds += s.seconds_in
+            t.sent_bytes += s.bytes_out
+            t.sent_seconds += s.frames_out * FRAME_S
+            t.text_received_bytes += s.text_in
+            t.text_sent_bytes += s.text_out
             t.stray_bytes += s.stray_audio
+            t.stray_seconds += s.stray_seconds
             t.interruptions += s.interruptions
             t.errors.update(s.errors)
         return t
 
     def add(self, other: Totals) -> None:
-        self.received_bytes += other.received_bytes
-        self.sent_seconds += other.sent_seconds
-        self.stray_bytes += other.stray_bytes
-        self.interruptions += other.interruptions
-        self.errors.update(other.errors)
+        for f in dataclasses.fields(self):
+            if f.name == "errors":
+                self.errors.update(other.errors)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass

@@ -37,6 +37,16 @@ writer), the state is read again before writing. `revoke` always reads, then wri
 UpdateSession has no condition: a `take` or `revoke` from another process that lands between a
 writer's GetSession and its UpdateSession (a few milliseconds) is overwritten by that writer.
 
+`find_recent(owner, within_s)` (telephony: a caller's conversation goes on when they call back) has no
+index to ask: ListSessions (1000 sessions a page, at most FIND_RECENT_PAGES pages) lists the account's
+sessions, and those updated (`lastUpdatedAt`) within the window are checked newest first with GetSession
+(owner, `ended_by`), FETCH_CONCURRENCY at a time, at most FIND_RECENT_CHECKS of them, until one is the
+owner's; sessions this process knows to be someone else's are skipped. Its cost grows with the number of
+sessions in the account and region (of every app and owner) and with those active within the window:
+1 ListSessions per 1000 sessions, plus up to one GetSession per session updated within the window that
+is newer than the owner's. An owner's conversation beyond those bounds is not found (a new one is
+started). For many concurrent conversations, keep the window short.
+
 `history_page` lists every step of the conversation's sessions and fetches only the page's steps
 (the ones the metadata caches hold need no fetch). Listed times may be coarser than items' times
 (milliseconds on the fake): steps listed with the same time are fetched as a group and ordered by
@@ -83,7 +93,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from protocol.items import ROLES, Item
@@ -109,6 +119,8 @@ MAX_CHAIN = 32                   # prev links followed by history() and delete()
 STATE_LRU = 1024                 # conversations whose state is kept in memory
 TAKE_REUSE_S = 2.0               # take() writes over metadata read this recently (a load's) without reading it again
 ACTIVE = "ACTIVE"
+FIND_RECENT_PAGES = 10           # ListSessions pages find_recent reads at most (10,000 sessions)
+FIND_RECENT_CHECKS = 100         # sessions updated within the window whose owner it reads at most (GetSession)
 
 _UUID_RE = re.compile(r"^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}$")
 _TAG_RE = re.compile(r"^[a-zA-Z0-9\s._:/=+@-]{0,256}$")
@@ -812,6 +824,45 @@ class AgentRuntimeStore:
                     continue
                 return sid
         raise StoreError(f"agent-runtime: could not append {item.item_id} to {conversation_id}")
+
+    @_public
+    async def find_recent(self, owner: str, within_s: float) -> str | None:
+        if within_s <= 0:
+            return None
+        since = datetime.now(UTC) - timedelta(seconds=within_s)
+        recent: list[tuple[datetime, str]] = []
+        token = None
+        for _ in range(FIND_RECENT_PAGES):
+            page = await self._call("list_sessions", maxResults=PAGE_SIZE, **({"nextToken": token} if token else {}))
+            for summary in page.get("sessionSummaries", []):
+                sid, at = summary.get("sessionId", ""), summary.get("lastUpdatedAt")
+                at = at if isinstance(at, datetime) else _parse_at(str(at)) if at else None
+                if at is None or not _UUID_RE.match(sid):
+                    continue
+                at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+                known = self._states.get(sid)
+                if at >= since and (known is None or hmac.compare_digest(known.owner, owner)):
+                    recent.append((at, sid))
+            token = page.get("nextToken")
+            if not token:
+                break
+        recent.sort(reverse=True)
+        candidates = [sid for _, sid in recent[:FIND_RECENT_CHECKS]]
+
+        async def owners(sid: str) -> str | None:
+            s = await self._get_session(sid)
+            if s is None:
+                return None
+            base = self._base_of(s)
+            mine = hmac.compare_digest(base.get("owner", ""), owner) and base.get("ended_by") != "user"
+            return sid if mine else None
+
+        for n in range(0, len(candidates), FETCH_CONCURRENCY):  # newest first, a batch at a time
+            batch = candidates[n:n + FETCH_CONCURRENCY]
+            found = [sid for sid in await self._gather_limited([lambda s=s: owners(s) for s in batch]) if sid]
+            if found:
+                return self._resolve(found[0])
+        return None
 
     @_public
     async def take(self, conversation_id: str, connection_id: str) -> int:

@@ -119,6 +119,14 @@ class ConversationStore(Protocol):
         epoch other than `epoch` (when given: "revoked"), or is held by a connection other than
         `connection_id` (when given and someone holds it: "taken_over"). StoreError: retry later."""
 
+    async def find_recent(self, owner: str, within_s: float) -> str | None:
+        """The id of `owner`'s newest conversation that is not ended and was active (created, held or
+        written) within the last `within_s` seconds, or None (always None for `within_s` <= 0). `owner`
+        is what `create` was given (a hash). For callers known without a resume token, such as a phone
+        number (gateway/telephony.py): a call back within the window goes on with the conversation,
+        on any instance. A store may bound its search (see its docstring): what it does not find
+        counts as none, and the caller starts a new conversation. StoreError: not now."""
+
     async def take(self, conversation_id: str, connection_id: str) -> int:
         """`connection_id` holds the conversation from now on (writes from other connections are refused
         as "taken_over"). Returns the epoch. Raises ConversationGone("missing" or "ended")."""

@@ -7,7 +7,9 @@ across processes too.
 
 The database holds transcripts: its directory is created 0700 and its file 0600 (SQLite gives the
 -wal and -shm files the database file's mode). An existing file that others may read is used, with
-a warning. Databases from before the epoch and live columns are migrated when opened.
+a warning. Databases from before the epoch, live and active_at columns are migrated when opened
+(`active_at`, the time of a conversation's last create, take or append in seconds since the epoch, is
+0 for what was written before: such a conversation is never "recent" to `find_recent`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     ended INTEGER NOT NULL DEFAULT 0,
     epoch INTEGER NOT NULL DEFAULT 0,
-    live TEXT NOT NULL DEFAULT ''
+    live TEXT NOT NULL DEFAULT '',
+    active_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -61,6 +65,11 @@ CREATE INDEX IF NOT EXISTS items_by_time ON items (conversation_id, at, seq);
 _MIGRATIONS = (
     ("conversations", "epoch", "INTEGER NOT NULL DEFAULT 0"),
     ("conversations", "live", "TEXT NOT NULL DEFAULT ''"),
+    ("conversations", "active_at", "REAL NOT NULL DEFAULT 0"),
+)
+# indexes on migrated columns: created once the migrations have run
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, active_at)",
 )
 
 
@@ -88,6 +97,8 @@ def _create_schema(db: sqlite3.Connection) -> None:
             if column not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
                 log(logger, logging.INFO, "sqlite schema migrated", table=table, column=column)
+        for statement in _INDEXES:
+            db.execute(statement)
 
 
 def _prepare_file(path: str) -> None:
@@ -152,8 +163,20 @@ class SQLiteStore:
 
     async def create(self, owner: str) -> str:
         cid = str(uuid.uuid4())
-        await self._run(lambda db: db.execute("INSERT INTO conversations (id, owner) VALUES (?, ?)", (cid, owner)))
+        await self._run(lambda db: db.execute("INSERT INTO conversations (id, owner, active_at) VALUES (?, ?, ?)",
+                                              (cid, owner, time.time())))
         return cid
+
+    async def find_recent(self, owner: str, within_s: float) -> str | None:
+        if within_s <= 0:
+            return None
+
+        def q(db: sqlite3.Connection):
+            row = db.execute("SELECT id FROM conversations WHERE owner = ? AND ended = 0 AND active_at >= ? "
+                             "ORDER BY active_at DESC LIMIT 1", (owner, time.time() - within_s)).fetchone()
+            return row[0] if row else None
+
+        return await self._run(q)
 
     async def load(self, conversation_id: str, *, max_bytes: int = LOAD_MAX_BYTES,
                    max_items: int = LOAD_MAX_ITEMS, owner: str | None = None) -> StoredConversation | None:
@@ -193,6 +216,7 @@ class SQLiteStore:
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (conversation_id, item.item_id, item.role, item.text, item.at, int(item.interrupted), item.size),
                 )
+                db.execute("UPDATE conversations SET active_at = ? WHERE id = ?", (time.time(), conversation_id))
 
         await self._run(q)
         return conversation_id
@@ -204,7 +228,8 @@ class SQLiteStore:
             with _write(db):
                 head = self._head(db, conversation_id)
                 check_writable(conversation_id, exists=head is not None, ended=bool(head and head[0]))
-                db.execute("UPDATE conversations SET live = ? WHERE id = ?", (connection_id, conversation_id))
+                db.execute("UPDATE conversations SET live = ?, active_at = ? WHERE id = ?",
+                           (connection_id, time.time(), conversation_id))
                 return head[1]
 
         return await self._run(q)

@@ -1,6 +1,9 @@
 // Main-thread side of the two AudioWorklets: the microphone and the player. Reusable on their own;
 // the Player implements the player interface NovagateClient.attachPlayer() expects.
 
+import { OpusDecoder } from "./opus.js";
+import { Resampler } from "./resampler.js";
+
 /** Why the microphone could not start, in words a user can act on. */
 export class MicrophoneError extends Error {
   constructor(kind, message, cause) {
@@ -125,6 +128,10 @@ export class Microphone {
 /**
  * The assistant's voice: an AudioContext at the output rate (24 kHz) with the jitter-buffered
  * player worklet. Counts what it played per item, flushes at once on a barge-in.
+ *
+ * It takes PCM16LE frames, or Opus packets after `setCodec("opus")` (the client says which the
+ * session confirmed): those go through WebCodecs (opus.js) and reach the worklet as float samples
+ * at the output rate, in order, with each item's end after its last samples.
  */
 export class Player {
   constructor({ sampleRate = 24000, targetMs = 80 } = {}) {
@@ -137,8 +144,23 @@ export class Player {
     this.flushes = [];
     this._waiting = new Map();
     this._seq = 0;
+    this.codec = "pcm16";
+    this.decoder = null; // the OpusDecoder, once Opus was asked for
+    this._resamplers = new Map(); // itemId -> Resampler: the decoder's rate (48 kHz) to ours
     this.onstats = null;
     this.onstatechange = null;
+  }
+
+  /** What the frames pushed from now on are: "pcm16" (PCM16LE at the output rate) or "opus". */
+  setCodec(codec) {
+    this.codec = codec === "opus" ? "opus" : "pcm16";
+    if (this.codec === "opus" && !this.decoder) {
+      this.decoder = new OpusDecoder({
+        sampleRate: this.sampleRate,
+        onsamples: (itemId, samples, rate) => this._pushSamples(itemId, samples, rate),
+        onend: (itemId) => this._postEnd(itemId),
+      });
+    }
   }
 
   get running() {
@@ -187,16 +209,43 @@ export class Player {
     // While the browser keeps the context suspended nothing plays: queueing would only make the
     // audio late when it resumes, so it is dropped (the transcript still shows what was said).
     if (!this.node || this.ctx.state !== "running") return;
+    if (this.codec === "opus") {
+      this.decoder.decode(itemId, pcm); // on to _pushSamples once decoded
+      return;
+    }
     const copy = pcm.slice(0); // the socket's buffer stays usable for other listeners
     this.node.port.postMessage({ type: "push", item: itemId, pcm: copy }, [copy]);
   }
 
+  /** Decoded float samples: resampled to the output rate if need be (one resampler per item). */
+  _pushSamples(itemId, samples, rate) {
+    if (!this.node || this.ctx.state !== "running") return;
+    let out = samples;
+    if (rate !== this.sampleRate) {
+      let r = this._resamplers.get(itemId);
+      if (!r || r.inRate !== rate) {
+        r = new Resampler(rate, this.sampleRate);
+        this._resamplers.set(itemId, r);
+        if (this._resamplers.size > 8) this._resamplers.delete(this._resamplers.keys().next().value);
+      }
+      out = r.process(samples);
+    }
+    this.node.port.postMessage({ type: "push", item: itemId, f32: out.buffer }, [out.buffer]);
+  }
+
   endItem(itemId) {
+    if (this.decoder) this.decoder.end(itemId); // after the packets still being decoded
+    else this._postEnd(itemId);
+  }
+
+  _postEnd(itemId) {
+    this._resamplers.delete(itemId);
     if (this.node) this.node.port.postMessage({ type: "end", item: itemId });
   }
 
   /** Drop all queued audio now; resolves with the ms of `itemId` that were played. */
   flush(itemId = null) {
+    this._dropDecoded();
     if (!this.node) return Promise.resolve(0);
     const id = ++this._seq;
     const before = this.stats;
@@ -220,10 +269,19 @@ export class Player {
   }
 
   reset() {
+    this._dropDecoded();
     if (this.node) this.node.port.postMessage({ type: "flush", id: 0, item: null });
   }
 
+  /** Packets still being decoded are not played either. */
+  _dropDecoded() {
+    if (this.decoder) this.decoder.drop();
+    this._resamplers.clear();
+  }
+
   stop() {
+    if (this.decoder) this.decoder.close();
+    this.decoder = null;
     if (this.ctx) this.ctx.close().catch(() => {});
     this.ctx = this.node = null;
   }

@@ -4,6 +4,7 @@
 //
 // Messages from the main thread:
 //   {type: "push", item, pcm: ArrayBuffer (PCM16LE)}   queue audio of an assistant item
+//   {type: "push", item, f32: ArrayBuffer (float32)}   the same, as floats (decoded Opus)
 //   {type: "end", item}                                 no more audio for that item
 //   {type: "flush", id, item}                           barge-in: drop everything now; answers
 //                                                       {type: "flushed", id, item, itemPlayed (samples of
@@ -27,7 +28,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     const jb = this.jb;
     switch (msg.type) {
       case "push":
-        jb.push(pcm16ToFloat(new Int16Array(msg.pcm)), msg.item);
+        jb.push(msg.f32 ? new Float32Array(msg.f32) : pcm16ToFloat(new Int16Array(msg.pcm)), msg.item);
         break;
       case "end":
         jb.end(msg.item);

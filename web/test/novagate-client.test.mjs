@@ -297,3 +297,63 @@ test("end(): session.end, then the stored conversation is forgotten", async () =
   await tick(30);
   assert.equal(sockets.length, 1, "no reconnect after the end");
 });
+
+test("codecs: session.start offers Opus, session.ready decides; the player and the silence follow", async () => {
+  const { client } = newClient({ inputCodec: "opus", outputCodec: "opus" });
+  const told = [];
+  client.attachPlayer({ startItem() {}, push() {}, endItem() {}, flush: async () => 0, setCodec: (c) => told.push(c) });
+  client.connect();
+  let ws = sockets[0];
+  ws.open();
+  await tick(70);
+  assert.deepEqual(ws.json[0].audio, { input_sample_rate: 16000, output_sample_rate: 24000,
+                                       input_codec: "opus", output_codec: "opus" });
+  let frames = ws.sent.filter((x) => x instanceof ArrayBuffer);
+  assert.ok(frames.length >= 2, "silence flows before session.ready too, in the codec offered");
+  assert.deepEqual([...new Uint8Array(frames[0])], [0xf8, 0xff, 0xfe]); // 20 ms of Opus silence
+  ws.message(ready({ audio: { input_sample_rate: 16000, output_sample_rate: 24000, input_codec: "opus", output_codec: "opus" } }));
+  assert.deepEqual(client.codecs, { input: "opus", output: "opus" });
+  assert.equal(told.at(-1), "opus");
+
+  // a server without codecs confirms none: PCM16 it is, whatever was offered
+  ws.serverClose(1012);
+  await tick(20);
+  ws = sockets[1];
+  ws.open();
+  await tick();
+  assert.equal(ws.json[0].audio.input_codec, "opus");
+  ws.message(ready({ audio: { input_sample_rate: 16000, output_sample_rate: 24000 } }));
+  assert.deepEqual(client.codecs, { input: "pcm16", output: "pcm16" });
+  assert.equal(told.at(-1), "pcm16");
+  const n = ws.sent.length;
+  await tick(70);
+  frames = ws.sent.slice(n).filter((x) => x instanceof ArrayBuffer);
+  assert.ok(frames.length >= 2 && frames.every((f) => f.byteLength === 640), "PCM16 silence from then on");
+});
+
+test("codecs: a server that refuses them (unsupported, 4400) is asked again at once in PCM16", async () => {
+  const { client, events } = newClient({ inputCodec: "opus", outputCodec: "opus" });
+  const fallbacks = [];
+  client.addEventListener("codecfallback", (e) => fallbacks.push(e.detail));
+  client.connect();
+  sockets[0].open();
+  await tick();
+  sockets[0].message({ type: "error", code: "unsupported", message: "this gateway speaks pcm16 only, not opus", fatal: true });
+  sockets[0].serverClose(4400, "codec not supported");
+  await tick(5);
+  assert.equal(events.filter(([t]) => t === "fatal").length, 0, "not the end of the session");
+  assert.deepEqual(fallbacks, [{ input: "opus", output: "opus", message: "this gateway speaks pcm16 only, not opus" }]);
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  await tick();
+  assert.deepEqual(sockets[1].json[0].audio, { input_sample_rate: 16000, output_sample_rate: 24000 });
+  sockets[1].message(ready());
+  assert.equal(client.state, "ready");
+  assert.deepEqual(client.codecs, { input: "pcm16", output: "pcm16" });
+  // refused again (now for something else): that is fatal as before
+  sockets[1].message({ type: "error", code: "unsupported", message: "no", fatal: true });
+  sockets[1].serverClose(4400);
+  await tick(5);
+  assert.equal(events.filter(([t]) => t === "fatal").length, 1);
+  assert.equal(sockets.length, 2);
+});
