@@ -348,3 +348,25 @@ async def test_a_signed_stream_that_does_not_start_properly_is_closed(gateway, f
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
     assert ws.close_code == code
+
+
+async def test_mu_law_is_heard_as_well_as_pcm_on_the_native_socket(gateway):
+    """The same sentence through /v1/voice, as full-band PCM16 at 16 kHz and as a phone line's G.711
+    mu-law at 8 kHz (the `mulaw` codec): the model hears it about as well (whisper, which knows
+    telephone-band speech; words compared loosely, it may spell "Dr. Smith" either way)."""
+    import re
+
+    from gateway.client import VoiceClient
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+    heard = {}
+    for name, kw, pcm in (("pcm16", {}, speech(MET, 16000)),
+                          ("mulaw", {"codec": "mulaw", "input_rate": 8000}, phone(MET))):
+        async with VoiceClient(gateway.ws, **kw) as c:
+            turn = await c.turn(pcm, timeout=60)
+            assert c.ready["audio"]["input_codec"] == kw.get("codec", "pcm16")
+        heard[name] = words(turn["user"])
+    assert len(heard["pcm16"]) >= 4 and {"met", "today"} <= heard["pcm16"]
+    assert len(heard["mulaw"] & heard["pcm16"]) >= 0.6 * len(heard["pcm16"]), heard
