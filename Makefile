@@ -7,7 +7,7 @@ PORT  ?= 8000
 # `make run WORKERS=0`: one worker process per CPU (novagate serve --workers)
 WORKERS ?= 1
 
-.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity bench-realtime fuzz nginx browser
+.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity bench-realtime bench-codecs fuzz nginx browser
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -65,6 +65,10 @@ bench-workers: $(VENV)/.dev
 # What /v1/realtime's base64-in-JSON audio costs per second of audio, against /v1/voice's binary frames.
 bench-realtime: $(VENV)/.dev
 	$(PY) scripts/bench_realtime.py
+
+# What Opus and G.711 cost the gateway per 20 ms frame (PyAV), and their bit rates.
+bench-codecs: $(VENV)/.dev
+	$(PY) scripts/bench_codecs.py
 
 # The local engine's demo configuration (whisper + hibari): model load, per-turn latency.
 bench-local: $(VENV)/.dev
