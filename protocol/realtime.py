@@ -10,11 +10,13 @@ docs/realtime-compat.md lists every event. Pure: no I/O, no clocks.
 
 How Realtime concepts map:
 - a *response* is one assistant item (Nova speaks a turn as one item; a tool call ends it), plus the
-  function calls the model made for it; it is done once its items are final (played out, or cut);
+  function calls the model made for it; it is done once its items are (an assistant item when its
+  last audio has been sent, or when it is cut by a barge-in or `response.cancel`);
 - a client-side tool (declared in `session.update`) is called as a `function_call` item; the
   client's `function_call_output` is the session's tool result;
 - `conversation.item.create` of user text is held until `response.create`, then sent as a typed turn
-  (Nova answers every typed turn at once; Realtime answers only when asked).
+  (Nova answers every typed turn at once; Realtime answers only when asked): one at a time;
+- `audio/pcmu` is the session's `mulaw` codec, chosen before the session starts.
 """
 
 from __future__ import annotations
