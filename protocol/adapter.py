@@ -4,6 +4,7 @@ protocol/twilio.py): it looks like a `Session` to the gateway's actor — the sa
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ class SendText:
     text: str = field(repr=False)
 
 
-class SessionAdapter:
+class SessionAdapter(abc.ABC):
     """Inputs not defined by a subclass go to the session unchanged; `effects()` are the subclass's
     translation (`_translate`) of the session's, in order with what it emitted itself (`_out`)."""
 
@@ -45,10 +46,10 @@ class SessionAdapter:
             self._start(now)
         self._s.tick(now)
 
+    @abc.abstractmethod
     def _start(self, now: float) -> None:
         """Give the session its session.start (and clear `_start_by`)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _translate(self) -> None:
         """Drain the session's effects into `_out`, translated."""
-        raise NotImplementedError
