@@ -26,6 +26,7 @@ from protocol.session import (
     Admit,
     Authenticate,
     CancelTool,
+    CheckBudget,
     CloseSocket,
     CloseStream,
     Count,
@@ -36,6 +37,7 @@ from protocol.session import (
     Log,
     Observe,
     OpenStream,
+    RecordUsage,
     ReloadConversation,
     RunTool,
     SendAudio,
@@ -47,6 +49,7 @@ from protocol.session import (
 )
 
 from . import clock, metrics
+from .clock import budget_period
 from .logs import log
 from .store import ConversationGone, StoreError
 from .queues import Queue
@@ -93,6 +96,7 @@ class SessionActor:
         self._tg: asyncio.TaskGroup | None = None
         self._stream_tasks: set[asyncio.Task] = set()
         self._tools: dict[str, asyncio.Task] = {}  # running tool calls, by call_id
+        self._usage_tasks: set[asyncio.Task] = set()  # ledger writes (RecordUsage): awaited at close
         self._audio_since: float | None = None
 
     def conversation_gone(self, reason: str) -> None:
@@ -114,8 +118,8 @@ class SessionActor:
                 self.outbox.put_nowait(None)  # the writer ends once what is queued is sent
                 for t in self._tools.values():  # the session has answered or given up on them
                     t.cancel()
-                await asyncio.wait({writer, *self._stream_tasks}, timeout=CLOSE_TIMEOUT_S)
-                for t in (*workers, writer, *self._stream_tasks):
+                await asyncio.wait({writer, *self._stream_tasks, *self._usage_tasks}, timeout=CLOSE_TIMEOUT_S)
+                for t in (*workers, writer, *self._stream_tasks, *self._usage_tasks):
                     t.cancel()
         except* Exception:
             logger.exception("session failed", extra={"fields": {"session_id": self.session.session_id}})
@@ -186,13 +190,19 @@ class SessionActor:
                     case Admit(principal=principal):
                         self.inbox.put_nowait(("admitted", self.s.admit(self, principal)))
                     case (LoadConversation() | ReloadConversation() | CreateConversation() | HoldConversation()
-                          | StoreItem() | EndConversation()):
+                          | StoreItem() | EndConversation() | CheckBudget()):
                         self.store_ops.put_nowait(e)
+                    case RecordUsage():
+                        task = self._tg.create_task(self._record_usage(e))
+                        self._usage_tasks.add(task)
+                        task.add_done_callback(self._usage_tasks.discard)
                     case Log(level=level, message=message, fields=fields):
                         log(logger, LEVELS[level], message, **fields)
                     case Count(metric=name, label=label, amount=amount):
                         counter = metrics.SESSION_COUNTERS[name]
                         (counter.labels(label) if label else counter).inc(amount)
+                        if name == "tokens" and self.s.settings.usage_metrics_by_user and self.session.principal:
+                            metrics.USER_TOKENS.labels(owner_hash(self.session.principal)[:16]).inc(amount)
                     case Observe(metric=name, value=value):
                         metrics.SESSION_HISTOGRAMS[name].observe(value)
         self._audio_since = None  # audio the pacer releases later counts from its release
@@ -322,6 +332,15 @@ class SessionActor:
             self._tools.pop(call_id, None)
         await self.inbox.put(("tool_finished", call_id, *answer), len(answer[1]))
 
+    async def _record_usage(self, e: RecordUsage) -> None:
+        """Add to the user's ledger. Not retried: a failure means a budget counts a little less."""
+        try:
+            await self.s.store.add_usage(owner_hash(e.principal), budget_period(self.s.settings.user_budget_period),
+                                         e.conversation_id, e.tokens.total, e.cost_usd)
+        except (StoreError, ConversationGone) as err:
+            metrics.USAGE_RECORD_ERRORS.inc()
+            log(logger, logging.WARNING, "usage not recorded", error=str(err), tokens=e.tokens.total)
+
     async def _authenticate(self, token: str) -> None:
         self.inbox.put_nowait(("authenticated", await self.s.authenticator.verify(token)))
 
@@ -350,6 +369,9 @@ class SessionActor:
                     case EndConversation(conversation_id=cid):
                         await store.end(cid)
                         self.inbox.put_nowait(("conversation_ended",))
+                    case CheckBudget(principal=principal):
+                        spent = await store.spent(owner_hash(principal), budget_period(self.s.settings.user_budget_period))
+                        self.inbox.put_nowait(("budget_checked", spent))
             except StoreError as e:
                 self.inbox.put_nowait(("store_failed", str(e)))
             except ConversationGone as e:

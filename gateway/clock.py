@@ -18,3 +18,9 @@ def new_id(prefix: str) -> str:
 def utc_now() -> str:
     """RFC 3339 UTC with microseconds, so items sort by time as strings."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def budget_period(kind: str, at: float | None = None) -> str:
+    """The UTC day ("2026-11-30") or month ("2026-11") a budget counts in (NOVAGATE_USER_BUDGET_PERIOD)."""
+    return datetime.fromtimestamp(wall_time() if at is None else at, UTC).strftime(
+        "%Y-%m-%d" if kind == "day" else "%Y-%m")

@@ -28,6 +28,9 @@ CONVERSATION_GONE = "conversation_gone"
 # Additive: a new socket refused because the server is overloaded (its event loop runs late, or its CPU is
 # spent): fatal, just before close 1013, with `retry_after_ms` (when to try again; docs/protocol.md).
 OVERLOADED = "overloaded"
+# Additive: the authenticated user's budget for the period (NOVAGATE_USER_BUDGET_USD) is spent: a new session
+# is refused, a live one ends (after storing what is final). Fatal, then close 4402; docs/usage.md.
+BUDGET_EXCEEDED = "budget_exceeded"
 
 
 class CloseCode(IntEnum):
@@ -38,6 +41,7 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013
     PROTOCOL_ERROR = 4400
     UNAUTHORIZED = 4401
+    BUDGET_EXCEEDED = 4402  # additive: the user's budget is spent (like HTTP 402); try again next period
     FORBIDDEN_ORIGIN = 4403
     HANDSHAKE_TIMEOUT = 4408
     CONFLICT = 4409      # additive: this connection no longer holds the conversation

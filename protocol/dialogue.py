@@ -31,6 +31,7 @@ from . import messages as m
 from . import nova_events as nova
 from .history import trim_to_played
 from .items import Item
+from .usage import Tokens
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -136,8 +137,8 @@ class Dialogue:
         self._next_user_id: str | None = None  # told with input.speech_started, before the item exists
         self._superseded = False  # the gateway cut the model's answer: what it still says of it is dropped
         self._ignored: set[str] = set()  # content ids of that answer
-        self.usage = (0, 0)         # tokens of the whole session: Nova's counts restart with each stream
-        self._usage_before = (0, 0)  # ... of the streams before the current one
+        self.usage = Tokens()         # tokens of the whole session: Nova's counts restart with each stream
+        self._usage_before = Tokens()  # ... of the streams before the current one
 
     def actions(self) -> list[Action]:
         out, self._actions = self._actions, []
@@ -240,9 +241,9 @@ class Dialogue:
                 self._content_end(cid, reason)
             case nova.ToolUse():
                 self._close_turn()  # what it says once the tool has answered is the next item
-            case nova.UsageEvent(input_tokens=i, output_tokens=o):
-                self.usage = (self._usage_before[0] + i, self._usage_before[1] + o)
-                self._emit(SendToClient(m.Usage(*self.usage)))
+            case nova.UsageEvent(tokens=tokens):
+                self.usage = self._usage_before + tokens
+                self._emit(SendToClient(m.Usage(self.usage.input, self.usage.output)))
             case _:
                 pass
 

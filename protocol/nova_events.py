@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import orjson
 
+from .usage import Tokens
+
 # Facts of the Nova Sonic service (reference/nova-sonic.md §2, §4, §9): the one place the gateway
 # states them; everything else imports them from here.
 DEFAULT_MODEL_ID = "amazon.nova-2-sonic-v1:0"  # Nova 2 Sonic
@@ -328,9 +330,7 @@ class ContentEnd:
 
 @dataclass(frozen=True, slots=True)
 class UsageEvent:
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
+    tokens: Tokens  # the stream's running totals, by direction and modality (protocol/usage.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,9 +419,7 @@ def _parse(obj: dict) -> OutputEvent:
     if name == "completionEnd":
         return CompletionEnd(b.get("stopReason", ""))
     if name == "usageEvent":
-        return UsageEvent(
-            int(b.get("totalInputTokens", 0)), int(b.get("totalOutputTokens", 0)), int(b.get("totalTokens", 0))
-        )
+        return UsageEvent(Tokens.from_usage_event(b))
     if name == "toolUse":
         return ToolUse(b.get("contentId", ""), b.get("toolUseId", ""), b.get("toolName", ""), b.get("content", ""))
     if name in ("userSpeechStart", "userSpeechEnd"):  # any body: its fields are not documented

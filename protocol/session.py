@@ -56,7 +56,9 @@ from .items import Item
 from .limits import AudioRateLimiter, TokenBucket
 from .models import CONSERVATIVE_HISTORY, NOVA_2_HISTORY, HistoryLimits
 from .playback import Audio, PlaybackPacer
+from .usage import Prices, Tokens
 
+USAGE_RECORD_EVERY_S = 15.0       # a user's ledger is written at most this often per session (and at its end)
 MODEL_FRAME = 2048                # at most this many bytes of 16 kHz audio per audioInput event (64 ms)
 # The model's cost (and the SDK's: serialising, signing) is per event, so the client's short frames
 # (20 ms from a browser) are joined: held until 60 ms are ready, never longer than 50 ms.
@@ -201,6 +203,24 @@ class EndConversation:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckBudget:
+    """How much `principal` has spent in the budget's current period (store.spent); answer `budget_checked`."""
+
+    principal: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUsage:
+    """Add what this connection used since its last record to the user's ledger (store.add_usage), for
+    budgets that span sessions and instances. No answer: a failure is logged and counted."""
+
+    principal: str
+    conversation_id: str
+    tokens: Tokens
+    cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
 class RunTool:
     """Run a tool beside the conversation; answer `tool_finished(call_id, ok, content)` (content: JSON text)."""
 
@@ -237,8 +257,8 @@ class Observe:
 
 
 Effect = (SendMessage | SendAudio | CloseSocket | OpenStream | SendToStream | CloseStream | Authenticate | Admit | LoadConversation
-          | ReloadConversation | CreateConversation | HoldConversation | StoreItem | EndConversation | RunTool | CancelTool | Log | Count
-          | Observe)
+          | ReloadConversation | CreateConversation | HoldConversation | StoreItem | EndConversation | CheckBudget
+          | RecordUsage | RunTool | CancelTool | Log | Count | Observe)
 
 
 # -- what the gateway passes in --------------------------------------------------------------------
@@ -308,6 +328,8 @@ class SessionConfig:
     tools: tuple[dict, ...] = ()             # Nova toolSpecs, told to every stream in promptStart
     public_tools: frozenset[str] = frozenset()  # their arguments and results may be shown to the client
     tool_timeout_s: float = 20.0             # a tool not done by then is answered with a timeout error
+    prices: Prices = Prices()                # USD per 1,000 tokens (protocol/usage.py)
+    user_budget_usd: float = 0.0             # what one user may spend per period (store ledger); 0: no budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +471,13 @@ class Session:
         self._store_retry_at: float | None = None
         self._store_delay = STORE_RETRY_FIRST_S
         self._store_degraded_told = False
+        self._backlog = 0                           # writes waiting, as last counted (store_backlog)
         self._closing: _Closing | None = None
+        # usage (protocol/usage.py): counted as Nova reports it; a user's spend recorded in the store's ledger
+        self._usage_counted = Tokens()
+        self._usage_unrecorded = Tokens()
+        self._usage_recorded_at = now
+        self._spent_before = 0.0                    # what the user had spent this period when the session began
         # tools
         self._prompt: Prompt | None = None          # set by session.start; changed by configure()
         self._tool_names = frozenset(t["toolSpec"]["name"] for t in config.tools)
@@ -777,6 +805,7 @@ class Session:
         self._taken_over = taken  # ... but a tool's record: the session that took over reads it back
         self._writes = deque(i for i in self._writes if taken and i.role == "tool")
         self._writes_bytes = sum(i.size for i in self._writes)
+        self._count_backlog()
         self._log("info", "conversation gone", reason=reason)
         if self._closing is None:
             self._send(m.Error(codes.TAKEN_OVER if taken else codes.CONVERSATION_GONE,
@@ -796,6 +825,7 @@ class Session:
         self._store_op = None
         item = self._writes.popleft()
         self._writes_bytes -= item.size
+        self._count_backlog()
         self._store_delay = STORE_RETRY_FIRST_S
         self._moved(conversation_id)
         self._emit(Count("items_saved"))
@@ -816,7 +846,7 @@ class Session:
         self._now = now
         op, self._store_op = self._store_op, None
         self._emit(Count("store_errors"))
-        if op in ("load", "create", "hold"):
+        if op in ("load", "create", "hold", "budget"):
             # Not "not_found": the conversation may well exist. The client keeps its token and retries.
             self._log("warning", "conversation lookup failed: store error", error=error)
             self._fail_client(CloseCode.TRY_AGAIN_LATER, "history store unavailable", m.Error(
@@ -980,9 +1010,37 @@ class Session:
         self._admitting = False
         if refusal is not None:
             self._fail_client(*refusal)
+        elif self._budgeted:
+            self._store_op = "budget"
+            self._emit(CheckBudget(self._principal))
         else:
             self._begin(self._principal, now)
         self._advance(now)
+
+    def budget_checked(self, spent_usd: float, now: float) -> None:
+        """The gateway's answer to `CheckBudget`: what the user has spent in the budget's period."""
+        self._now = now
+        if self._store_op != "budget" or self.state is not State.HANDSHAKE or not self._client_open:
+            return
+        self._store_op = None
+        if spent_usd >= self.cfg.user_budget_usd:
+            self._emit(Count("budget_exceeded", "start"))
+            self._log("info", "session refused: budget spent", spent_usd=round(spent_usd, 6))
+            self._fail_client(CloseCode.BUDGET_EXCEEDED, "budget exceeded", m.Error(
+                codes.BUDGET_EXCEEDED, "this user's budget for the period is spent", True))
+        else:
+            self._spent_before = spent_usd
+            self._begin(self._principal, now)
+        self._advance(now)
+
+    @property
+    def principal(self) -> str | None:
+        """The authenticated user (`user:<id>`), once known; None for an anonymous client."""
+        return self._principal
+
+    @property
+    def _budgeted(self) -> bool:
+        return self.cfg.user_budget_usd > 0 and self._principal is not None
 
     def _begin(self, principal: str | None, now: float) -> None:
         start = self._start
@@ -1230,6 +1288,9 @@ class Session:
                         pacer.push_audio(item_id, pcm)
                     case SendToClient(message=msg, paced=True):
                         pacer.push_message(msg)
+                    case SendToClient(message=m.Usage() as msg):
+                        self._send(msg)
+                        self._account(now)
                     case SendToClient(message=msg):
                         self._send(msg)
                     case StartAudioItem(item_id=item_id):
@@ -1521,6 +1582,7 @@ class Session:
         self._log("warning", "model stream failed", kind=kind, error=message,
                   decision=type(decision).__name__ if decision else "Replace")
         if isinstance(decision, GiveUp):
+            self._emit(Count("recovery_failures", kind))
             self._fatal_model(failure, message, now)
             return
         cur, self._current = self._current, None
@@ -1549,6 +1611,36 @@ class Session:
         else:
             self._begin_closing(now, CloseCode.INTERNAL_ERROR, "model unavailable", CLOSE_FLUSH_S)
 
+    # -- usage and budget --------------------------------------------------------------------------------
+    def _account(self, now: float) -> None:
+        """Nova reported usage: count what it adds, and end the session once the user's budget is spent."""
+        used = self._dialogue.usage
+        added = used - self._usage_counted
+        if not added:
+            return
+        self._usage_counted = used
+        for kind, n in added.counts():
+            if n:
+                self._emit(Count("tokens", kind, n))
+        self._emit(Count("cost_usd", "", self.cfg.prices.cost(added)))
+        if not self._budgeted:
+            return
+        self._usage_unrecorded += added
+        if now - self._usage_recorded_at >= USAGE_RECORD_EVERY_S:
+            self._record_usage(now)
+        if self._closing is None and self._spent_before + self.cfg.prices.cost(used) >= self.cfg.user_budget_usd:
+            self._emit(Count("budget_exceeded", "live"))
+            self._log("info", "session ended: budget spent")
+            self._send(m.Error(codes.BUDGET_EXCEEDED, "this user's budget for the period is spent", True))
+            self._begin_closing(now, CloseCode.BUDGET_EXCEEDED, "budget exceeded", CLOSE_FLUSH_S)
+
+    def _record_usage(self, now: float) -> None:
+        self._usage_recorded_at = now
+        if self._usage_unrecorded and self._budgeted:
+            self._emit(RecordUsage(self._principal, self.conversation_id or "", self._usage_unrecorded,
+                                   self.cfg.prices.cost(self._usage_unrecorded)))
+            self._usage_unrecorded = Tokens()
+
     # -- the store -------------------------------------------------------------------------------------
     def _queue_write(self, item: Item, now: float) -> None:
         """Writes wait here, in order, while the store is down. Past the bound the session ends (1013):
@@ -1564,6 +1656,12 @@ class Session:
             return
         self._writes.append(item)
         self._writes_bytes += item.size
+        self._count_backlog()
+
+    def _count_backlog(self) -> None:
+        if len(self._writes) != self._backlog and self.state is not State.CLOSED:
+            self._emit(Count("store_backlog", "", len(self._writes) - self._backlog))
+            self._backlog = len(self._writes)
 
     def _pump_store(self, now: float) -> None:
         if (self._store_op is not None or self._store_retry_at is not None or not self.conversation_id
@@ -1646,6 +1744,16 @@ class Session:
         self._closed()
 
     def _closed(self) -> None:
+        if self.state is not State.CLOSED:
+            if self._backlog:  # what is left unsaved is the client's to hand back (receipts)
+                self._emit(Count("store_backlog", "", -self._backlog))
+                self._backlog = 0
+            if self._usage_counted:
+                self._record_usage(self._now)
+                self._log("info", "session usage", conversation_id=self.conversation_id,
+                          cost_usd=round(self.cfg.prices.cost(self._usage_counted), 6), **dict(self._usage_counted.counts()))
+                self._emit(Observe("session_tokens", self._usage_counted.total))
+                self._emit(Observe("session_cost_usd", self.cfg.prices.cost(self._usage_counted)))
         self.state = State.CLOSED
         self._store_retry_at = self._keepalive_at = self._reopen_at = self._deaf_at = None
         self._truncates.clear()

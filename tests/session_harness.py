@@ -19,6 +19,7 @@ from protocol.session import (
     Admit,
     Authenticate,
     CancelTool,
+    CheckBudget,
     CloseSocket,
     CloseStream,
     Count,
@@ -29,6 +30,7 @@ from protocol.session import (
     Log,
     Observe,
     OpenStream,
+    RecordUsage,
     ReloadConversation,
     RunTool,
     SendAudio,
@@ -119,6 +121,8 @@ class FakeStore:
         self.down = False
         self.ids = itertools.count(1)
         self.writes: list[str] = []  # item ids, in the order they were stored
+        self.spent: dict[str, float] = {}  # principal -> USD spent this period (CheckBudget)
+        self.usage: list = []              # RecordUsage effects, in order
 
     def create(self, owner):
         cid = f"conv{next(self.ids)}"
@@ -371,6 +375,13 @@ class Harness:
                 s.authenticated(self.creds.principal(token), now)
             case Admit(principal=principal):
                 s.admitted(self.refuse(principal) if self.refuse else None, now)
+            case CheckBudget(principal=principal):
+                if self.store.down:
+                    s.store_failed("store down", now)
+                else:
+                    s.budget_checked(self.store.spent.get(principal, 0.0), now)
+            case RecordUsage():
+                self.store.usage.append(e)
             case LoadConversation() | ReloadConversation() | CreateConversation() | HoldConversation() | StoreItem() \
                     | EndConversation() if self.slow_store:
                 self.store_delay_ops.append(e)

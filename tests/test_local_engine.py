@@ -185,7 +185,7 @@ async def test_spoken_turn_gives_transcript_and_assistant_blocks(make_engine):
 
     # Nova 2's voice activity, as in a raw capture: userSpeechStart → completionStart → userSpeechEnd → USER TEXT
     assert first_turn_opening(events)
-    assert isinstance(events[-1], nv.UsageEvent) and events[-1].total_tokens > 0
+    assert isinstance(events[-1], nv.UsageEvent) and events[-1].tokens.total > 0
     bs = blocks(events)
     assert shape(bs) == TWO_SENTENCE_TURN
     assert bs[0].texts == [SMITH]

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from protocol import nova_events as ne
+from protocol.usage import Tokens
 
 P, C = "prompt-1", "content-1"
 IDS = {"sessionId": "sess-1", "promptName": P, "completionId": "comp-1"}
@@ -239,7 +240,7 @@ def test_round_trip_usage():
         "output": {"speechTokens": 40, "textTokens": 5},
     }
     assert (body["totalInputTokens"], body["totalOutputTokens"], body["totalTokens"]) == (172, 45, 217)
-    assert ne.parse_output_event(ev) == ne.UsageEvent(172, 45, 217)
+    assert ne.parse_output_event(ev) == ne.UsageEvent(Tokens(150, 22, 40, 5))
 
 
 def test_output_events_carry_ids():
@@ -292,7 +293,7 @@ def test_parses_captured_usage_event():
             }
         }
     }
-    assert ne.parse_output_event(raw) == ne.UsageEvent(172, 0, 172)
+    assert ne.parse_output_event(raw) == ne.UsageEvent(Tokens(150, 22, 0, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,4 +386,4 @@ def test_input_events_parse_as_unknown():
 def test_missing_fields_default_to_empty():
     assert ne.parse_output_event({"event": {"contentEnd": {}}}) == ne.ContentEnd("", "", "")
     assert ne.parse_output_event({"event": {"textOutput": {}}}) == ne.TextOutput("", "", "", False)
-    assert ne.parse_output_event({"event": {"usageEvent": {}}}) == ne.UsageEvent(0, 0, 0)
+    assert ne.parse_output_event({"event": {"usageEvent": {}}}) == ne.UsageEvent(Tokens())

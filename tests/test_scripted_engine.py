@@ -78,7 +78,7 @@ async def test_spoken_turn_gives_the_nova_event_sequence(make_engine):
     events = await collect(s.stream, is_usage)
 
     assert first_turn_opening(events)  # userSpeechStart → completionStart → userSpeechEnd → USER TEXT
-    assert isinstance(events[-1], nv.UsageEvent) and events[-1].total_tokens > 0
+    assert isinstance(events[-1], nv.UsageEvent) and events[-1].tokens.total > 0
     bs = blocks(events)
     assert shape(bs) == TURN_SHAPE
     assert bs[0].texts == ["utterance 1"]

@@ -253,3 +253,22 @@ async def test_a_tool_item_from_a_taken_over_connection_is_still_stored(store, n
     epoch = await new_store().revoke(cid)
     late = Item("t0004", "tool", tool.text, "2026-11-24T10:00:04Z")
     await gone("revoked", store.append(cid, late, connection_id="conn-a", epoch=epoch - 1))
+
+
+async def test_usage_ledger_adds_up_per_owner_and_period_across_instances(store, new_store):
+    """A user's spend (the budget, docs/usage.md) adds up over conversations and connections, as another
+    instance of the store sees it; other owners, other periods and deleted conversations keep theirs."""
+    alice, bob = "a1" * 32, "b2" * 32
+    c1, c2, c3 = await store.create(alice), await store.create(alice), await store.create(bob)
+    await store.add_usage(alice, "2026-11-30", c1, 1000, 0.25)
+    await store.add_usage(alice, "2026-11-30", c1, 500, 0.125)   # the same conversation again: added
+    await store.add_usage(alice, "2026-11-30", c2, 100, 0.5)
+    await store.add_usage(alice, "2026-11-29", c2, 100, 7.0)     # another period
+    await store.add_usage(bob, "2026-11-30", c3, 100, 3.0)
+    other = new_store()
+    assert await other.spent(alice, "2026-11-30") == pytest.approx(0.875)
+    assert await other.spent(bob, "2026-11-30") == pytest.approx(3.0)
+    assert await other.spent("c3" * 32, "2026-11-30") == 0.0
+    await store.delete(c1)  # erasing a conversation does not refund what it spent
+    assert await other.spent(alice, "2026-11-30") == pytest.approx(0.875)
+    assert await other.spent(alice, "2026-11-29") == pytest.approx(7.0)

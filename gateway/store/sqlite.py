@@ -59,6 +59,14 @@ CREATE TABLE IF NOT EXISTS items (
     UNIQUE (conversation_id, item_id)
 );
 CREATE INDEX IF NOT EXISTS items_by_time ON items (conversation_id, at, seq);
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT NOT NULL,
+    period TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, period, conversation_id)
+);
 """
 
 # columns added since the first schema: (table, column, declaration), applied when missing
@@ -247,8 +255,19 @@ class SQLiteStore:
     async def end(self, conversation_id: str) -> None:
         await self._run(lambda db: db.execute("UPDATE conversations SET ended = 1 WHERE id = ?", (conversation_id,)))
 
+    async def add_usage(self, owner: str, period: str, conversation_id: str, tokens: int, cost_usd: float) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO usage (owner, period, conversation_id, tokens, cost_usd) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (owner, period, conversation_id) DO UPDATE SET tokens = tokens + excluded.tokens, "
+            "cost_usd = cost_usd + excluded.cost_usd", (owner, period, conversation_id, tokens, cost_usd)))
+
+    async def spent(self, owner: str, period: str) -> float:
+        row = await self._run(lambda db: db.execute(
+            "SELECT coalesce(sum(cost_usd), 0) FROM usage WHERE owner = ? AND period = ?", (owner, period)).fetchone())
+        return float(row[0])
+
     async def delete(self, conversation_id: str) -> None:
-        # items go with it (ON DELETE CASCADE), in one statement
+        # items go with it (ON DELETE CASCADE), in one statement; its usage stays (the user spent it)
         await self._run(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)))
 
     async def history(self, conversation_id: str) -> list[Item]:
