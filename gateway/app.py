@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -20,6 +19,7 @@ from protocol.codes import CloseCode
 from protocol import realtime as rt
 from protocol.models import history_limits, model_spec
 from protocol.session import SessionConfig, SessionEnv, may_use
+from protocol.usage import Prices
 
 from . import clock, codecs, metrics, telephony
 from .actor import SessionActor
@@ -28,13 +28,13 @@ from .audio import InputResampler, SpeechActivity
 from .config import Settings
 from .logs import log
 from .store import ConversationStore, open_store
-from .tokens import Authenticator, Signer, load_secret, owner_hash
+from .tokens import Authenticator, Signer, load_previous_secrets, load_secret, owner_hash
 from .tools import ToolBox, ToolSetupError, open_toolbox
 from .transport import ModelTransport
-from .web import AppFiles, HostCheck, SecurityHeaders, allowed_hosts, origin_allowed
+from .web import AppFiles, HostCheck, SecurityHeaders, allowed_hosts, app_dir, origin_allowed
 
 logger = logging.getLogger("novagate.app")
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = app_dir()  # web/ of the repository, or its copy in an installed wheel
 SUBPROTOCOL = "novagate.v1"
 
 
@@ -107,6 +107,9 @@ def session_config(settings: Settings, transport: ModelTransport, toolbox: ToolB
         tools=tuple(toolbox.nova_tools()) if toolbox is not None else (),
         public_tools=frozenset(spec.name for spec in specs if spec.public),
         tool_timeout_s=settings.tool_timeout_s,
+        prices=Prices(settings.price_input_speech, settings.price_input_text, settings.price_output_speech,
+                      settings.price_output_text),
+        user_budget_usd=settings.user_budget_usd,
     )
 
 
@@ -177,7 +180,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         transport = open_transport(settings)
         if settings.engine == "bedrock" and (warning := model_spec(settings.model_id).warning()):
             log(logger, logging.WARNING, warning, model_id=settings.model_id)
-        signer = Signer(secret, resume_ttl=settings.resume_ttl)
+        signer = Signer(secret, resume_ttl=settings.resume_ttl,  # earlier secrets verify during a rotation
+                        previous=load_previous_secrets(settings.secret_previous, settings.secret_previous_file))
         authenticator = Authenticator.from_settings(settings)
         services = Services(
             settings=settings,

@@ -1,4 +1,4 @@
-"""`novagate` command line: serve, client, emulate."""
+"""`novagate` command line: serve, check, client, emulate."""
 
 from __future__ import annotations
 
@@ -21,11 +21,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"novagate: configuration error: {e}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, show_text=settings.log_transcripts)
-    from .tokens import Authenticator, load_secret
+    from .tokens import Authenticator, load_previous_secrets, load_secret
 
     try:  # secrets (environment or files, never flags): a short or unreadable one stops us now
         load_secret(settings.secret, settings.secret_file)
+        load_previous_secrets(settings.secret_previous, settings.secret_previous_file)
         Authenticator.from_settings(settings)
+        if settings.engine == "local":  # its speech packages are the `local` extra: missing, say so now
+            from .local.speech import check_installed
+
+            check_installed(settings.local_asr, settings.local_tts)
     except (ConfigError, OSError) as e:
         print(f"novagate: configuration error: {e}", file=sys.stderr)
         return 2
@@ -39,6 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         print(f"novagate: AWS region {found.region}, credentials {found.access_key_id}"
               + (" (temporary)" if found.temporary else ""), file=sys.stderr)
+        if settings.preflight and not _preflight(settings):
+            return 2
     from . import workers
 
     n = settings.workers or workers.default_workers()
@@ -56,6 +63,51 @@ def _serve(args: argparse.Namespace) -> int:
           f"store {settings.store}){admin}", file=sys.stderr, flush=True)
     server.build(settings, app).run()
     return 0
+
+
+def _preflight(settings: Settings) -> bool:
+    """The start-up permission check (gateway/preflight.py): False when a permission is missing."""
+    from . import preflight
+
+    results = asyncio.run(preflight.run(settings))
+    for r in results:
+        print(f"novagate: preflight: {r.line()}", file=sys.stderr)
+    fatal = [r for r in results if r.fatal]
+    if fatal:
+        print(f"novagate: cannot start: {fatal[0].check}: {fatal[0].detail}. See docs/iam.md; "
+              "NOVAGATE_PREFLIGHT=false starts without the check", file=sys.stderr, flush=True)
+        return False
+    if any(r.status == preflight.UNREACHABLE for r in results):
+        print("novagate: warning: the permission check could not finish (above); starting anyway",
+              file=sys.stderr, flush=True)
+    return True
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`novagate check`: the start-up checks, one line each. Exit 0: all passed; 2: a permission or the
+    configuration is wrong; 1: a check could not finish (unreachable, throttled), nothing wrong found."""
+    from . import preflight
+
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as e:
+        print(f"novagate check: configuration error: {e}", file=sys.stderr)
+        return 2
+    if settings.engine != "bedrock" and settings.store != "agent-runtime":
+        print(f"nothing to check: engine {settings.engine} and store {settings.store} use no AWS service")
+        return 0
+
+    async def run() -> list:
+        creds = await preflight.check_credentials(settings, settings.preflight_timeout_s)
+        return [creds] + ([] if creds.fatal else await preflight.run(settings))
+
+    results = asyncio.run(run())
+    for r in results:
+        print(r.line(), flush=True)
+    print(f"novagate check: {preflight.summary(results)}", flush=True)
+    if any(r.fatal for r in results):
+        return 2
+    return 1 if any(r.status == preflight.UNREACHABLE for r in results) else 0
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -103,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         "file (mode 0600). See docs/auth.md.")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    check = sub.add_parser(
+        "check", help="check the AWS permissions the configuration needs, one line per check (docs/iam.md)",
+        description="Run the start-up permission check of `novagate serve` with the same settings (environment or "
+        "flags) and print one line per check. Exit 0: every check passed; 2: a permission is missing or the "
+        "configuration is wrong; 1: a check could not finish (service unreachable, throttled).")
+    add_arguments(check)
+    check.set_defaults(func=_check)
 
     client = sub.add_parser("client", help="talk to a gateway: a WAV file or a text turn")
     client.add_argument("--url", default="ws://127.0.0.1:8000/v1/voice")

@@ -11,6 +11,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from protocol.nova_events import DEFAULT_MODEL_ID, IDLE_TIMEOUT_S, MAX_STREAM_AGE_S, NOVA_SONIC_V1_MODEL_ID
+from protocol.usage import Prices
+
+_PRICES = Prices()  # the defaults of NOVAGATE_PRICE_*
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise voice assistant. Keep answers short and conversational; "
@@ -19,6 +22,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 MIN_SECRET_BYTES = 32
+# CreateSession's encryptionKeyArn (the service model's pattern), the region captured
+KMS_KEY_ARN_RE = re.compile(r"^arn:aws(|-cn|-us-gov):kms:(?P<region>[a-zA-Z0-9-]*):[0-9]{12}:key/[a-zA-Z0-9-]{36}$")
 MAKE_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
 
@@ -72,6 +77,20 @@ class Settings:
         default="", metadata={"help": "Bedrock Agent Runtime endpoint URL (default: "
                               "AWS_ENDPOINT_URL_BEDROCK_AGENT_RUNTIME, else the region's)"}
     )
+    agent_runtime_kms_key_arn: str = field(
+        default="", metadata={"help": "customer-managed KMS key (its ARN, in the gateway's region) that encrypts the "
+                              "Agent Runtime sessions the gateway creates (CreateSession encryptionKeyArn); the role "
+                              "needs the KMS statement of docs/iam.md; empty: an AWS-managed key"}
+    )
+    preflight: bool = field(
+        default=True, metadata={"help": "at start (engine bedrock, store agent-runtime): prove the AWS permissions "
+                                "with read-only probes and one Nova Sonic stream (docs/iam.md); a missing permission "
+                                "stops the start (exit 2), an unreachable service is a warning"}
+    )
+    preflight_timeout_s: float = field(
+        default=10.0, metadata={"help": "seconds the start-up permission check may take in all; a check still "
+                                "unanswered then is a warning"}
+    )
     # Secrets are never flags (a command line is visible in `ps`): environment or files only.
     secret: str = field(
         default="", repr=False,
@@ -82,6 +101,16 @@ class Settings:
     secret_file: str = field(
         default="var/secret", metadata={"help": "file of the server secret when NOVAGATE_SECRET is unset; "
                                         "created (mode 0600) if missing"}
+    )
+    secret_previous: str = field(
+        default="", repr=False,
+        metadata={"secret": True, "help": "comma-separated earlier server secrets, during a rotation: resume tokens "
+                  "and receipts signed with them still verify, nothing new is signed with them; keep them at least "
+                  "NOVAGATE_RESUME_TTL after the new secret is everywhere, then remove them"}
+    )
+    secret_previous_file: str = field(
+        default="", metadata={"help": "file of earlier server secrets, one per line, instead of "
+                              "NOVAGATE_SECRET_PREVIOUS"}
     )
     auth_jwt_secret: str = field(
         default="", repr=False,
@@ -279,6 +308,23 @@ class Settings:
         default=True, metadata={"help": "/v1/realtime: a client's session.update may replace the system prompt "
                                 "(instructions); false: the server's prompt stays and they are refused with an error"}
     )
+    # -- usage and cost (protocol/usage.py, docs/usage.md): USD per 1,000 tokens, and a per-user budget
+    price_input_speech: float = field(
+        default=_PRICES.input_speech, metadata={"help": "USD per 1,000 speech input tokens (the cost metrics and budget)"})
+    price_input_text: float = field(
+        default=_PRICES.input_text, metadata={"help": "USD per 1,000 text input tokens"})
+    price_output_speech: float = field(
+        default=_PRICES.output_speech, metadata={"help": "USD per 1,000 speech output tokens"})
+    price_output_text: float = field(
+        default=_PRICES.output_text, metadata={"help": "USD per 1,000 text output tokens"})
+    user_budget_usd: float = field(
+        default=0.0, metadata={"help": "what one authenticated user may spend per budget period, in USD (0: no "
+                               "budget); past it new sessions are refused and live ones end (4402 budget_exceeded)"})
+    user_budget_period: str = field(
+        default="day", metadata={"help": "the budget's period: day or month (UTC)", "choices": ("day", "month")})
+    usage_metrics_by_user: bool = field(
+        default=False, metadata={"help": "also count tokens per user (novagate_user_tokens_total{user=<owner hash>}): "
+                                 "one series per user, so only for a bounded number of users"})
     # -- telephony: Twilio Media Streams, /v1/telephony/twilio (gateway/telephony.py, docs/telephony.md)
     twilio_auth_token: str = field(
         default="", repr=False,
@@ -344,6 +390,12 @@ class Settings:
             if getattr(self, name) and not 1024 <= getattr(self, name) <= 10 * 1024 * 1024:
                 raise ConfigError(f"NOVAGATE_{name.upper()}={getattr(self, name)} must be 0 (the model's) or "
                                   "between 1024 and 10485760 bytes")
+        for name in ("price_input_speech", "price_input_text", "price_output_speech", "price_output_text",
+                     "user_budget_usd"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"NOVAGATE_{name.upper()}={getattr(self, name)} must be >= 0")
+        if self.user_budget_period not in ("day", "month"):
+            raise ConfigError(f"NOVAGATE_USER_BUDGET_PERIOD={self.user_budget_period!r}: day or month")
         if not self.tool_timeout_s > 0:
             raise ConfigError(f"NOVAGATE_TOOL_TIMEOUT_S={self.tool_timeout_s} must be > 0 seconds")
         if self.local_input_gap_s < 0:
@@ -356,6 +408,20 @@ class Settings:
                 f"NOVAGATE_ENGINE={self.engine} / NOVAGATE_STORE={self.store} need an AWS region: set "
                 "NOVAGATE_REGION or AWS_REGION (Nova 2 Sonic: us-east-1, us-west-2, ap-northeast-1)"
             )
+        if not 0 < self.preflight_timeout_s <= 120:
+            raise ConfigError(f"NOVAGATE_PREFLIGHT_TIMEOUT_S={self.preflight_timeout_s} must be in (0, 120] seconds")
+        if self.agent_runtime_kms_key_arn:
+            m = KMS_KEY_ARN_RE.match(self.agent_runtime_kms_key_arn)
+            if m is None:
+                raise ConfigError(
+                    f"NOVAGATE_AGENT_RUNTIME_KMS_KEY_ARN={self.agent_runtime_kms_key_arn!r} is not a KMS key ARN "
+                    "(arn:aws:kms:REGION:ACCOUNT:key/KEY_ID, the key's id or an mrk- multi-Region id; not an alias)"
+                )
+            if self.aws_region and m.group("region") != self.aws_region:
+                raise ConfigError(
+                    f"NOVAGATE_AGENT_RUNTIME_KMS_KEY_ARN is a key in {m.group('region') or 'no region'}; the sessions "
+                    f"are in {self.aws_region}: use a key (or a multi-Region replica) in {self.aws_region}"
+                )
 
     def _validate_scripted(self) -> None:
         if not 0 < self.scripted_reply_s <= 600:
@@ -396,6 +462,12 @@ class Settings:
                     f"NOVAGATE_{name.upper()} is {len(value)} bytes; a secret must be at least {MIN_SECRET_BYTES} "
                     f"bytes. Make one with: {MAKE_SECRET}"
                 )
+        for i, value in enumerate(self.secret_previous.split(",") if self.secret_previous.strip() else ()):
+            if len(value.strip().encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(f"NOVAGATE_SECRET_PREVIOUS: secret {i + 1} is {len(value.strip().encode())} bytes; "
+                                  f"each must be at least {MIN_SECRET_BYTES} bytes (comma-separated, no empty entry)")
+        if self.secret_previous and self.secret_previous_file:
+            raise ConfigError("set NOVAGATE_SECRET_PREVIOUS or NOVAGATE_SECRET_PREVIOUS_FILE, not both")
         if self.auth_jwt_secret and self.auth_jwt_secret_file:
             raise ConfigError("set NOVAGATE_AUTH_JWT_SECRET or NOVAGATE_AUTH_JWT_SECRET_FILE, not both")
         if self.auth_jwks_url and self.auth_jwks_file:

@@ -57,14 +57,66 @@ LOOP_LAG = Histogram(
     "novagate_event_loop_lag_seconds", "how late the event loop ran a timer it was asked to run",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+# The guide's history-load alarm for CloudWatch, whose agent drops Prometheus histograms: the same loads as
+# counters (docs/observability.md).
+HISTORY_LOADS = Counter("novagate_history_loads_total", "conversation history loads (as "
+                        "novagate_history_load_seconds_count)")
+HISTORY_LOADS_SLOW = Counter("novagate_history_loads_slow_total", "history loads that took longer than 2 s")
+
+
+class _HistoryLoad:
+    """`novagate_history_load_seconds`, and the two counters a CloudWatch alarm can read."""
+
+    def observe(self, seconds: float) -> None:
+        HISTORY_LOAD.observe(seconds)
+        HISTORY_LOADS.inc()
+        if seconds > 2:
+            HISTORY_LOADS_SLOW.inc()
+
+
+# Recovery and the store, for the alerts (docs/observability.md).
+RECOVERY_FAILURES = Counter("novagate_stream_recovery_failures_total", "model stream recoveries given up (the session "
+                            "ended 1011 model_unavailable)", ["kind"])
+STORE_BACKLOG = Gauge("novagate_store_backlog_items", "items waiting to be stored, over all sessions (the store is "
+                      "slow or down while this grows)", multiprocess_mode="livesum")
+# Usage and cost (protocol/usage.py, docs/usage.md), from Nova's usageEvents.
+TOKENS = Counter("novagate_tokens_total", "model tokens, by direction and modality", ["direction", "modality"])
+COST = Counter("novagate_cost_usd_total", "what the model tokens cost at the configured prices (USD)")
+SESSION_TOKENS = Histogram("novagate_session_tokens", "model tokens of one session, at its end",
+                           buckets=(100, 1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000))
+SESSION_COST = Histogram("novagate_session_cost_usd", "what one session's tokens cost, at its end (USD)",
+                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+BUDGET_EXCEEDED = Counter("novagate_budget_exceeded_total", "sessions refused (when=start) or ended (when=live) "
+                          "because the user's budget was spent", ["when"])
+USER_TOKENS = Counter("novagate_user_tokens_total", "model tokens per user (owner hash; only with "
+                      "NOVAGATE_USAGE_METRICS_BY_USER)", ["user"])
+USAGE_RECORD_ERRORS = Counter("novagate_usage_record_errors_total", "a user's usage that could not be added to "
+                              "the store's ledger (a budget may then under-count)")
 # Overload (gateway/health.py) and workers.
 OVERLOADED = Gauge("novagate_overloaded", "worker processes refusing new sockets because their event loop lags or "
                    "their CPU is spent (0 or 1 with one process)", multiprocess_mode="livesum")
 WORKER_SOCKETS = Gauge("novagate_worker_sockets", "sockets (sessions and handshakes) each worker process holds "
                        "(label pid under several workers)", multiprocess_mode="liveall")
 
-# What protocol.session.Session counts (its Count / Observe effects name these).
+
+
+class _TokensByKind:
+    """`novagate_tokens_total` children by the session's kind names ("input_speech", ...)."""
+
+    children = {f"{d}_{mo}": TOKENS.labels(d, mo) for d in ("input", "output") for mo in ("speech", "text")}
+
+    def labels(self, kind: str):
+        return self.children[kind]
+
+
+# What protocol.session.Session counts (its Count / Observe effects name these; store_backlog is a gauge
+# the session moves up and down).
 SESSION_COUNTERS = {
+    "recovery_failures": RECOVERY_FAILURES,
+    "store_backlog": STORE_BACKLOG,
+    "tokens": _TokensByKind(),
+    "cost_usd": COST,
+    "budget_exceeded": BUDGET_EXCEEDED,
     "resumes": RESUMES,
     "items_saved": ITEMS_SAVED,
     "store_errors": STORE_ERRORS,
@@ -75,8 +127,9 @@ SESSION_COUNTERS = {
     "tool_calls": TOOL_CALLS,
     "history_fallbacks": HISTORY_FALLBACKS,
 }
-SESSION_HISTOGRAMS = {"history_load_seconds": HISTORY_LOAD, "tool_call_seconds": TOOL_CALL_TIME,
-                      "speech_end_to_audio_seconds": SPEECH_END_TO_AUDIO}
+SESSION_HISTOGRAMS = {"history_load_seconds": _HistoryLoad(), "tool_call_seconds": TOOL_CALL_TIME,
+                      "speech_end_to_audio_seconds": SPEECH_END_TO_AUDIO, "session_tokens": SESSION_TOKENS,
+                      "session_cost_usd": SESSION_COST}
 
 
 async def endpoint(request: Request) -> Response:

@@ -99,6 +99,31 @@ def load_secret(configured: str, path: str) -> bytes:
     return read_secret_file(p, "NOVAGATE_SECRET_FILE")
 
 
+def load_previous_secrets(configured: str = "", path: str = "") -> tuple[bytes, ...]:
+    """Earlier server secrets kept during a rotation (NOVAGATE_SECRET_PREVIOUS, comma-separated, or
+    NOVAGATE_SECRET_PREVIOUS_FILE, one per line): they verify what they signed, and sign nothing.
+    Each must be at least 32 bytes; an unreadable file is a ConfigError."""
+    if path:
+        try:
+            p = Path(path)
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+            text = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"NOVAGATE_SECRET_PREVIOUS_FILE: cannot read {path}: {e.strerror or e}") from None
+        if mode & 0o077:
+            log(logger, logging.WARNING, "secret file is readable by other users; chmod 600 it",
+                path=str(p), mode=f"{mode:04o}", setting="NOVAGATE_SECRET_PREVIOUS_FILE")
+        values, what = text.splitlines(), f"NOVAGATE_SECRET_PREVIOUS_FILE ({path})"
+    else:
+        values, what = configured.encode().split(b","), "NOVAGATE_SECRET_PREVIOUS"
+    values = [v.strip() for v in values]
+    if path:
+        values = [v for v in values if v]  # blank lines
+    elif not any(values):
+        return ()
+    return tuple(dict.fromkeys(check_secret(v, what) for v in values))
+
+
 def _create_exclusive(p: Path, value: bytes) -> None:
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -125,6 +150,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 # -- resume tokens and receipts ---------------------------------------------------------------------
+def _signing_key(secret: bytes) -> bytes:
+    return hashlib.sha256(b"novagate-signing\0" + secret).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class ResumeClaim:
     conversation_id: str
@@ -134,9 +163,23 @@ class ResumeClaim:
 
 
 class Signer:
-    def __init__(self, secret: bytes, *, resume_ttl: int = 86400):
-        self._key = hashlib.sha256(b"novagate-signing\0" + secret).digest()
+    """Signs with `secret`; verifies with it and with `previous` secrets (a rotation's grace period:
+    what an earlier secret signed stays valid until that secret is removed from the configuration)."""
+
+    def __init__(self, secret: bytes, *, resume_ttl: int = 86400, previous: Iterable[bytes] = ()):
+        self._key = _signing_key(secret)
+        self._keys = (self._key, *dict.fromkeys(k for k in map(_signing_key, previous) if k != self._key))
         self.resume_ttl = resume_ttl
+
+    def _decode(self, token: str, **kwargs: Any) -> dict[str, Any]:
+        """The verified claims: the current key first, then each previous one. Only a signature that
+        fails moves on to the next key; any other failure (expired, wrong audience) is final."""
+        for key in self._keys[:-1]:
+            try:
+                return jwt.decode(token, key, algorithms=[_ALG], **kwargs)
+            except jwt.InvalidSignatureError:
+                continue
+        return jwt.decode(token, self._keys[-1], algorithms=[_ALG], **kwargs)
 
     # resume tokens ---------------------------------------------------------------------------
     def resume_token(self, conversation_id: str, owner: str, epoch: int = 0, not_after: int | None = None) -> str:
@@ -151,8 +194,7 @@ class Signer:
 
     def read_resume_token(self, token: str) -> ResumeClaim | None:
         try:
-            c = jwt.decode(token, self._key, algorithms=[_ALG], audience=_RESUME_AUD,
-                           options={"require": ["exp", "cid", "own"]})
+            c = self._decode(token, audience=_RESUME_AUD, options={"require": ["exp", "cid", "own"]})
         except (jwt.PyJWTError, TypeError, ValueError):
             return None
         epoch, not_after = c.get("ep", 0), c.get("naf")
@@ -168,7 +210,7 @@ class Signer:
     def read_receipt(self, token: str, conversation_id: str) -> Item | None:
         """The item, if this server signed the receipt for this conversation."""
         try:
-            c = jwt.decode(token, self._key, algorithms=[_ALG], audience=_RECEIPT_AUD, options={"require": ["cid"]})
+            c = self._decode(token, audience=_RECEIPT_AUD, options={"require": ["cid"]})
             if c["cid"] != conversation_id:
                 return None
             item = Item.from_dict(c["item"])

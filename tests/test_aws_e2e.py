@@ -155,7 +155,9 @@ async def test_access_denied_by_nova_is_a_clear_fatal_error(make_gateway, aws_st
         import socket
 
         _wait(lambda: socket.create_connection(("127.0.0.1", port), 1).close() or True, "emulator", emu)
-        gw = make_gateway(AWS_ENDPOINT_URL_BEDROCK_RUNTIME=f"https://localhost:{port}", SSL_CERT_FILE=bundle)
+        # the start-up check would stop the gateway (tests/test_preflight.py): this is the refusal met while serving
+        gw = make_gateway(AWS_ENDPOINT_URL_BEDROCK_RUNTIME=f"https://localhost:{port}", SSL_CERT_FILE=bundle,
+                          NOVAGATE_PREFLIGHT="false")
         c = VoiceClient(gw.ws, state=ClientState())
         try:
             await c.connect(mic=False)

@@ -153,7 +153,7 @@ async def test_a_tool_result_survives_kill_9_and_reaches_the_model_after_resume(
     assert [i["item_id"] for i in tools] == [ended["item_id"]]
     assert json.loads(tools[0]["text"])["result"]["doctor"] == "Dr. Okafor"
     trace = trace_lines(stack)
-    last = max(r["stream"] for r in trace if r["event"] == "promptStart")
+    last = [r["stream"] for r in trace if r["event"] == "promptStart"][-1]  # the newest (ids do not sort: "-9-" > "-10-")
     history = " ".join(r["content"] for r in trace if r["stream"] == last and r["event"] == "textInput"
                        and not r["interactive"])
     assert "(I called the record_call tool with" in history and "Dr. Okafor" in history

@@ -9,9 +9,14 @@ client can prove it sorts for itself).
 
 For resilience tests it injects faults: per-operation queues of forced errors, added latency, and
 "drop the response after committing" (the connection closes without an answer, so the client retries
-a write that already happened). It counts calls per operation so a test can assert what a resume
-costs. It is driven from Python (in-process tests) or over a small admin API under `/_fake/`
-(subprocess tests); see `AgentRuntimeFake` and `_Handler._admin`.
+a write that already happened). For permission tests it denies operations as IAM would (`deny`,
+`--deny GetSession,ListSessions`): 403 `AccessDeniedException` with a message shaped like AWS's, naming
+the action and the resource ("User: arn:aws:sts::ACCOUNT:assumed-role/... is not authorized to perform:
+bedrock:GetSession on resource: arn:aws:bedrock:REGION:ACCOUNT:session/ID because no identity-based
+policy allows the bedrock:GetSession action"; no resource for ListSessions, which has none). It counts
+calls per operation so a test can assert what a resume costs. It is driven from Python (in-process
+tests) or over a small admin API under `/_fake/` (subprocess tests); see `AgentRuntimeFake` and
+`_Handler._admin`.
 
 Behaviour the real service does not document is chosen conservatively here and listed in
 `ASSUMPTIONS`. Standard library only: it starts fast and needs no AWS package.
@@ -97,11 +102,12 @@ _ROUTES: list[tuple[re.Pattern, dict[str, str]]] = [
 
 
 def canonical_op(op: str) -> str:
-    """'PutInvocationStep', 'put_invocation_step' or '*' (every operation)."""
+    """'PutInvocationStep', 'put_invocation_step', 'bedrock:PutInvocationStep' or '*' (every operation)."""
+    op = op.strip()
     if op == "*":
         return op
     try:
-        return _OP_BY_KEY[op.replace("_", "").replace("-", "").lower()]
+        return _OP_BY_KEY[op.removeprefix("bedrock:").replace("_", "").replace("-", "").lower()]
     except KeyError:
         raise ValueError(f"unknown operation {op!r}") from None
 
@@ -208,14 +214,18 @@ class AgentRuntimeFake:
 
     Knobs (plain attributes, safe to set while serving): `latency` (seconds added to every call),
     `op_latency` ({op: seconds}, added on top), `oldest_first`, `max_text_bytes` (0 = no cap),
-    `duplicate_steps` ("overwrite" or "conflict"), `default_page_size`.
+    `duplicate_steps` ("overwrite" or "conflict"), `default_page_size`, `deny` (operations answered
+    with 403 AccessDeniedException as IAM would, "*" = all; set it with `configure(deny=[...])`).
     """
+
+    principal = "assumed-role/novagate/novagate-emulator"  # who the denial messages say is calling
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, region: str = "us-east-1",
                  account: str = "123456789012", latency: float = 0.0, oldest_first: bool = False,
                  max_text_bytes: int = 256 * 1024, duplicate_steps: str = "overwrite",
-                 default_page_size: int = 100):
+                 default_page_size: int = 100, deny=()):
         self.host, self.port = host, port
+        self.deny: frozenset[str] = frozenset(canonical_op(op) for op in deny)
         self.region, self.account = region, account
         self.latency = latency
         self.op_latency: dict[str, float] = {}
@@ -378,6 +388,7 @@ class AgentRuntimeFake:
                 "latency": self.latency, "op_latency": dict(self.op_latency), "oldest_first": self.oldest_first,
                 "max_text_bytes": self.max_text_bytes, "duplicate_steps": self.duplicate_steps,
                 "default_page_size": self.default_page_size, "region": self.region, "account": self.account,
+                "deny": sorted(self.deny),
             }
 
     def configure(self, **kw) -> dict:
@@ -398,6 +409,9 @@ class AgentRuntimeFake:
                     self.duplicate_steps = str(value)
                 elif key == "default_page_size":
                     self.default_page_size = int(value)
+                elif key == "deny":
+                    ops = value.split(",") if isinstance(value, str) else list(value)
+                    self.deny = frozenset(canonical_op(op) for op in ops if op.strip())
                 else:
                     raise ValueError(f"unknown setting {key!r}")
             self._validate_config()
@@ -443,11 +457,29 @@ class AgentRuntimeFake:
             if error == DROP:
                 return _Response(0, {}, drop=True)
             raise ApiError(error, message or f"injected {error} for {op}")
+        if op in self.deny or "*" in self.deny:
+            raise ApiError("AccessDeniedException", self.denied_message(op, groups))
         with self.lock:
             status, out = getattr(self, "_op_" + op)(groups, query, body)
         if self._should_drop(op):
             return _Response(status, out, drop=True)
         return _Response(status, out)
+
+    def denied_message(self, op: str, groups: tuple[str, ...] = ()) -> str:
+        """What IAM answers when the caller's policies do not allow `op`: the action and, for the
+        resource-scoped actions, the resource the request named (ListSessions has none)."""
+        action = f"bedrock:{op}"
+        caller = f"User: arn:aws:sts::{self.account}:{self.principal} is not authorized to perform: {action}"
+        because = f"because no identity-based policy allows the {action} action"
+        if op == "ListSessions":
+            return f"{caller} {because}"
+        if op == "CreateSession" or not groups:
+            resource = f"arn:aws:bedrock:{self.region}:{self.account}:session/*"
+        elif groups[0].startswith("arn:"):
+            resource = groups[0]
+        else:
+            resource = f"arn:aws:bedrock:{self.region}:{self.account}:session/{groups[0]}"
+        return f"{caller} on resource: {resource} {because}"
 
     # -- helpers -----------------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -838,7 +870,7 @@ class _Handler(BaseHTTPRequestHandler):
         POST /_fake/inject {op, error, times=1, message?}
         POST /_fake/drop_after_commit {op, times=1}
         GET|POST /_fake/config {latency | latency_ms, op_latency, oldest_first, max_text_bytes,
-                                duplicate_steps, default_page_size}
+                                duplicate_steps, default_page_size, deny}
         POST /_fake/expire/{sid}   POST /_fake/end/{sid}
         GET  /_fake/sessions/{sid} -> the stored state      GET /_fake/faults
         POST /_fake/clear_faults   POST /_fake/reset (everything)
@@ -906,15 +938,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=100, help="page size when maxResults is omitted")
     parser.add_argument("--region", default="us-east-1", help="region in session ARNs")
     parser.add_argument("--account", default="123456789012", help="account in session ARNs")
+    parser.add_argument("--deny", default="", metavar="OPS",
+                        help="comma-separated operations to refuse as IAM would, 403 AccessDeniedException naming "
+                        "the action and resource (e.g. GetSession,ListSessions; '*': all)")
 
 
 def run(args) -> int:
     """Serve in the foreground until Ctrl-C (or SIGTERM)."""
-    fake = AgentRuntimeFake(
-        args.host, args.port, region=args.region, account=args.account, latency=args.latency_ms / 1000,
-        oldest_first=args.oldest_first, max_text_bytes=args.max_text_bytes, duplicate_steps=args.duplicate_steps,
-        default_page_size=args.page_size,
-    )
+    try:
+        fake = AgentRuntimeFake(
+            args.host, args.port, region=args.region, account=args.account, latency=args.latency_ms / 1000,
+            oldest_first=args.oldest_first, max_text_bytes=args.max_text_bytes, duplicate_steps=args.duplicate_steps,
+            default_page_size=args.page_size, deny=[op for op in args.deny.split(",") if op.strip()],
+        )
+    except ValueError as e:
+        print(f"agent-runtime fake: {e}", file=sys.stderr)
+        return 2
     try:
         fake.start()
     except OSError as e:

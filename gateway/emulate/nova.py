@@ -35,7 +35,9 @@ Errors the emulator produces, as the service does:
   `modelTimeoutException` at stream age `max_stream_s`, and any kind injected with `inject()` or raised as
   `ModelError` by the backing transport (ACCESS_DENIED / CONNECTION, which have no stream member, become
   unmodeled `error` frames with codes `AccessDeniedException` / `InternalFailure`);
-* HTTP-level errors: 403 `AccessDeniedException` (`reject_403`), 403 `UnrecognizedClientException` /
+* HTTP-level errors: 403 `AccessDeniedException` (`reject_403`: the message Bedrock gives an account without
+  access to the model; `deny`, `--deny InvokeModelWithBidirectionalStream`: the message IAM gives a caller
+  whose policies do not allow the action, naming it and the model's ARN), 403 `UnrecognizedClientException` /
   `InvalidSignatureException` (with `credentials`, for an unknown key or a bad request signature),
   400 `ValidationException` (malformed model id), 404 `ResourceNotFoundException` (well-formed, unknown model id);
 * transport faults: RST_STREAM or a TCP reset after N input events, corrupt bytes after N output events.
@@ -44,10 +46,11 @@ Each connection advertises `max_concurrent_streams` (SETTINGS_MAX_CONCURRENT_STR
 SDK's client then holds a stream past it unsent, as it does against Bedrock.
 
 Fault-injection API (tests): `emu.inject(kind, message, after_events=N | after_s=T)` arms a fault for the
-next stream opened; `emu.reject_403 = True`; `emu.reset_after_events = N` (+ `emu.reset_connection = True`
-for a TCP reset instead of RST_STREAM); `emu.invalid_bytes_after = N` (output events). The one-shot faults
-(inject, reset, invalid bytes) are consumed by the next stream that opens. Counters: `streams_opened`,
-`events_received`, `stream_events` (the event names each stream received), `streams` (per-stream records).
+next stream opened; `emu.reject_403 = True`; `emu.deny = ("InvokeModel",)`; `emu.reset_after_events = N`
+(+ `emu.reset_connection = True` for a TCP reset instead of RST_STREAM); `emu.invalid_bytes_after = N`
+(output events). The one-shot faults (inject, reset, invalid bytes) are consumed by the next stream that
+opens. Counters: `streams_opened`, `events_received`, `stream_events` (the event names each stream
+received), `streams` (per-stream records).
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ DEFAULT_MESSAGES = {
     "error": "An internal failure occurred.",
 }
 ACCESS_DENIED_403 = "You don't have access to the model with the specified model ID."
+INVOKE_ACTIONS = ("InvokeModel", "InvokeModelWithBidirectionalStream")  # what `deny` may name (bedrock:...)
+DENIED_PRINCIPAL = "assumed-role/novagate/novagate-emulator"
 _ERRORTYPE_SUFFIX = ":http://internal.amazon.com/coral/com.amazon.bedrock/"
 _PATH_RE = re.compile(r"^/model/(?P<model>[^/]+)/invoke-with-bidirectional-stream/?$")
 _MODEL_ID_RE = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+(:[0-9a-z:.-]+)?$")
@@ -245,6 +250,8 @@ class NovaEmulator:
         history_limits: HistoryLimits | None = None,
         history_overrides: dict[str, int] | None = None,
         reject_403: bool = False,
+        deny: tuple[str, ...] | list[str] = (),
+        account: str = "123456789012",
         validate_order: bool = True,
         input_end_grace_s: float = 5.0,
         max_concurrent_streams: int | None = None,
@@ -271,6 +278,8 @@ class NovaEmulator:
         # fault injection
         self.reject_403 = reject_403
         self.reject_403_message = ACCESS_DENIED_403
+        self.deny = denied_actions(deny)  # IAM: every request answers 403 naming the first of these actions
+        self.account = account
         self.reset_after_events: int | None = None
         self.reset_connection = False
         self.reset_error_code = RST_INTERNAL_ERROR
@@ -331,6 +340,21 @@ class NovaEmulator:
         return model_id in self.models or (self.region_prefixes and base_model_id(model_id) != model_id
                                            and base_model_id(model_id) in self.models)
 
+    def model_arn(self, model_id: str) -> str:
+        """The resource a request for `model_id` is authorized on: the foundation model in this region, or
+        the inference profile of a cross-region id (or the ARN itself)."""
+        if model_id.startswith("arn:"):
+            return model_id
+        if base_model_id(model_id) != model_id:
+            return f"arn:aws:bedrock:{self.region}:{self.account}:inference-profile/{model_id}"
+        return f"arn:aws:bedrock:{self.region}::foundation-model/{model_id}"
+
+    def denied_message(self, action: str, model_id: str) -> str:
+        """IAM's refusal of `action` on the model, as AWS words it."""
+        return (f"User: arn:aws:sts::{self.account}:{DENIED_PRINCIPAL} is not authorized to perform: "
+                f"bedrock:{action} on resource: {self.model_arn(model_id)} because no identity-based policy "
+                f"allows the bedrock:{action} action")
+
     def history_for(self, model_id: str) -> HistoryLimits:
         """The history limits a stream of `model_id` enforces."""
         limits = self.history_limits or model_spec(model_id).history
@@ -377,6 +401,7 @@ class NovaEmulator:
         self.reset_after_events = None
         self.invalid_bytes_after = None
         self.reject_403 = False
+        self.deny = ()
 
     def _take_faults(self) -> tuple[list[Fault], int | None, bool, int | None]:
         faults = [*self.persistent_faults, *self._faults]
@@ -656,6 +681,9 @@ class _Stream:
                 return
         if emu.reject_403:
             await self._http_error(403, "AccessDeniedException", emu.reject_403_message)
+            return
+        if emu.deny:
+            await self._http_error(403, "AccessDeniedException", emu.denied_message(emu.deny[0], model_id))
             return
         if not emu.accepts(model_id):
             if _MODEL_ID_RE.match(model_id):
@@ -1087,7 +1115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-streams", type=int, metavar="N",
                         help="HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection (default 100, as h2's and as "
                         "Bedrock's behaves): a client's stream past it waits for a free slot")
-    parser.add_argument("--reject-403", action="store_true", help="answer every request with 403 AccessDeniedException")
+    parser.add_argument("--reject-403", action="store_true", help="answer every request with 403 AccessDeniedException "
+                        "(the message of an account without access to the model)")
+    parser.add_argument("--deny", default="", metavar="ACTIONS",
+                        help="comma-separated IAM actions the caller lacks (InvokeModel, "
+                        "InvokeModelWithBidirectionalStream): every request gets 403 AccessDeniedException naming the "
+                        "first and the model's ARN, as IAM words it")
+    parser.add_argument("--account", default="123456789012", help="the account in ARNs of --deny messages")
     parser.add_argument("--inject", metavar="KIND", help="error kind to inject into the first stream "
                         f"(one of {', '.join(sorted(ERROR_KINDS))})")
     parser.add_argument("--inject-message", help="message of the injected error (default: the service's text)")
@@ -1120,6 +1154,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="debug: JSONL file of every input event the engine receives (contains text)")
     parser.add_argument("--grammar", default="", help='sphinx phrase grammar, phrases separated by "|" (default: free-form)')
     parser.add_argument("--no-warm", action="store_true", help="do not load the speech models before listening")
+
+
+def denied_actions(actions) -> tuple[str, ...]:
+    """`deny` as action names ('InvokeModel', 'bedrock:InvokeModelWithBidirectionalStream', ...)."""
+    out = []
+    for action in actions:
+        name = action.strip().removeprefix("bedrock:")
+        if not name:
+            continue
+        if name not in INVOKE_ACTIONS:
+            raise ValueError(f"unknown action {action!r} to deny (choose from {', '.join(INVOKE_ACTIONS)})")
+        out.append(name)
+    return tuple(out)
 
 
 def history_options(args: argparse.Namespace) -> tuple[HistoryLimits | None, dict[str, int]]:
@@ -1172,6 +1219,10 @@ async def _serve_cli(args: argparse.Namespace) -> int:
     if args.input_gap_s < 0:
         raise SystemExit("novagate emulate nova: --input-gap-s must be >= 0 (0: off)")
     preset, overrides = history_options(args)
+    try:
+        denied = denied_actions(args.deny.split(","))
+    except ValueError as exc:
+        raise SystemExit(f"novagate emulate nova: --deny: {exc}") from None
     certfile, keyfile, bundle = _tls_files(args)
     # the engine's own limits a little later than the emulator's: the emulator's frame is what the client sees
     limits = {"endpoint_ms": args.endpoint_ms, "idle_timeout_s": args.idle_timeout_s + 1.0,
@@ -1201,6 +1252,7 @@ async def _serve_cli(args: argparse.Namespace) -> int:
         region=args.region, idle_timeout_s=args.idle_timeout_s, input_gap_s=args.input_gap_s,
         max_stream_s=args.max_stream_s, models=tuple(args.models) if args.models else DEFAULT_MODELS,
         region_prefixes=not args.no_region_prefixes, history_limits=preset, history_overrides=overrides, reject_403=args.reject_403,
+        deny=denied, account=args.account,
         validate_order=not args.no_order_check, max_concurrent_streams=args.max_concurrent_streams,
     )
     if args.inject:

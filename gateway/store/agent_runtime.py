@@ -47,6 +47,12 @@ sessions in the account and region (of every app and owner) and with those activ
 is newer than the owner's. An owner's conversation beyond those bounds is not found (a new one is
 started). For many concurrent conversations, keep the window short.
 
+Usage (budgets, docs/usage.md): `add_usage` adds to `sessionMetadata["u_<period>"]` = "<tokens>:<cost>" of
+the conversation's session (GetSession, UpdateSession; the keys of this period and the one before are
+kept). `spent(owner, period)` has no index either: ListSessions as `find_recent` does, then GetSession of
+up to SPENT_CHECKS sessions updated since the period began, summing the owner's. `delete` first moves the
+conversation's usage keys to a new ended session holding only them, so erasing history refunds nothing.
+
 `history_page` lists every step of the conversation's sessions and fetches only the page's steps
 (the ones the metadata caches hold need no fetch). Listed times may be coarser than items' times
 (milliseconds on the fake): steps listed with the same time are fetched as a group and ordered by
@@ -61,6 +67,9 @@ remembered in memory. A user-ended session is gone for good: append, take and re
 ConversationGone("ended"). `history()`, `history_page()` and `delete()` follow the `prev` chain, so a
 rotated conversation is still one conversation. (The old session's metadata cannot be written, so
 another process that has not seen the move may rotate the old session again, with the old epoch.)
+
+With a customer-managed KMS key (`kms_key_arn`, NOVAGATE_AGENT_RUNTIME_KMS_KEY_ARN) every CreateSession
+carries it as `encryptionKeyArn` (docs/iam.md has the policy).
 
 boto3 is synchronous, so it runs in a dedicated thread pool and never on the event loop. Throttling,
 500s and dropped connections are retried by botocore's standard mode (`max_attempts: 4` in a Config
@@ -77,6 +86,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -120,6 +130,8 @@ STATE_LRU = 1024                 # conversations whose state is kept in memory
 TAKE_REUSE_S = 2.0               # take() writes over metadata read this recently (a load's) without reading it again
 ACTIVE = "ACTIVE"
 FIND_RECENT_PAGES = 10           # ListSessions pages find_recent reads at most (10,000 sessions)
+SPENT_CHECKS = 500               # sessions updated within a budget period whose usage spent() reads at most
+USAGE_KEY = "u_"                 # sessionMetadata "u_<period>" = "<tokens>:<cost in USD>" (add_usage)
 FIND_RECENT_CHECKS = 100         # sessions updated within the window whose owner it reads at most (GetSession)
 
 _UUID_RE = re.compile(r"^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}$")
@@ -235,6 +247,26 @@ def _decode_cache(meta: dict[str, str]) -> tuple[list[Item], int, int | None] | 
 def _base_metadata(meta: dict[str, str]) -> dict[str, str]:
     """The non-cache keys (owner, app, epoch, live, prev, prev_count, ended_by, ...)."""
     return {k: v for k, v in meta.items() if not _CACHE_KEY_RE.match(k)}
+
+
+def _usage_of(value: str) -> tuple[int, float]:
+    """(tokens, cost) of a "u_<period>" metadata value; (0, 0.0) when absent or unreadable."""
+    tokens, _, cost = value.partition(":")
+    try:
+        return max(0, int(tokens)), max(0.0, float(cost))
+    except ValueError:
+        return 0, 0.0
+
+
+def _period_start(period: str) -> datetime:
+    """The first instant of a UTC day ("2026-11-30") or month ("2026-11")."""
+    return datetime.strptime(period, "%Y-%m-%d" if len(period) == 10 else "%Y-%m").replace(tzinfo=UTC)
+
+
+def _previous(period: str) -> str:
+    """The period before `period`, of the same length."""
+    start = _period_start(period) - timedelta(days=1)
+    return start.strftime("%Y-%m-%d" if len(period) == 10 else "%Y-%m")
 
 
 def _epoch_of(meta: dict[str, str]) -> int:
@@ -380,9 +412,11 @@ class _State:
 class AgentRuntimeStore:
     name = "agent-runtime"
 
-    def __init__(self, *, region: str | None = None, endpoint_url: str | None = None, session=None):
+    def __init__(self, *, region: str | None = None, endpoint_url: str | None = None, session=None,
+                 kms_key_arn: str | None = None):
         self._region = region
         self._endpoint_url = endpoint_url or None
+        self._kms_key_arn = kms_key_arn or None  # a customer-managed key for every session created (docs/iam.md)
         self._boto_session = session
         self._client = None
         self._probe_client = None
@@ -425,6 +459,8 @@ class AgentRuntimeStore:
     def _call_sync(self, op: str, probe: bool = False, **kw) -> dict:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if op == "create_session" and self._kms_key_arn:  # every session this store creates, whatever the caller
+            kw.setdefault("encryptionKeyArn", self._kms_key_arn)
         try:
             return getattr(self._get_client(probe), op)(**kw)
         except ClientError as e:
@@ -905,6 +941,55 @@ class AgentRuntimeStore:
         raise StoreError(f"agent-runtime: could not take {conversation_id}")
 
     @_public
+    async def add_usage(self, owner: str, period: str, conversation_id: str, tokens: int, cost_usd: float) -> None:
+        if not _UUID_RE.match(conversation_id or ""):
+            return
+        async with self._conversation(conversation_id) as sid:
+            s, base = await self._session_or_gone(sid)
+            if s.get("sessionStatus") != ACTIVE:
+                raise StoreError(f"agent-runtime: usage not recorded: session {sid} is {s.get('sessionStatus')}")
+            key = USAGE_KEY + period
+            had_tokens, had_cost = _usage_of(base.get(key, ""))
+            meta = {k: v for k, v in (s.get("sessionMetadata") or {}).items()
+                    if not k.startswith(USAGE_KEY) or k >= USAGE_KEY + _previous(period)}  # this period and the last
+            meta[key] = f"{had_tokens + tokens}:{had_cost + cost_usd!r}"
+            try:
+                await self._call("update_session", sessionIdentifier=sid, sessionMetadata=meta)
+            except _Conflict as e:
+                raise StoreError(f"agent-runtime: usage not recorded: session {sid} changed state") from e
+            st = self._states.get(sid)
+            if st is not None:
+                st.base = _base_metadata(meta)
+
+    @_public
+    async def spent(self, owner: str, period: str) -> float:
+        since = _period_start(period)
+        candidates: list[str] = []
+        token = None
+        for _ in range(FIND_RECENT_PAGES):
+            page = await self._call("list_sessions", maxResults=PAGE_SIZE, **({"nextToken": token} if token else {}))
+            for summary in page.get("sessionSummaries", []):
+                sid, at = summary.get("sessionId", ""), summary.get("lastUpdatedAt")
+                at = at if isinstance(at, datetime) else _parse_at(str(at)) if at else None
+                if at is None or not _UUID_RE.match(sid):
+                    continue
+                known = self._states.get(sid)
+                if ((at.replace(tzinfo=UTC) if at.tzinfo is None else at) >= since
+                        and (known is None or hmac.compare_digest(known.owner, owner))):
+                    candidates.append(sid)
+            token = page.get("nextToken")
+            if not token:
+                break
+
+        async def cost(sid: str) -> float:
+            s = await self._get_session(sid)
+            base = self._base_of(s) if s is not None else {}
+            return _usage_of(base.get(USAGE_KEY + period, ""))[1] if hmac.compare_digest(
+                base.get("owner", ""), owner) else 0.0
+
+        return sum(await self._gather_limited([lambda s=s: cost(s) for s in candidates[:SPENT_CHECKS]]))
+
+    @_public
     async def revoke(self, conversation_id: str) -> int:
         if not _UUID_RE.match(conversation_id or ""):
             raise ConversationGone("missing", conversation_id)
@@ -987,6 +1072,7 @@ class AgentRuntimeStore:
             ids = [s["sessionId"] for s in reversed(chain)]  # oldest first: a retry still finds the rest
             if conversation_id != sid and conversation_id not in ids:
                 ids.insert(0, conversation_id)
+            await self._keep_usage(chain)
             for victim in ids:
                 try:
                     await self._call("end_session", sessionIdentifier=victim)
@@ -999,6 +1085,25 @@ class AgentRuntimeStore:
                 except _Conflict as e:
                     raise StoreError(f"agent-runtime: session {victim} could not be deleted: {e}") from None
                 self._forget(victim)
+
+    async def _keep_usage(self, chain: list[dict]) -> None:
+        """Erasing a conversation must not refund its user's budget: what its sessions spent in their
+        periods moves to a new, ended session that holds nothing else (owner, app, `u_<period>` keys)."""
+        kept: dict[str, tuple[int, float]] = {}
+        owner = ""
+        for s in chain:
+            base = _base_metadata(s.get("sessionMetadata") or {})
+            owner = owner or base.get("owner", "")
+            for k, v in base.items():
+                if k.startswith(USAGE_KEY):
+                    t, c = _usage_of(v)
+                    kept[k] = (kept.get(k, (0, 0.0))[0] + t, kept.get(k, (0, 0.0))[1] + c)
+        if not kept or not owner:
+            return
+        meta = {"owner": owner, "app": APP, "ended_by": "user", **{k: f"{t}:{c!r}" for k, (t, c) in kept.items()}}
+        created = await self._call("create_session", sessionMetadata=meta, tags={"owner": _tag_value(owner), "app": APP})
+        with contextlib.suppress(_Conflict, _NotFound):
+            await self._call("end_session", sessionIdentifier=created["sessionId"])
 
     # -- reading the whole history ---------------------------------------------------------------
     async def _timeline(self, conversation_id: str) -> tuple[list[str], list[_Entry], dict[str, Item]]:

@@ -127,6 +127,14 @@ class ConversationStore(Protocol):
         on any instance. A store may bound its search (see its docstring): what it does not find
         counts as none, and the caller starts a new conversation. StoreError: not now."""
 
+    async def add_usage(self, owner: str, period: str, conversation_id: str, tokens: int, cost_usd: float) -> None:
+        """Add to what `owner` (a hash) spent in `period` (a UTC day "2026-11-30" or month "2026-11"),
+        used in `conversation_id`. Kept when the conversation is deleted. StoreError: not recorded."""
+
+    async def spent(self, owner: str, period: str) -> float:
+        """What `owner` spent in `period` (US dollars), across conversations and instances, as far as the
+        store can tell (see its docstring). StoreError: not now."""
+
     async def take(self, conversation_id: str, connection_id: str) -> int:
         """`connection_id` holds the conversation from now on (writes from other connections are refused
         as "taken_over"). Returns the epoch. Raises ConversationGone("missing" or "ended")."""
@@ -166,5 +174,6 @@ def open_store(settings) -> ConversationStore:
     if settings.store == "agent-runtime":
         from .agent_runtime import AgentRuntimeStore
 
-        return AgentRuntimeStore(region=settings.aws_region, endpoint_url=settings.agent_runtime_endpoint or None)
+        return AgentRuntimeStore(region=settings.aws_region, endpoint_url=settings.agent_runtime_endpoint or None,
+                                 kms_key_arn=settings.agent_runtime_kms_key_arn or None)
     raise ValueError(f"unknown store {settings.store!r}")
