@@ -7,7 +7,7 @@ PORT  ?= 8000
 # `make run WORKERS=0`: one worker process per CPU (novagate serve --workers)
 WORKERS ?= 1
 
-.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity bench-realtime bench-codecs fuzz nginx browser
+.PHONY: run test venv dev clean contract-aws bench bench-rotation bench-local bench-workers bench-capacity bench-realtime bench-codecs fuzz nginx browser promtool checkov
 
 # The virtualenv is rebuilt when pyproject.toml changes; the interpreter is found by scripts/find-python
 # (PYTHON=... overrides it).
@@ -16,7 +16,7 @@ $(VENV)/.runtime: pyproject.toml scripts/find-python
 	 if [ ! -x $(PY) ] || ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
 	   echo "novagate: creating $(VENV) with $$py"; rm -rf $(VENV); "$$py" -m venv $(VENV) || exit 1; fi
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local]'
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime
@@ -35,8 +35,10 @@ run: $(VENV)/.runtime
 PYTEST_ARGS ?= -n 4 --dist loadfile
 nginx: ; ./scripts/install-nginx
 browser: ; ./scripts/install-browser
+promtool: ; ./scripts/install-promtool
+checkov: ; ./scripts/install-checkov
 
-test: $(VENV)/.dev nginx browser
+test: $(VENV)/.dev nginx browser promtool checkov
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Against real AWS (skipped without credentials): Agent Runtime assumptions and one Nova Sonic turn.
