@@ -55,17 +55,21 @@ def camel(op: str) -> str:
 
 def store_calls(source: str) -> dict:
     """From the store's source: the operations it calls (IAM action names), the tag keys its CreateSession
-    calls pass, and the methods that call ListSessions. Every `_call`/`_call_sync` (but the one that
+    calls pass, and the public methods that call ListSessions (themselves or through a private helper). Every `_call`/`_call_sync` (but the one that
     forwards from `_call` to `_call_sync`) must name its operation with a string literal, else this
     cannot see it (and fails)."""
     tree = ast.parse(source)
     ops: set[str] = set()
     tag_keys: set[str] = set()
     list_callers: set[str] = set()
+    calls: dict[str, set[str]] = {}  # function -> the self.<method>s it calls
 
     def visit(node: ast.AST, function: str | None) -> None:
         for child in ast.iter_child_nodes(node):
             fn = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) \
+                    and isinstance(child.func.value, ast.Name) and child.func.value.id == "self":
+                calls.setdefault(function or "<module>", set()).add(child.func.attr)
             if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) \
                     and child.func.attr in ("_call", "_call_sync") and function not in ("_call", "_call_sync"):
                 first = child.args[0] if child.args else None
@@ -85,6 +89,11 @@ def store_calls(source: str) -> dict:
             visit(child, fn)
 
     visit(tree, None)
+    seen: set[str] = set()
+    while private := {f for f in list_callers if f.startswith("_")} - seen:  # a helper: whoever calls it
+        seen |= private
+        list_callers = (list_callers - private) | {f for f, callees in calls.items() if callees & private}
+    list_callers -= seen
     return {"ops": ops, "tag_keys": tag_keys, "list_callers": list_callers}
 
 

@@ -82,24 +82,26 @@ def test_recovery_given_up_is_counted():
     assert h.counts[("recovery_failures", "modelStreamErrorException")] == 1
 
 
-def test_store_backlog_goes_up_while_the_store_is_down_and_back_to_zero():
+def backlogged() -> Harness:
+    """A session with a turn waiting for a store that is down."""
     h = Harness()
     h.connect()
     h.store.down = True
     h.say(1)
     h.until(lambda: len(h.finals()) >= 2, 10)
     assert h.counts[("store_backlog", "")] >= 1
+    return h
+
+
+def test_store_backlog_goes_up_while_the_store_is_down_and_back_to_zero():
+    h = backlogged()
     h.store.down = False
     h.until(lambda: len(h.store.writes) >= 2, 30)
     assert h.counts[("store_backlog", "")] == 0
 
 
 def test_backlog_left_at_close_is_taken_off_the_gauge():
-    h = Harness()
-    h.connect()
-    h.store.down = True
-    h.say(1)
-    h.until(lambda: len(h.finals()) >= 2, 10)
+    h = backlogged()
     h.s.client_gone(h.now)
     h.pump()
     h.until(lambda: h.state is State.CLOSED, 60)

@@ -861,12 +861,10 @@ class AgentRuntimeStore:
                 return sid
         raise StoreError(f"agent-runtime: could not append {item.item_id} to {conversation_id}")
 
-    @_public
-    async def find_recent(self, owner: str, within_s: float) -> str | None:
-        if within_s <= 0:
-            return None
-        since = datetime.now(UTC) - timedelta(seconds=within_s)
-        recent: list[tuple[datetime, str]] = []
+    async def _updated_since(self, since: datetime, owner: str) -> list[tuple[datetime, str]]:
+        """(lastUpdatedAt, id) of the sessions ListSessions shows updated since `since` (at most
+        FIND_RECENT_PAGES pages), but for those this process knows to be another owner's."""
+        found: list[tuple[datetime, str]] = []
         token = None
         for _ in range(FIND_RECENT_PAGES):
             page = await self._call("list_sessions", maxResults=PAGE_SIZE, **({"nextToken": token} if token else {}))
@@ -878,10 +876,17 @@ class AgentRuntimeStore:
                 at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
                 known = self._states.get(sid)
                 if at >= since and (known is None or hmac.compare_digest(known.owner, owner)):
-                    recent.append((at, sid))
+                    found.append((at, sid))
             token = page.get("nextToken")
             if not token:
                 break
+        return found
+
+    @_public
+    async def find_recent(self, owner: str, within_s: float) -> str | None:
+        if within_s <= 0:
+            return None
+        recent = await self._updated_since(datetime.now(UTC) - timedelta(seconds=within_s), owner)
         recent.sort(reverse=True)
         candidates = [sid for _, sid in recent[:FIND_RECENT_CHECKS]]
 
@@ -963,23 +968,7 @@ class AgentRuntimeStore:
 
     @_public
     async def spent(self, owner: str, period: str) -> float:
-        since = _period_start(period)
-        candidates: list[str] = []
-        token = None
-        for _ in range(FIND_RECENT_PAGES):
-            page = await self._call("list_sessions", maxResults=PAGE_SIZE, **({"nextToken": token} if token else {}))
-            for summary in page.get("sessionSummaries", []):
-                sid, at = summary.get("sessionId", ""), summary.get("lastUpdatedAt")
-                at = at if isinstance(at, datetime) else _parse_at(str(at)) if at else None
-                if at is None or not _UUID_RE.match(sid):
-                    continue
-                known = self._states.get(sid)
-                if ((at.replace(tzinfo=UTC) if at.tzinfo is None else at) >= since
-                        and (known is None or hmac.compare_digest(known.owner, owner))):
-                    candidates.append(sid)
-            token = page.get("nextToken")
-            if not token:
-                break
+        candidates = [sid for _, sid in await self._updated_since(_period_start(period), owner)]
 
         async def cost(sid: str) -> float:
             s = await self._get_session(sid)
