@@ -66,6 +66,7 @@ export const CLOSE_REASONS = {
   1013: "the server is busy",
   4400: "the server did not understand the client (protocol error)",
   4401: "you are not signed in, or your sign-in expired",
+  4402: "your usage budget for this period is spent",
   4403: "this page's origin is not allowed by the server",
   4408: "the connection was too slow to start",
   4429: "too much audio was sent too fast",
