@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import signal
@@ -32,6 +33,18 @@ def speech(text: str, rate: int = 16000) -> bytes:
     from gateway.local.speech import synthesize
 
     return bytes(rate // 5 * 2) + synthesize(text, rate, backend="espeak")
+
+
+async def barge_in(c) -> str:
+    """A connected VoiceClient asks for a story, lets it play 2.5 s and talks over it (in real time:
+    barge-in is about wall-clock timing); returns the interrupted item's id."""
+    c.speed = 1.0
+    await c.say(speech(STORY))
+    await c.wait_for(lambda: any(x["type"] == "response.audio.start" for x in c.messages), 30)
+    await asyncio.sleep(2.5)  # the story is playing
+    await c.say(speech(HELLO))
+    intr = await c.wait_for(lambda: next((x for x in c.messages if x["type"] == "interrupted"), None), 15)
+    return intr["item_id"]
 
 
 def free_port() -> int:

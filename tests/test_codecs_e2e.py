@@ -22,7 +22,7 @@ import websockets
 
 from gateway.client import CodecNotConfirmed, VoiceClient
 
-from .conftest import HELLO, MET, STORY, speech
+from .conftest import HELLO, MET, barge_in, speech
 from .fake_voice_server import FakeVoiceServer
 
 SPEED = 1.5  # the scripted microphone runs a little faster than real time (the limit is 2x)
@@ -160,13 +160,7 @@ async def test_an_unsupported_codec_is_refused(gateway):
 
 async def test_barge_in_with_opus_truncates_in_decoded_milliseconds(gateway):
     async with client(gateway, codec="opus") as c:
-        c.speed = 1.0  # barge-in is about wall-clock timing: real time here
-        await c.say(speech(STORY))
-        await c.wait_for(lambda: any(x["type"] == "response.audio.start" for x in c.messages), 30)
-        await asyncio.sleep(2.5)  # the story is playing
-        await c.say(speech(HELLO))
-        intr = await c.wait_for(lambda: next((x for x in c.messages if x["type"] == "interrupted"), None), 15)
-        item_id = intr["item_id"]
+        item_id = await barge_in(c)
         first, last = c.audio_span[item_id]
         played = await c.truncate(item_id)
         # decoded milliseconds (whole 20 ms packets), about what played: the time it was arriving plus the lead

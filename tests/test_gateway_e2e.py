@@ -15,7 +15,7 @@ import websockets
 from gateway.client import ClientState, VoiceClient
 from gateway.tokens import Signer
 
-from .conftest import DISCUSS, HELLO, MET, STORY, speech
+from .conftest import DISCUSS, HELLO, MET, STORY, barge_in, speech
 
 SPEED = 1.5  # the scripted microphone runs a little faster than real time (the limit is 2x)
 
@@ -285,13 +285,7 @@ async def test_session_end_ends_the_conversation(gateway):
 
 async def test_barge_in_flushes_and_history_keeps_what_was_heard(gateway):
     async with client(gateway) as c:
-        c.speed = 1.0  # barge-in is about wall-clock timing: real time here
-        await c.say(speech(STORY))
-        await c.wait_for(lambda: any(x["type"] == "response.audio.start" for x in c.messages), 30)
-        await asyncio.sleep(2.5)  # the story is playing
-        await c.say(speech(HELLO))
-        intr = await c.wait_for(lambda: next((x for x in c.messages if x["type"] == "interrupted"), None), 15)
-        item_id = intr["item_id"]
+        item_id = await barge_in(c)
         played = len(c.audio_by_item.get(item_id, b"")) * 1000 // (2 * 24000)
         await c.send({"type": "playback.truncate", "item_id": item_id, "played_ms": played})
         assert c.audio_end.get(item_id) == "interrupted"
