@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import httpx
 import numpy as np
@@ -108,11 +109,13 @@ async def test_pcm16_opus_and_mulaw_hear_and_speak_alike(gateway):
         assert set(c.frame_ms_down) == {20.0}, c.frame_ms_down
         assert c.received_ms(item_id) % 20 == 0
     assert max(pcm.frame_ms_down) == 40.0  # PCM16 comes in 40 ms frames
-    # ... paced in real time: the frames of a reply arrive over its duration, less the 200 ms lead
+    # ... paced, not sent at once: a reply's frames arrive over most of its duration less the 200 ms lead
+    # (the exact pacing is tests/test_playback.py's, on a fake clock: on a busy machine a stalled event loop
+    # releases the frames that fell due together, which shortens the span by the stall)
     for c in users.values():
         item_id, audio = _reply(c)
         first, last = c.audio_span[item_id]
-        assert last - first >= c.received_ms(item_id) / 1000 - LEAD_S - 0.15, (c.output_codec, last - first)
+        assert last - first >= 0.5 * (c.received_ms(item_id) / 1000 - LEAD_S), (c.output_codec, last - first)
     # ... the same speech: as long as PCM16's (to a 20 ms frame), as loud, the same loudness contour
     for ref, got in ((pcm, opus), (pcm8k, mulaw)):
         (_, a), (_, b), rate = _reply(ref), _reply(got), got.output_rate
@@ -160,12 +163,12 @@ async def test_an_unsupported_codec_is_refused(gateway):
 
 async def test_barge_in_with_opus_truncates_in_decoded_milliseconds(gateway):
     async with client(gateway, codec="opus") as c:
+        since = time.monotonic()
         item_id = await barge_in(c)
-        first, last = c.audio_span[item_id]
         played = await c.truncate(item_id)
-        # decoded milliseconds (whole 20 ms packets), about what played: the time it was arriving plus the lead
-        assert played % 20 == 0 and played > 2000
-        assert (last - first) * 1000 <= played <= (last - first) * 1000 + LEAD_S * 1000 + 200
+        # decoded milliseconds (whole 20 ms packets) of what had arrived: at least the 2.5 s it played, and
+        # paced (never more than real time since the user began the request, which the reply followed)
+        assert played % 20 == 0 and 2000 < played < (time.monotonic() - since) * 1000
         assert c.audio_end.get(item_id) == "interrupted"
         await c.wait_for(lambda: any(f["role"] == "user" and f["text"] == HELLO for f in c.finals), 20)
         stored = await c.wait_for(lambda: next((f for f in c.finals if f["item_id"] == item_id), None), 10)
