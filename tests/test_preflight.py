@@ -262,26 +262,26 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def test_serve_stops_with_the_missing_permission(tls, novas, fake, tmp_path):
-    fake.configure(deny=["GetSession"])
-    proc, _port, log = serve(aws_env(tls, novas["ok"], fake.url), tmp_path)
+def refused_start(env: dict, tmp_path) -> str:
+    """`novagate serve` that the check stops: it exits 2; returns what it logged."""
+    proc, _port, log = serve(env, tmp_path)
     try:
         assert proc.wait(180) == 2
     finally:
         stop(proc)
-    text = log.read_text()
+    return log.read_text()
+
+
+def test_serve_stops_with_the_missing_permission(tls, novas, fake, tmp_path):
+    fake.configure(deny=["GetSession"])
+    text = refused_start(aws_env(tls, novas["ok"], fake.url), tmp_path)
     assert "cannot start: bedrock:GetSession: missing permission bedrock:GetSession on " \
            "arn:aws:bedrock:us-east-1:123456789012:session/*" in text, text[-3000:]
     assert SECRET not in text
 
 
 def test_serve_stops_when_the_model_stream_is_denied(tls, novas, fake, tmp_path):
-    proc, _port, log = serve(aws_env(tls, novas["denied"], fake.url), tmp_path)
-    try:
-        assert proc.wait(180) == 2
-    finally:
-        stop(proc)
-    text = log.read_text()
+    text = refused_start(aws_env(tls, novas["denied"], fake.url), tmp_path)
     assert f"missing permission bedrock:InvokeModelWithBidirectionalStream on {MODEL_ARN}" in text, text[-3000:]
 
 
