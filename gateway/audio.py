@@ -32,13 +32,15 @@ class SpeechActivity:
         import webrtcvad
 
         self._vad = webrtcvad.Vad(2)
-        self._buf = bytearray()
+        self._rest = b""  # audio short of a frame, kept for the next feed
 
     def feed(self, pcm16k: bytes) -> bool:
-        self._buf += pcm16k
-        voiced = False
-        frame = self.FRAME
-        while len(self._buf) >= frame:
-            voiced = self._vad.is_speech(bytes(self._buf[:frame]), MODEL_RATE) or voiced
-            del self._buf[:frame]
+        # webrtcvad reads only immutable buffers, so the audio is joined as bytes; a frame at the start
+        # is read in place (`length`), which with 20 ms feeds is every frame: no slice, no deletion
+        data = self._rest + pcm16k
+        frame, voiced, i = self.FRAME, False, 0
+        while len(data) - i >= frame:
+            voiced = self._vad.is_speech(data if i == 0 else data[i : i + frame], MODEL_RATE, frame // 2) or voiced
+            i += frame
+        self._rest = data[i:] if i else data
         return voiced

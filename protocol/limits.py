@@ -14,7 +14,8 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         if self._last is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
+            tokens = self.tokens + (now - self._last) * self.rate
+            self.tokens = tokens if tokens < self.burst else self.burst
         self._last = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
@@ -41,8 +42,8 @@ class AudioRateLimiter:
 
     def add(self, audio_s: float, now: float) -> bool:
         """Charge audio_s seconds of audio read at `now`; False when the client is over the limit."""
-        if self._t0 is None:
-            self._t0 = now
-        self._t0 = max(self._t0, now - (self.sent_s + self.credit_s) / self.max_speed)
+        t0 = now if self._t0 is None else self._t0
+        floor = now - (self.sent_s + self.credit_s) / self.max_speed
+        self._t0 = t0 = t0 if t0 >= floor else floor
         self.sent_s += audio_s
-        return self.sent_s - self.max_speed * (now - self._t0) <= self.window_s
+        return self.sent_s - self.max_speed * (now - t0) <= self.window_s

@@ -97,6 +97,11 @@ class PlaybackPacer:
     def full(self) -> bool:
         return self.queued_ms >= self.max_queue_ms
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no item in play: poll() and played_out() have nothing, next_wakeup() is None."""
+        return not self._queue and not self._items
+
     def playing(self, now: float) -> bool:
         """The client has assistant audio to play: queued here, or released and not yet played."""
         return bool(self._queue) or self._client_end > now

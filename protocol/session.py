@@ -103,6 +103,12 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# States tested on every frame, as constant tuples (building one from State's members each time costs more)
+PRE_READY = (State.HANDSHAKE, State.LOADING, State.OPENING)  # before session.ready
+SERVING = (State.LIVE, State.HANDING_OVER)                   # a current stream serves the conversation
+READY = (State.LIVE, State.HANDING_OVER, State.RECOVERING)   # after session.ready, until closing
+
+
 # -- effects ----------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SendMessage:
@@ -493,44 +499,55 @@ class Session:
         return out
 
     def next_deadline(self) -> float | None:
-        """When `tick()` is next due (None: only an input can change anything)."""
-        now = self._now
+        """When `tick()` is next due (None: only an input can change anything). Called after every batch
+        of inputs: flat, with nothing looked at twice."""
+        now, state, pacer, closing = self._now, self.state, self._pacer, self._closing
         times: list[float] = []
-        if self.state is State.HANDSHAKE:
-            times.append(self._handshake_deadline)
-        if self._pacer is not None and (t := self._pacer.next_wakeup(now)) is not None:
-            times.append(t)
-        times.extend(d for d, _ in self._truncates.values())
+        add = times.append
+        if state is State.HANDSHAKE:
+            add(self._handshake_deadline)
+        if pacer is not None and not pacer.idle and (t := pacer.next_wakeup(now)) is not None:
+            add(t)
+        if self._truncates:
+            times.extend(d for d, _ in self._truncates.values())
         if self._store_retry_at is not None:
-            times.append(self._store_retry_at)
-        if self._reloads and self._closing is None:
-            times.append(self._reloads[0])
-        if self._closing is not None:
-            times.append(self._closing.deadline)
-        times.extend(c.deadline for c in self._calls.values())
-        if self._draining is not None and self._closing is None:
-            times.append(self._draining[2])
+            add(self._store_retry_at)
+        if self._reloads and closing is None:
+            add(self._reloads[0])
+        if closing is not None:
+            add(closing.deadline)
+        if self._calls:
+            times.extend(c.deadline for c in self._calls.values())
+        if self._draining is not None and closing is None:
+            add(self._draining[2])
         if self._reopen_at is not None:
-            times.append(self._reopen_at)
-        if self._said == "gateway" and self._last_voiced + QUIET_AFTER_S > now:
-            times.append(self._last_voiced + QUIET_AFTER_S)  # the gateway's VAD ends the utterance
-        if self._said == "model" and (t := max(self._last_voiced, self._said_at) + UNHEARD_GIVE_UP_S) > now:
-            times.append(t)  # ... or one the model never ended
-        if self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
-            times.append(self._last_active + self.cfg.idle_timeout_s)
-        if self.state in (State.LIVE, State.HANDING_OVER):
-            for t in (self._keepalive_at, self._deaf_at):
-                if t is not None:
-                    times.append(t)
+            add(self._reopen_at)
+        said, last_voiced = self._said, self._last_voiced
+        if said == "gateway" and (t := last_voiced + QUIET_AFTER_S) > now:
+            add(t)  # the gateway's VAD ends the utterance
+        if said == "model" and (t := max(last_voiced, self._said_at) + UNHEARD_GIVE_UP_S) > now:
+            add(t)  # ... or one the model never ended
+        if state in READY:
+            add(self._last_active + self.cfg.idle_timeout_s)
+        if state in SERVING:
+            if self._keepalive_at is not None:
+                add(self._keepalive_at)
+            if self._deaf_at is not None:
+                add(self._deaf_at)
             cur = self._current
             if cur.held_since is not None:
-                times.append(cur.held_since + MODEL_HOLD_S)
+                add(cur.held_since + MODEL_HOLD_S)
             # checks that only time can make true (each also runs on every input)
-            for t in (cur.current_since + self.cfg.rotate_after_s, cur.current_since + self.cfg.rotate_force_after_s,
-                      self._handover_retry_at, self._last_voiced + QUIET_AFTER_S,
-                      self._last_voiced + UNHEARD_GIVE_UP_S):
-                if t > now:
-                    times.append(t)
+            if (t := cur.current_since + self.cfg.rotate_after_s) > now:
+                add(t)
+            if (t := cur.current_since + self.cfg.rotate_force_after_s) > now:
+                add(t)
+            if (t := self._handover_retry_at) > now:
+                add(t)
+            if (t := last_voiced + QUIET_AFTER_S) > now:
+                add(t)
+            if (t := last_voiced + UNHEARD_GIVE_UP_S) > now:
+                add(t)
         return min(times) if times else None
 
     @property
@@ -610,7 +627,7 @@ class Session:
         """The client cancels the reply under way: playback is cut as at a barge-in, the item is kept
         as far as the client heard it, and what the model still says of that answer is dropped."""
         self._now = now
-        if not self.responding or self.state not in (State.LIVE, State.HANDING_OVER, State.RECOVERING):
+        if not self.responding or self.state not in READY:
             return
         self._last_active = now
         self._dialogue.barge_in(playing=self._pacer.playing(now))
@@ -619,9 +636,10 @@ class Session:
 
     def receive_audio(self, data: bytes, now: float) -> None:
         self._now = now
-        if not self._accepting_client():
+        state = self.state  # unchanged until _hear (every failure below returns)
+        if not self._client_open or state is State.CLOSED:  # _accepting_client(), inline: 50 times a second
             return
-        if self.state is State.HANDSHAKE and self._start is None:
+        if state is State.HANDSHAKE and self._start is None:
             self._fail_client(CloseCode.PROTOCOL_ERROR, "audio before session.start")
             return
         if len(data) > m.MAX_FRAME_BYTES:
@@ -644,19 +662,20 @@ class Session:
             self._reply_error(codes.INVALID_FIELD, "audio frames must hold whole 16-bit samples (an even number "
                               "of bytes); frame dropped")
             return
-        if self.state is State.CLOSING:
+        if state is State.CLOSING:
             return
         pcm = self._resample(data)
         if not pcm:
             return
         self._last_client_audio = now
         self._hear(pcm, now)
-        if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
+        state = self.state
+        if state in PRE_READY:
             self._pre_ready_audio.append(pcm)
             self._pre_ready_bytes += len(pcm)
             while self._pre_ready_bytes > PRE_READY_AUDIO_S * MODEL_BYTES_PER_S:
                 self._pre_ready_bytes -= len(self._pre_ready_audio.popleft())
-        elif self._current is not None and self.state is not State.RECOVERING:
+        elif self._current is not None and state is not State.RECOVERING:
             self._to_model(self._current, pcm, now, "client")
             self._keepalive_at = now + KEEPALIVE_AFTER_S
         self._advance(now)
@@ -688,7 +707,7 @@ class Session:
     def drain(self, retry_after_ms: int, now: float) -> None:
         """The server is going away (SIGTERM): send the client elsewhere, store what is final, close 1012."""
         self._now = now
-        if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
+        if self.state in PRE_READY:
             self._fail_client(CloseCode.SERVICE_RESTART, "server draining")
             return
         if self._closing is not None or self.state is State.CLOSED or self._draining is not None:
@@ -717,7 +736,7 @@ class Session:
         if cur is not None and cur.held_since is not None and now >= cur.held_since + MODEL_HOLD_S:
             self._release_held(cur)
         if (self._keepalive_at is not None and now >= self._keepalive_at
-                and self.state in (State.LIVE, State.HANDING_OVER)):
+                and self.state in SERVING):
             self._keepalive(now)
         self._advance(now)
 
@@ -927,7 +946,7 @@ class Session:
     def model_event(self, stream_id: int, event: dict | bytes, now: float) -> None:
         self._now = now
         cur = self._current
-        if cur is None or cur.id != stream_id or self.state not in (State.LIVE, State.HANDING_OVER):
+        if cur is None or cur.id != stream_id or self.state not in SERVING:
             return  # a retired or preparing stream: what it says is not part of the conversation
         try:
             ev = nova.parse_output_event(event)
@@ -1137,7 +1156,7 @@ class Session:
 
     # -- client messages -----------------------------------------------------------------------------
     def _on_message(self, msg: m.ClientMessage, now: float) -> None:
-        live = self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)
+        live = self.state in READY
         match msg:
             case m.Ping(id=ping_id):
                 if self._pings.take(now):  # past the rate, pings go unanswered
@@ -1184,12 +1203,11 @@ class Session:
             if self._unheard_since is None:
                 self._unheard_since = self._utterance_start
         self._last_voiced = now
-        if self._said is None and not self._model_speech and self.state in (
-                State.LIVE, State.HANDING_OVER, State.RECOVERING):
+        if self._said is None and not self._model_speech and self.state in READY:
             self._speech_started("gateway", now)
         cur = self._current
         if (cur is not None and not cur.heard and self._deaf_utterance != self._utterance_start
-                and self.state in (State.LIVE, State.HANDING_OVER)):
+                and self.state in SERVING):
             self._deaf_at = now + self.cfg.deaf_after_s  # counted from the end of speech
 
     def _speaking(self, now: float) -> bool:
@@ -1307,7 +1325,7 @@ class Session:
                     case ItemFinal(item=item):
                         self._item_final(item, now)
                     case SendTextTurn(text=text):
-                        if self._current is not None and self.state in (State.LIVE, State.HANDING_OVER):
+                        if self._current is not None and self.state in SERVING:
                             self._release_held(self._current)
                             self._emit(SendToStream(self._current.id, self._current.setup.text_turn(text)))
                         # else: no stream now; the one being opened is asked it again (`owed`)
@@ -1334,7 +1352,7 @@ class Session:
     def _release(self, now: float) -> None:
         """Assistant audio and the messages ordered with it, as playback allows; items played out."""
         pacer = self._pacer
-        if pacer is None:
+        if pacer is None or pacer.idle:
             return
         for out in pacer.poll(now):
             if isinstance(out, Audio):
@@ -1394,7 +1412,7 @@ class Session:
                   tool=call.name, status=status, duration_ms=duration_ms)
         self._keep(item, now)
         cur = self._current
-        if cur is not None and cur.id == call.stream_id and self.state in (State.LIVE, State.HANDING_OVER):
+        if cur is not None and cur.id == call.stream_id and self.state in SERVING:
             self._release_held(cur)
             self._emit(SendToStream(cur.id, cur.setup.tool_result(call.tool_use_id, content)))
         elif self._closing is None and self.cfg.text_input:
@@ -1428,25 +1446,26 @@ class Session:
         if self._said == "gateway" and now - self._last_voiced >= QUIET_AFTER_S:
             self._speech_stopped(self._last_voiced)
         if self._dialogue is not None:
-            for item_id, (deadline, estimate) in list(self._truncates.items()):
-                if now >= deadline:
-                    del self._truncates[item_id]
-                    self._dialogue.truncate_timeout(item_id, estimate)
-                    self._run_dialogue(now)
+            if self._truncates:
+                for item_id, (deadline, estimate) in list(self._truncates.items()):
+                    if now >= deadline:
+                        del self._truncates[item_id]
+                        self._dialogue.truncate_timeout(item_id, estimate)
+                        self._run_dialogue(now)
             self._release(now)
         if self._calls:
             self._tool_deadlines(now)
-        self._tell_late_results(now)
+        if self._late:
+            self._tell_late_results(now)
         if self._draining is not None and self._closing is None and self.state is not State.CLOSED:
             self._send_away(now)
         if self._unheard_since is not None and now - self._last_voiced >= UNHEARD_GIVE_UP_S:
             self._unheard_since = None  # never transcribed: it was not speech
-        if (self.state in (State.LIVE, State.HANDING_OVER, State.RECOVERING)
-                and now >= self._last_active + self.cfg.idle_timeout_s):
+        if self.state in READY and now >= self._last_active + self.cfg.idle_timeout_s:
             self._send(m.Error(codes.IDLE_TIMEOUT, f"nothing from the client for {self.cfg.idle_timeout_s:g} s; "
                                "reconnect with the resume token to go on", True))
             self._begin_closing(now, CloseCode.IDLE, "idle", CLOSE_FLUSH_S)
-        if self.state in (State.LIVE, State.HANDING_OVER):
+        if self.state in SERVING:
             if self._deaf_at is not None and now >= self._deaf_at:
                 self._deaf(now)
             else:
@@ -1456,7 +1475,8 @@ class Session:
             self._prepare(now)
         if self._store_retry_at is not None and now >= self._store_retry_at:
             self._store_retry_at = None
-        self._pump_store(now)
+        if self._writes or self._reloads or self._closing is not None:  # else the store has nothing to do
+            self._pump_store(now)
         if self._closing is not None:
             self._check_closing(now)
 
@@ -1765,7 +1785,7 @@ class Session:
         if self._client_open:
             self._emit(CloseSocket(code, reason))
             self._client_open = False
-        if self.state in (State.HANDSHAKE, State.LOADING, State.OPENING):
+        if self.state in PRE_READY:
             for s in (self._current, self._next):
                 self._retire(s)
             self._current = self._next = None

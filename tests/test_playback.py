@@ -130,3 +130,16 @@ def test_token_bucket():
     assert [b.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert b.take(0.5) and not b.take(0.5)
     assert all(b.take(100.0) for _ in range(3)) and not b.take(100.0)
+
+
+def test_idle_until_queued_and_again_once_played_out():
+    p = PlaybackPacer(RATE, lead_ms=200, chunk_ms=40)
+    assert p.idle and p.poll(0.0) == [] and p.played_out(0.0) == [] and p.next_wakeup(0.0) is None
+    p.start_item("a", "start-a")
+    assert not p.idle
+    p.push_audio("a", bytes(MS * 100))
+    p.end_item("a", "end-a")
+    p.poll(0.0)
+    assert not p.idle  # released, not yet played
+    assert p.played_out(0.1) == ["a"]
+    assert p.idle and p.next_wakeup(0.1) is None
