@@ -3,9 +3,12 @@ tells it what happened; it decides nothing itself.
 
 Readers (the socket, each model stream, the store worker) only push into one inbox, bounded in
 bytes; one consumer feeds the session from it and performs the effects. It sleeps until the inbox
-has something or `session.next_deadline()` is due. Writers (to the client, to each model stream)
-drain queues that are bounded in bytes too: a client that does not read, or a stream that does not
-accept, is reported to the session, which decides what follows. Every task lives in one TaskGroup.
+has something or `session.next_deadline()` is due. The socket is read without a task: its protocol
+hands each message to `message()` as it is parsed (gateway/websocket.py), and stops reading while
+the inbox is over budget. What goes to the client is written at once while the socket's buffer has
+room, else queued for the writer task; writers (to the client, to each model stream) drain queues
+that are bounded in bytes too: a client that does not read, or a stream that does not accept, is
+reported to the session, which decides what follows. Every task lives in one TaskGroup.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from .store import ConversationGone, StoreError
 from .queues import Queue
 from .tokens import owner_hash
 from .transport import ModelError
+from .websocket import EXTENSION
 
 logger = logging.getLogger("novagate.session")
 
@@ -82,6 +86,9 @@ class SessionActor:
 
     def __init__(self, ws: WebSocket, services, bearer: str | None, wrap=None):
         self.ws = ws
+        self.lane = ws.scope["extensions"][EXTENSION]  # the socket's protocol (gateway/websocket.py)
+        self._reading_paused = False
+        self._closing_socket = False  # a CloseSocket is queued: nothing more is written directly
         self.s = services
         now = clock.monotonic()
         self.session = Session(services.session_config, services.session_env, now=now, bearer=bearer)
@@ -112,8 +119,9 @@ class SessionActor:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                workers = [tg.create_task(c) for c in (self._read_client(), self._store_worker())]
+                workers = [tg.create_task(self._store_worker())]
                 writer = tg.create_task(self._write_client())
+                self.lane.attach(self)
                 await self._consume()
                 self.outbox.put_nowait(None)  # the writer ends once what is queued is sent
                 for t in self._tools.values():  # the session has answered or given up on them
@@ -136,6 +144,9 @@ class SessionActor:
             while msg is not None:  # all that waits, then the effects: fewer wake-ups under load
                 self._dispatch(msg, now)
                 msg = self.inbox.get_nowait() if session.state is not State.CLOSED else None
+            if self._reading_paused:  # the inbox is empty again
+                self._reading_paused = False
+                self.lane.resume()
             if deadline is not None and now >= deadline:
                 session.tick(now)
             self._perform(now)
@@ -179,7 +190,7 @@ class SessionActor:
                     case CloseSocket(code=code, reason=reason, discard=discard):
                         if discard:
                             self.outbox.clear()
-                        self.outbox.put_nowait(CloseSocket(code, reason))
+                        self._to_client(CloseSocket(code, reason), 0, now)
                     case RunTool(call_id=call_id, name=name, arguments=arguments):
                         self._tools[call_id] = self._tg.create_task(self._run_tool(call_id, name, arguments))
                     case CancelTool(call_id=call_id):
@@ -207,9 +218,25 @@ class SessionActor:
                         metrics.SESSION_HISTOGRAMS[name].observe(value)
         self._audio_since = None  # audio the pacer releases later counts from its release
 
-    def _to_client(self, frame: str | bytes, size: int, now: float) -> None:
+    def _to_client(self, frame: tuple | str | CloseSocket, size: int, now: float) -> None:
+        """Written now while nothing waits before it and the socket's buffer has room; else queued."""
+        if isinstance(frame, CloseSocket):
+            self._closing_socket = True
+        elif not self.outbox and not self._closing_socket and self.lane.can_write():
+            self._write(frame)
+            return
         if not self.outbox.put_nowait(frame, size):
             self.session.client_backlog_full(now)
+
+    def _write(self, frame: tuple | str) -> None:
+        """One message to the client. A socket that is closing or gone takes nothing: its protocol has
+        told, or will tell, `gone()`."""
+        if isinstance(frame, tuple):
+            pcm, since = frame
+            if self.lane.write(pcm):
+                metrics.MODEL_TO_CLIENT.observe(clock.monotonic() - since)
+        else:
+            self.lane.write(frame)
 
     def _to_stream(self, sid: int, events: list[dict], audio_bytes: int, now: float) -> None:
         link = self.links.get(sid)
@@ -221,38 +248,40 @@ class SessionActor:
             self.inbox.put_nowait(("stream_failed", sid, CONNECTION, "the model stream is not accepting input"))
 
     # -- the client socket ------------------------------------------------------------------------------
-    async def _read_client(self) -> None:
-        while True:
-            msg = await self.ws.receive()
-            if msg["type"] == "websocket.disconnect":
-                self.inbox.put_nowait(("client_gone",))
-                return
-            if (data := msg.get("bytes")) is not None:
-                await self.inbox.put(("receive_audio", data), len(data))
-            else:
-                text = msg.get("text") or ""
-                await self.inbox.put(("receive_text", text), len(text))
+    def message(self, data: bytes | str) -> None:
+        """A client message, handed over by the socket's protocol as it is parsed (no task, no await)."""
+        if type(data) is bytes:
+            fits = self.inbox.put_nowait(("receive_audio", data), len(data))
+        else:
+            fits = self.inbox.put_nowait(("receive_text", data), len(data))
+        if not fits and not self._reading_paused:  # read on once the consumer has emptied the inbox
+            self._reading_paused = True
+            self.lane.pause()
+
+    def gone(self) -> None:
+        """The socket closed or broke (told once)."""
+        self.inbox.put_nowait(("client_gone",))
 
     async def _write_client(self) -> None:
-        ws, send, delay = self.ws, self.ws.send, metrics.MODEL_TO_CLIENT
+        """What could not be written at once, in order, as the socket's buffer drains; then the close."""
+        lane, outbox = self.lane, self.outbox
         while True:
-            frame = await self.outbox.get()
+            await outbox.ready()
+            await lane.drained()
+            if not outbox:
+                continue  # discarded meanwhile
+            frame = outbox.get_nowait()
             if frame is None:
                 return
+            if not isinstance(frame, CloseSocket):
+                self._write(frame)
+                continue
             try:
-                if isinstance(frame, tuple):
-                    pcm, since = frame
-                    await send({"type": "websocket.send", "bytes": pcm})
-                    delay.observe(clock.monotonic() - since)
-                elif isinstance(frame, str):
-                    await ws.send_text(frame)
-                else:
-                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                        await ws.close(frame.code, frame.reason)
-                    return
-            except Exception:  # the peer went away: the session hears it once
-                self.inbox.put_nowait(("client_gone",))
-                return
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self.ws.close(frame.code, frame.reason)
+            except Exception:  # the peer went away first: its protocol tells gone()
+                pass
+            return
 
     async def _close_now(self, code: int, reason: str, message) -> None:
         """After a failure of the actor itself: say so if the socket is still open."""

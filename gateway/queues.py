@@ -44,6 +44,15 @@ class Queue:
                     timer.cancel()
         return self.get_nowait()
 
+    async def ready(self) -> None:
+        """Wait until something is queued (without taking it)."""
+        if not self._items:
+            self._readable.clear()
+            await self._readable.wait()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get_nowait(self):
         """The next item, or None when the queue is empty."""
         if not self._items:

@@ -24,6 +24,7 @@ from . import metrics
 from .config import Settings
 from .health import HealthMonitor, KeepaliveWatchdog, OverloadGate
 from .logs import log
+from .websocket import LaneProtocol
 
 logger = logging.getLogger("novagate.server")
 
@@ -38,9 +39,8 @@ def build(settings: Settings, app, *, admin: bool = True) -> Server:
         host=settings.host,
         port=settings.port,
         http=http,
-        # python-websockets' protocol. uvicorn's sans-I/O one is cheaper but not yet robust: the live fuzzer
-        # makes it raise inside the transport (invalid UTF-8 on a closing socket) and drop sockets with 1006.
-        ws="websockets",
+        # uvicorn's sans-I/O protocol with a direct lane to the session actor (gateway/websocket.py)
+        ws=LaneProtocol,
         loop="uvloop",
         ws_per_message_deflate=False,  # PCM does not compress; deflating it cost ~15 % of the loop
         ws_max_size=messages.MAX_TEXT_MESSAGE_BYTES,  # PROTOCOL §2: a bigger message closes 1009
