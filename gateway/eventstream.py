@@ -1,7 +1,8 @@
 """AWS event-stream codec (`application/vnd.amazon.eventstream`) and the Bedrock chunk-signature chain.
 
-The Bedrock transport encodes and signs its input events with it (gateway.bedrock.EventWriter); the Nova
-emulator decodes and verifies them. Pure: no I/O, no clocks (callers pass dates in). Reference: reference/nova-sonic.md §8.2–§8.4.
+The Bedrock transport encodes and signs its input events with it (gateway.bedrock.EventWriter) and splits
+and decodes its output events with it (gateway.bedrock.EventReader); the Nova emulator decodes and verifies
+the input and encodes the output. Pure: no I/O, no clocks (callers pass dates in). Reference: reference/nova-sonic.md §8.2–§8.4.
 
 Message framing (all integers big-endian, CRC32 as zlib computes it):
 
@@ -31,8 +32,10 @@ import hashlib
 import hmac
 import re
 import struct
+import time
 import uuid
 import zlib
+from functools import lru_cache
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +63,19 @@ class ChecksumError(EventStreamError):
 
 class FrameError(EventStreamError):
     """Malformed framing, headers or envelope."""
+
+
+class LengthError(FrameError):
+    """A prelude declares headers or a payload over the format's limits (`what` is "headers" or "payload")."""
+
+    def __init__(self, what: str, length: int, limit: int) -> None:
+        super().__init__(f"{what} length {length} exceeds {limit}")
+        self.what = what
+        self.length = length
+
+
+class TruncatedError(FrameError):
+    """The byte stream ended inside a message."""
 
 
 class SignatureError(EventStreamError):
@@ -188,8 +204,9 @@ def _frame(hb: bytes, payload: bytes) -> bytes:
     if len(payload) > MAX_PAYLOAD_LEN:
         raise FrameError(f"payload is {len(payload)} bytes (max {MAX_PAYLOAD_LEN})")
     prelude = struct.pack("!II", MESSAGE_OVERHEAD + len(hb) + len(payload), len(hb))
-    body = prelude + struct.pack("!I", zlib.crc32(prelude)) + hb + payload
-    return body + struct.pack("!I", zlib.crc32(body))
+    prelude += struct.pack("!I", zlib.crc32(prelude))
+    crc = zlib.crc32(payload, zlib.crc32(hb, zlib.crc32(prelude)))  # one pass, one copy of the payload
+    return b"".join((prelude, hb, payload, struct.pack("!I", crc)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,17 +310,18 @@ def decode_headers(data: bytes) -> tuple[dict[str, Any], dict[str, int], dict[st
     return headers, types, raw
 
 
-def _check_prelude(buf: bytes | bytearray | memoryview) -> tuple[int, int]:
-    total, hlen, pcrc = struct.unpack_from("!III", buf, 0)
-    calc = zlib.crc32(bytes(buf[:8]))
+def _check_prelude(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int]:
+    """(total, headers length) of the message at `pos`; checks in the SDK's order (CRC, then limits)."""
+    total, hlen, pcrc = struct.unpack_from("!III", buf, pos)
+    calc = zlib.crc32(memoryview(buf)[pos:pos + 8])
     if calc != pcrc:
         raise ChecksumError("prelude", pcrc, calc)
+    if hlen > MAX_HEADERS_LEN:
+        raise LengthError("headers", hlen, MAX_HEADERS_LEN)
+    if total - MESSAGE_OVERHEAD - hlen > MAX_PAYLOAD_LEN:
+        raise LengthError("payload", total - MESSAGE_OVERHEAD - hlen, MAX_PAYLOAD_LEN)
     if total < MESSAGE_OVERHEAD or hlen > total - MESSAGE_OVERHEAD:
         raise FrameError(f"invalid lengths: total {total}, headers {hlen}")
-    if hlen > MAX_HEADERS_LEN:
-        raise FrameError(f"headers length {hlen} exceeds {MAX_HEADERS_LEN}")
-    if total - MESSAGE_OVERHEAD - hlen > MAX_PAYLOAD_LEN:
-        raise FrameError(f"payload length {total - MESSAGE_OVERHEAD - hlen} exceeds {MAX_PAYLOAD_LEN}")
     return total, hlen
 
 
@@ -364,6 +382,81 @@ def iter_messages(data: bytes) -> list[Message]:
     return msgs
 
 
+class FrameReader:
+    """Splits a byte stream into complete messages, sans I/O: `feed()` bytes as they arrive, then call
+    `next()` until it returns None; `end()` when the stream ends.
+
+    `next()` returns each message's exact bytes with both CRCs and the lengths checked, and decodes no
+    header: the output hot path (gateway.bedrock.EventReader) looks at the header block itself. Bytes are
+    joined only once a whole prelude or message is there, so a large message arriving in many small
+    pieces costs no more than one copy. The first error raises, and again on every later call (the stream
+    cannot be resynchronised)."""
+
+    __slots__ = ("_buf", "_pos", "_more", "_size", "_failed")
+
+    def __init__(self) -> None:
+        self._buf = b""  # joined bytes; the unread part starts at _pos
+        self._pos = 0
+        self._more: list[bytes] = []  # pieces fed since the last join
+        self._size = 0  # unread bytes in _buf and _more together
+        self._failed: EventStreamError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete message."""
+        return self._size
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self._more.append(bytes(data))
+            self._size += len(data)
+
+    def next(self) -> bytes | None:
+        """The next complete message, or None until more bytes are fed."""
+        if self._failed is not None:
+            raise self._failed
+        if self._size < PRELUDE_LEN:
+            return None
+        try:
+            buf = self._window(PRELUDE_LEN)
+            pos = self._pos
+            total, _ = _check_prelude(buf, pos)
+            if self._size < total:
+                return None
+            buf = self._window(total)
+            pos = self._pos
+            end = pos + total
+            (mcrc,) = struct.unpack_from("!I", buf, end - 4)
+            calc = zlib.crc32(memoryview(buf)[pos:end - 4])
+            if calc != mcrc:
+                raise ChecksumError("message", mcrc, calc)
+        except EventStreamError as exc:
+            self._failed = exc
+            raise
+        self._pos = end
+        self._size -= total
+        return buf if total == len(buf) else buf[pos:end]
+
+    def end(self) -> None:
+        """The stream has ended: raises TruncatedError if it ended inside a message."""
+        if self._failed is not None:
+            raise self._failed
+        if self._size:
+            self._failed = TruncatedError(f"the stream ended {self._size} bytes into a message")
+            raise self._failed
+
+    def _window(self, n: int) -> bytes:
+        """`_buf`, holding at least n unread bytes from `_pos` (the caller checked `_size`)."""
+        if len(self._buf) - self._pos < n:
+            parts = self._more
+            if self._pos < len(self._buf):
+                parts.insert(0, self._buf[self._pos:])
+            self._buf = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._pos = 0
+            self._more = []
+        return self._buf
+
+
 # ---------------------------------------------------------------------------------------------
 # Bedrock payloads
 
@@ -382,8 +475,9 @@ EXCEPTION_MEMBERS = {
 
 
 def encode_event_json(event: dict) -> bytes:
-    """`{"bytes": "<base64 of the event JSON>"}` (the chunk payload)."""
-    return orjson.dumps({"bytes": base64.b64encode(orjson.dumps(event)).decode("ascii")})
+    """`{"bytes": "<base64 of the event JSON>"}` (the chunk payload), as orjson writes it: base64 needs no
+    JSON escaping, so it is spliced in as bytes."""
+    return b'{"bytes":"' + binascii.b2a_base64(orjson.dumps(event), newline=False) + b'"}'
 
 
 def decode_chunk_payload(payload: bytes) -> dict:
@@ -399,6 +493,42 @@ def decode_chunk_payload(payload: bytes) -> dict:
     if not isinstance(event, dict):
         raise FrameError("the chunk payload does not hold a JSON object")
     return event
+
+
+_CHUNK_BLOCKS: dict[bytes, bool] = {_CHUNK_HEADER_BYTES: True}  # header block → is it a chunk event
+_CHUNK_BLOCKS_MAX = 64
+
+
+def _is_chunk_block(hb: bytes) -> bool:
+    """Whether a header block says `:message-type` event, `:event-type` chunk (any order, other headers
+    allowed). Remembered per distinct block: a stream repeats the same one for every event."""
+    known = _CHUNK_BLOCKS.get(hb)
+    if known is None:
+        try:
+            headers = decode_headers(hb)[0]
+            known = headers.get(":message-type") == "event" and headers.get(":event-type") == "chunk"
+        except FrameError:
+            known = False
+        if len(_CHUNK_BLOCKS) < _CHUNK_BLOCKS_MAX:
+            _CHUNK_BLOCKS[hb] = known
+    return known
+
+
+def chunk_event(frame: bytes) -> dict | None:
+    """The event dict in a `chunk` event message (a FrameReader frame), or None for anything else: another
+    message type or member, or a payload that is not `{"bytes": "<base64 of a JSON object>"}`.
+
+    The output hot path: exactly what the SDK's JSON codec (lenient base64, like `base64.b64decode`) and an
+    `orjson.loads` of the blob give for such a frame; callers decode every None the general way."""
+    (hlen,) = struct.unpack_from("!I", frame, 4)
+    if not _is_chunk_block(frame[PRELUDE_LEN:PRELUDE_LEN + hlen]):
+        return None
+    try:
+        b64 = orjson.loads(memoryview(frame)[PRELUDE_LEN + hlen:-4])["bytes"]
+        event = orjson.loads(base64.b64decode(b64)) if type(b64) is str else None
+    except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error, ValueError):
+        return None
+    return event if type(event) is dict else None
 
 
 def chunk_message(event: dict) -> bytes:
@@ -493,16 +623,25 @@ def decode_input_frame(outer: Message) -> InputFrame:
 
 
 def encode_input_frame(
-    event: dict | None, *, signer: ChunkSigner | None = None, date: _dt.datetime | None = None
+    event: dict | None, *, signer: ChunkSigner | None = None, date: _dt.datetime | int | None = None
 ) -> bytes:
-    """A client frame as the SDK sends it: `event` (or the end frame when None) in a signed envelope.
+    """A client frame as the SDK sends it: `event` (or the end frame when None) in a signed envelope dated
+    `date` (a datetime or milliseconds since the epoch; default now).
 
     Without a signer the signature is 32 zero bytes (an emulator without keys does not check it)."""
     payload = chunk_message(event) if event is not None else b""
-    date = date or _dt.datetime.now(_dt.UTC)
-    date_header = encode_header(":date", Timestamp.from_datetime(date))
-    sig = signer.sign(date_header, payload, date) if signer is not None else bytes(32)
-    return _frame(date_header + encode_header(":chunk-signature", sig), payload)
+    if date is None:
+        ms = time.time_ns() // 1_000_000
+    else:
+        ms = date if isinstance(date, int) else Timestamp.from_datetime(date).ms
+    date_header = _DATE_HEADER + struct.pack("!q", ms)
+    sig = signer.sign(date_header, payload, ms) if signer is not None else bytes(32)
+    return _frame(date_header + _SIGNATURE_HEADER + sig, payload)
+
+
+# the two envelope headers' name, type and (for the signature) length: only the values change
+_DATE_HEADER = encode_header(":date", Timestamp(0))[:-8]
+_SIGNATURE_HEADER = encode_header(":chunk-signature", bytes(32))[:-32]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,14 +654,22 @@ SIGNING_SERVICE = "bedrock"
 _TS_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
-def sigv4_timestamp(date: _dt.datetime) -> str:
+def sigv4_timestamp(date: _dt.datetime | int) -> str:
+    """YYYYMMDDTHHMMSSZ of a datetime, or of milliseconds since the epoch."""
+    if isinstance(date, int):
+        return _second_timestamp(date // 1000)
     if date.tzinfo is None:
         date = date.replace(tzinfo=_dt.UTC)
     return date.astimezone(_dt.UTC).strftime(_TS_FORMAT)
 
 
+@lru_cache(maxsize=4)
+def _second_timestamp(second: int) -> str:
+    return time.strftime(_TS_FORMAT, time.gmtime(second))  # every event of a second signs the same string
+
+
 def _hmac(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")
 
 
 def signing_key(secret: str, date8: str, region: str, service: str = SIGNING_SERVICE) -> bytes:
@@ -547,24 +694,27 @@ class _ChunkChain:
         self.service = service
         self.prior = prior_signature_hex
         self.count = 0
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, tuple[bytes, str]] = {}
 
-    def _key(self, date8: str) -> bytes:
+    def _key(self, date8: str) -> tuple[bytes, str]:
+        """The day's signing key and credential scope."""
         key = self._keys.get(date8)
         if key is None:
-            key = self._keys[date8] = signing_key(self.secret, date8, self.region, self.service)
+            key = self._keys[date8] = (signing_key(self.secret, date8, self.region, self.service),
+                                       f"{date8}/{self.region}/{self.service}/aws4_request")
         return key
 
-    def expected(self, date_header: bytes, payload: bytes, date: _dt.datetime) -> bytes:
+    def expected(self, date_header: bytes, payload: bytes, date: _dt.datetime | int) -> bytes:
+        """The signature of one envelope; `date` is its :date (a datetime, or milliseconds since the epoch)."""
         ts = sigv4_timestamp(date)
-        scope = f"{ts[:8]}/{self.region}/{self.service}/aws4_request"
-        return _hmac(self._key(ts[:8]), chunk_string_to_sign(ts, scope, self.prior, date_header, payload).encode("utf-8"))
+        key, scope = self._key(ts[:8])
+        return _hmac(key, chunk_string_to_sign(ts, scope, self.prior, date_header, payload).encode("utf-8"))
 
 
 class ChunkSigner(_ChunkChain):
     """Produces the chain of chunk signatures the SDK sends (client side; used in tests and tools)."""
 
-    def sign(self, date_header: bytes, payload: bytes, date: _dt.datetime) -> bytes:
+    def sign(self, date_header: bytes, payload: bytes, date: _dt.datetime | int) -> bytes:
         sig = self.expected(date_header, payload, date)
         self.prior = sig.hex()
         self.count += 1

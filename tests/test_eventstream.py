@@ -4,12 +4,14 @@ Cross-checked against the real SDK's own codec (smithy_aws_event_stream) and sig
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
 import struct
 import uuid
 import zlib
 
+import orjson
 import pytest
 
 from gateway import eventstream as es
@@ -259,3 +261,276 @@ async def test_event_writer_writes_the_sdk_publishers_frames(monkeypatch):
         verifier.verify(es.decode_message(frame))
     with pytest.raises(OSError, match="closed"):
         await writer.send(EVENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output side: FrameReader, chunk_event and gateway.bedrock.EventReader against the SDK's receiver
+
+
+def _sdk_messages() -> list[bytes]:
+    """Output-side messages as the SDK's own encoder and serializer write them."""
+    from aws_sdk_bedrock_runtime.models import BidirectionalInputPayloadPart, InvokeModelWithBidirectionalStreamInputChunk
+    from smithy_aws_event_stream._private.serializers import EventSerializer
+    from smithy_aws_event_stream.events import Byte, EventMessage, Long, Short
+    from smithy_json import JSONCodec
+
+    serializer = EventSerializer(payload_codec=JSONCodec())
+    part = BidirectionalInputPayloadPart(bytes_=b'{"event": {"textOutput": {"content": "h\\u00e9"}}}')
+    InvokeModelWithBidirectionalStreamInputChunk(value=part).serialize(serializer)
+    all_types = {"t": True, "f": False, "i8": Byte(-7), "i16": Short(-30000), "i32": 2_000_000_000,
+                 "i64": Long(-(2**62)), "blob": b"\x00\x01\xff", "str": "héllo", "uuid": ALL_TYPES["uuid"],
+                 "ts": dt.datetime(2025, 11, 24, 16, 0, 0, 123000, tzinfo=dt.UTC)}
+    return [
+        serializer.get_result().encode(),
+        EventMessage(headers=dict(es.CHUNK_HEADERS), payload=es.encode_event_json(EVENT)).encode(),
+        EventMessage(headers={":exception-type": "throttlingException", ":content-type": "application/json",
+                              ":message-type": "exception"}, payload=b'{"message": "slow down"}').encode(),
+        EventMessage(headers={":message-type": "error", ":error-code": "InternalFailure",
+                              ":error-message": "boom"}).encode(),
+        EventMessage(headers=all_types, payload=b"payload").encode(),
+        EventMessage().encode(),
+    ]
+
+
+def _drain(reader: es.FrameReader) -> list[bytes]:
+    out = []
+    while (frame := reader.next()) is not None:
+        out.append(frame)
+    return out
+
+
+def test_frame_reader_splits_the_sdks_messages_at_every_byte_boundary():
+    from smithy_aws_event_stream.events import Event
+
+    msgs = _sdk_messages()
+    stream = b"".join(msgs)
+    for cut in range(len(stream) + 1):
+        reader = es.FrameReader()
+        reader.feed(stream[:cut])
+        frames = _drain(reader)
+        reader.feed(stream[cut:])
+        frames += _drain(reader)
+        reader.end()
+        assert frames == msgs and reader.buffered == 0, cut
+    reader = es.FrameReader()
+    frames = []
+    for i in range(len(stream)):
+        reader.feed(stream[i:i + 1])
+        frames += _drain(reader)
+    assert frames == msgs
+    for frame in frames:  # and each decodes as the SDK decodes it
+        sdk = Event.decode(io.BytesIO(frame)).message
+        ours = es.decode_message(frame)
+        assert (ours.headers, ours.payload) == (dict(sdk.headers), sdk.payload)
+
+
+def _prelude(total: int, hlen: int) -> bytes:
+    prelude = struct.pack("!II", total, hlen)
+    return prelude + struct.pack("!I", zlib.crc32(prelude))
+
+
+def test_frame_reader_errors_are_clear_and_final():
+    good = es.output_chunk(EVENT)
+    bad_prelude = bytearray(good)
+    bad_prelude[2] ^= 0x01
+    reader = es.FrameReader()
+    reader.feed(bytes(bad_prelude[:12]))  # known wrong as soon as the prelude is there
+    with pytest.raises(es.ChecksumError, match="prelude checksum mismatch") as e:
+        reader.next()
+    assert e.value.what == "prelude"
+    with pytest.raises(es.ChecksumError):  # and stays failed
+        reader.next()
+    bad_body = bytearray(good)
+    bad_body[-20] ^= 0x01
+    reader = es.FrameReader()
+    reader.feed(good + bytes(bad_body) + good)
+    assert reader.next() == good  # the good message before it is still delivered
+    with pytest.raises(es.ChecksumError, match="message checksum mismatch") as e:
+        reader.next()
+    assert e.value.expected == struct.unpack("!I", good[-4:])[0]
+    assert e.value.calculated == zlib.crc32(bytes(bad_body[:-4]))
+    with pytest.raises(es.ChecksumError):
+        reader.end()
+    for prelude, cls, text in [
+        (_prelude(16 + es.MAX_HEADERS_LEN + 1, es.MAX_HEADERS_LEN + 1), es.LengthError, "headers length 131073 exceeds"),
+        (_prelude(16 + es.MAX_PAYLOAD_LEN + 1, 0), es.LengthError, "payload length 16777217 exceeds"),
+        (_prelude(0xFFFFFFFF, 0), es.LengthError, "payload length"),
+        (_prelude(8, 0), es.FrameError, "invalid lengths"),
+        (_prelude(20, 10), es.FrameError, "invalid lengths"),
+    ]:
+        reader = es.FrameReader()
+        reader.feed(prelude)  # refused before any of the body is buffered
+        with pytest.raises(cls, match=text):
+            reader.next()
+    for cut in (1, 11, 12, len(good) - 1):
+        reader = es.FrameReader()
+        reader.feed(good + good[:cut])
+        assert _drain(reader) == [good]
+        with pytest.raises(es.TruncatedError, match=f"ended {cut} bytes into a message"):
+            reader.end()
+
+
+def test_chunk_event_takes_chunks_in_any_header_order_and_declines_the_rest():
+    from smithy_aws_event_stream.events import EventMessage
+
+    assert es.chunk_event(es.output_chunk(EVENT)) == EVENT
+    reordered = EventMessage(headers={":content-type": "application/json", ":event-type": "chunk", "x-id": 7,
+                                      ":message-type": "event"}, payload=es.encode_event_json(EVENT)).encode()
+    assert es.chunk_event(reordered) == EVENT
+    b64 = base64.b64encode(orjson.dumps(EVENT)).decode()
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))  # base64 read leniently, as the SDK reads it
+    assert es.chunk_event(es.encode_message(es.CHUNK_HEADERS, orjson.dumps({"bytes": wrapped}))) == EVENT
+    declined = [
+        es.exception_message("validationException", "bad"),
+        es.error_message("InternalFailure", "boom"),
+        es.encode_message({**es.CHUNK_HEADERS, ":event-type": "other"}, es.encode_event_json(EVENT)),
+        es.encode_message({**es.CHUNK_HEADERS, ":message-type": b"event"}, es.encode_event_json(EVENT)),  # not a string
+        es.encode_message(es.CHUNK_HEADERS, b'{"bytes": "W10="}'),  # [] is not an event
+        es.encode_message(es.CHUNK_HEADERS, b'{"other": 1}'),
+        es.encode_message(es.CHUNK_HEADERS, b'{"bytes": 5}'),
+        es.encode_message(es.CHUNK_HEADERS, b'{"bytes": "!!"}'),
+        es.encode_message(es.CHUNK_HEADERS, b"not json"),
+        es.encode_message(es.CHUNK_HEADERS, b""),
+    ]
+    assert [es.chunk_event(f) for f in declined] == [None] * len(declined)
+
+
+async def _receiver(chunks: list[bytes], fail: Exception | None = None):
+    """A receiver exactly as the SDK's protocol builds it over a response body of these chunks."""
+    from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+    from aws_sdk_bedrock_runtime.models import (
+        InvokeModelWithBidirectionalStreamOutput,
+        _InvokeModelWithBidirectionalStreamOutputDeserializer,
+    )
+
+    async def body():
+        for c in chunks:
+            yield c
+        if fail is not None:
+            raise fail
+
+    class Response:
+        pass
+
+    response = Response()
+    response.body = body()
+    config = await AsyncBedrockRuntimeConfig.resolve(region="us-east-1", transport=None)
+    return config.protocol.create_event_receiver(
+        operation=None, request=None, response=response, event_type=InvokeModelWithBidirectionalStreamOutput,
+        event_deserializer=_InvokeModelWithBidirectionalStreamOutputDeserializer().deserialize, context=None)
+
+
+async def _sdk_pump(receiver) -> tuple[list, tuple[str, str] | None]:
+    """What BedrockStream's pump reported before EventReader: the SDK's receive() and orjson."""
+    from aws_sdk_bedrock_runtime.models import InvokeModelWithBidirectionalStreamOutputChunk
+
+    from gateway.bedrock import map_sdk_error
+    from gateway.transport import MODEL_STREAM_ERROR, ModelError
+
+    out = []
+    try:
+        while (ev := await receiver.receive()) is not None:
+            if not isinstance(ev, InvokeModelWithBidirectionalStreamOutputChunk):
+                continue
+            try:
+                out.append(orjson.loads(ev.value.bytes_))
+            except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
+                raise ModelError(MODEL_STREAM_ERROR, f"Invalid event bytes: undecodable output event: {exc}")
+    except Exception as exc:
+        err = map_sdk_error(exc)
+        return out, (err.kind, err.message)
+    return out, None
+
+
+async def _our_pump(receiver) -> tuple[list, tuple[str, str] | None]:
+    from gateway.bedrock import EventReader, map_sdk_error
+
+    out = []
+    try:
+        async for event in EventReader(receiver):
+            out.append(event)
+    except Exception as exc:
+        err = map_sdk_error(exc)
+        return out, (err.kind, err.message)
+    return out, None
+
+
+def _valid(headers_block: bytes, payload: bytes = b"") -> bytes:
+    """A message with valid CRCs around any header block."""
+    body = _prelude(16 + len(headers_block) + len(payload), len(headers_block)) + headers_block + payload
+    return body + struct.pack("!I", zlib.crc32(body))
+
+
+def _corrupt(frame: bytes, at: int) -> bytes:
+    bad = bytearray(frame)
+    bad[at] ^= 0x01
+    return bytes(bad)
+
+
+async def test_event_reader_reports_what_the_sdk_receiver_reports():
+    from gateway.transport import ACCESS_DENIED, CONNECTION
+
+    good = [es.output_chunk({"event": {"textOutput": {"content": f"n{i}"}}}) for i in range(3)]
+    audio = es.output_chunk({"event": {"audioOutput": {"content": "A" * 5000}}})
+    chunk = es.output_chunk(EVENT)
+    cases: dict[str, tuple[list[bytes], Exception | None]] = {
+        "clean": ([*good, audio], None),
+        "the SDK's encoding": (_sdk_messages()[:2] + [_sdk_messages()[4]], None),  # chunks, then no :message-type
+        "empty": ([], None),
+        **{m: ([*good, es.exception_message(m, f"{m} says no")], None) for m in es.EXCEPTION_MEMBERS},
+        "exception without message": ([es.encode_message({":exception-type": "throttlingException",
+                                                          ":message-type": "exception"}, b"{}")], None),
+        "unknown exception": ([good[0], es.exception_message("noSuchException", "x")], None),
+        "error": ([good[0], es.error_message("InternalFailure", "boom")], None),
+        "access denied error": ([es.error_message("AccessDeniedException", "not you")], None),
+        "unknown member": ([es.encode_message({**es.CHUNK_HEADERS, ":event-type": "other"}, b"{}"), *good], None),
+        "unknown message type": ([good[0], es.encode_message({":message-type": "nope"})], None),
+        "not an object": ([es.encode_message(es.CHUNK_HEADERS, b'{"bytes": "W10="}'), *good], None),
+        "no bytes": ([es.encode_message(es.CHUNK_HEADERS, b'{"x": 1}')], None),
+        "undecodable event": ([es.encode_message(es.CHUNK_HEADERS, b'{"bytes": "bm9wZQ=="}')], None),
+        "payload not json": ([es.encode_message(es.CHUNK_HEADERS, b"not json")], None),
+        "message crc": ([*good, _corrupt(chunk, -1), chunk], None),
+        "payload flipped": ([*good, _corrupt(chunk, -30), chunk], None),
+        "prelude crc": ([good[0], _corrupt(chunk, 1)], None),
+        "headers too long": ([good[0], _prelude(16 + es.MAX_HEADERS_LEN + 1, es.MAX_HEADERS_LEN + 1) + bytes(64)], None),
+        "payload too long": ([good[0], _prelude(16 + es.MAX_PAYLOAD_LEN + 1, 0) + bytes(64)], None),
+        "total under 16": ([good[0], _prelude(8, 0) + bytes(30)], None),
+        "truncated prelude": ([good[0], chunk[:7]], None),
+        "truncated body": ([good[0], chunk[:-1]], None),
+        "duplicate header": ([_valid(es.encode_header("a", "x") + es.encode_header("a", "y"))], None),
+        "unknown header type": ([good[0], _valid(b"\x01x\x0e")], None),
+        "broken connection": (good[:2], RuntimeError("AWS_ERROR_HTTP_CONNECTION_CLOSED")),
+        "broken mid-message": ([good[0], chunk[:20]], RuntimeError("AWS_ERROR_HTTP_CONNECTION_CLOSED")),
+    }
+    seen = set()
+    for name, (frames, fail) in cases.items():
+        body = b"".join(frames)
+        for chunks in (frames, [body[i:i + 7] for i in range(0, len(body), 7)], [body] if body else []):
+            sdk = await _sdk_pump(await _receiver(chunks, fail))
+            ours = await _our_pump(await _receiver(chunks, fail))
+            assert ours == sdk, name
+        seen.add(sdk[1][0] if sdk[1] else None)
+    assert {None, CONNECTION, ACCESS_DENIED} <= seen and len(seen) >= 8  # the cases reach every kind of ending
+
+
+async def test_event_reader_decodes_alone_when_the_sdk_changes_shape():
+    """A receiver without the pinned SDK's attributes: EventReader leaves the decoding to it."""
+    from aws_sdk_bedrock_runtime.models import (
+        BidirectionalOutputPayloadPart,
+        InvokeModelWithBidirectionalStreamOutputChunk,
+        InvokeModelWithBidirectionalStreamOutputUnknown,
+    )
+
+    from gateway.bedrock import EventReader
+
+    class Receiver:
+        def __init__(self) -> None:
+            chunk = InvokeModelWithBidirectionalStreamOutputChunk
+            self.left = [chunk(BidirectionalOutputPayloadPart(bytes_=b'{"n": 2}')),
+                         InvokeModelWithBidirectionalStreamOutputUnknown("other"),  # logged and skipped
+                         chunk(BidirectionalOutputPayloadPart(bytes_=b'{"n": 1}'))]
+
+        async def receive(self):
+            return self.left.pop() if self.left else None
+
+    assert [e async for e in EventReader(Receiver())] == [{"n": 1}, {"n": 2}]
