@@ -138,8 +138,7 @@ class SessionActor:
         session = self.session
         while session.state is not State.CLOSED:
             deadline = session.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - clock.monotonic())
-            msg = await self.inbox.get(timeout)
+            msg = await self.inbox.get(deadline)  # clock.monotonic() is the event loop's clock
             now = clock.monotonic()
             while msg is not None:  # all that waits, then the effects: fewer wake-ups under load
                 self._dispatch(msg, now)
@@ -318,8 +317,7 @@ class SessionActor:
                 receiver = self._tg.create_task(self._receive(link, stream))
             while (events := await link.out.get()) is not None:  # None: retired, after all queued before it
                 for event in events:
-                    async with asyncio.timeout(SEND_TIMEOUT_S):
-                        await stream.send(event)
+                    await stream.send(event)  # bounded by the transport (a timer per event here cost more)
             for event in link.closing:
                 async with asyncio.timeout(CLOSING_SEND_TIMEOUT_S):
                     await stream.send(event)

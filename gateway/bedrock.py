@@ -22,8 +22,9 @@
   cancelled while it is blocked in the SDK or the CRT (cancelling races the CRT's native callbacks:
   `InvalidStateError`, aws-sdk-python#13).
 * `send()` encodes and signs each event itself (`EventWriter`: the SDK's frames, for about half the SDK's
-  CPU) onto the SDK's own request body. It is bounded by `send_timeout_s` (a dead connection blocks the
-  17th send forever) and fails fast once the pump has failed. `close()` closes the SDK input stream (bounded), then waits (bounded) for the
+  CPU) onto the SDK's own request body. While that body's buffer has room the write cannot wait, so it is
+  made directly; past it (a dead connection blocks the 17th send forever) it runs in a task bounded by
+  `send_timeout_s`, and fails fast once the pump has failed. `close()` closes the SDK input stream (bounded), then waits (bounded) for the
   pump to drain; it never raises and is idempotent.
 """
 
@@ -405,6 +406,13 @@ class BedrockStream:
             raise ModelError(CONNECTION, "the Bedrock stream is closed")
         if self._pump_done:
             raise ModelError(CONNECTION, "the Bedrock stream has ended")
+        if not self._send_lock.locked() and self._writer.ready():  # cannot wait on the network: no task, no timer
+            try:
+                await self._writer.send(event)
+            except Exception as exc:
+                self._error = self._error or map_sdk_error(exc)
+                raise self._error from exc
+            return
         async with self._send_lock:
             task = asyncio.ensure_future(self._writer.send(event))
             done, _ = await asyncio.wait({task, self._failed}, timeout=self._t.send_timeout_s,
@@ -504,6 +512,13 @@ class EventWriter:
         self._publisher = publisher
         self._signing = publisher._signing_config
         self._signer: es.ChunkSigner | None = None
+        self._room = getattr(publisher._writer, "_can_write", None)  # the body buffer's own test
+
+    def ready(self) -> bool:
+        """A send now completes without waiting: the signing chain is set up and the SDK's body buffer
+        (16 frames) has room. False when unsure (another SDK shape)."""
+        return (self._room is not None and (self._signer is not None or self._signing is None)
+                and self._room())
 
     async def send(self, event: dict) -> None:
         publisher = self._publisher

@@ -16,6 +16,8 @@ class Queue:
         self._items: deque = deque()
         self._readable = asyncio.Event()
         self._drained = asyncio.Event()  # set by get(): a waiting put() looks again
+        self._timer: asyncio.TimerHandle | None = None  # wakes a get() at its deadline
+        self._timer_at: float | None = None
 
     def put_nowait(self, item, size: int = 0) -> bool:
         self._items.append((item, size))
@@ -30,19 +32,22 @@ class Queue:
             await self._drained.wait()
         self.put_nowait(item, size)
 
-    async def get(self, timeout: float | None = None):
-        """The next item, or None when `timeout` seconds pass first."""
+    async def get(self, deadline: float | None = None):
+        """The next item, or None once the monotonic clock (the event loop's) reaches `deadline` first.
+        This runs for every frame: the timer is a plain one, kept across calls while the deadline stays."""
         if not self._items:
             self._readable.clear()
-            if timeout is None:
-                await self._readable.wait()
-            else:  # a plain timer: cheaper than asyncio.timeout, and this runs for every frame
-                timer = asyncio.get_running_loop().call_later(timeout, self._readable.set)
-                try:
-                    await self._readable.wait()
-                finally:
-                    timer.cancel()
+            if deadline != self._timer_at:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_at = deadline
+                self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._due)
+            await self._readable.wait()
         return self.get_nowait()
+
+    def _due(self) -> None:
+        self._timer = self._timer_at = None
+        self._readable.set()
 
     async def ready(self) -> None:
         """Wait until something is queued (without taking it)."""

@@ -42,7 +42,8 @@ class ModelError(Exception):
 
 class ModelStream(Protocol):
     async def send(self, event: dict) -> None:
-        """Send one input event. Raises ModelError if the stream has failed."""
+        """Send one input event. Raises ModelError if the stream has failed. Bounded in time: a stream
+        that stops accepting input fails (ModelError) rather than blocking the caller."""
 
     async def receive(self) -> dict | None:
         """The next output event, or None when the stream has ended. Raises ModelError."""

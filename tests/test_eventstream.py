@@ -4,6 +4,7 @@ Cross-checked against the real SDK's own codec (smithy_aws_event_stream) and sig
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import io
@@ -534,3 +535,36 @@ async def test_event_reader_decodes_alone_when_the_sdk_changes_shape():
             return self.left.pop() if self.left else None
 
     assert [e async for e in EventReader(Receiver())] == [{"n": 1}, {"n": 2}]
+
+
+async def test_a_send_the_sdk_buffer_cannot_take_times_out_and_fails_the_stream():
+    """While the SDK's body buffer (16 frames) has room a send is written directly; once nothing drains it
+    (a dead connection) the next send is bounded by send_timeout_s and fails the stream."""
+    import types
+
+    from smithy_aws_event_stream.aio import AWSEventPublisher
+    from smithy_core.aio.types import AsyncBytesProvider
+    from smithy_json import JSONCodec
+
+    from gateway import bedrock
+    from gateway.transport import ModelError
+
+    body = AsyncBytesProvider()  # nobody reads it
+    sdk = types.SimpleNamespace(input_stream=AWSEventPublisher(payload_codec=JSONCodec(), async_writer=body),
+                                await_output=lambda: asyncio.get_running_loop().create_future())  # no response yet
+    transport = types.SimpleNamespace(queue_size=8, output_timeout_s=30.0, send_timeout_s=0.3, close_timeout_s=0.1,
+                                      _forget=lambda s: None)
+    stream = bedrock.BedrockStream(transport, sdk, "s1", pooled=None)
+    assert stream._writer.ready()
+    for _ in range(16):
+        await asyncio.wait_for(stream.send(EVENT), 0.1)  # written directly, at once
+    assert not stream._writer.ready() and len(body._data) == 16
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ModelError, match="send timed out"):
+        await stream.send(EVENT)
+    assert 0.25 < loop.time() - t0 < 5
+    with pytest.raises(ModelError, match="send timed out"):  # the stream stays failed
+        await stream.send(EVENT)
+    assert es.iter_messages(b"".join(body._data))[0].payload == es.encode_event_json(EVENT)
+    stream._pump.cancel()
