@@ -994,9 +994,10 @@ class Session:
                                   output_sample_rate=start.output_sample_rate)
         self._prompt = Prompt(self.cfg.system_prompt, start.voice or self.cfg.voice, self.cfg.endpointing_sensitivity,
                               self.cfg.tools)
-        # a codec's audio goes out in its frames (20 ms); PCM16 in 40 ms frames
+        # a codec's audio goes out in its frames (20 ms); PCM16 in 80 ms frames, the size of the model's own
+        # events (40 ms frames cost 11 % more CPU per session at 20 sessions: twice the writes and wake-ups)
         self._pacer = PlaybackPacer(start.output_sample_rate, lead_ms=self.cfg.playback_lead_ms,
-                                    chunk_ms=20 if self._encode else 40, whole_frames=self._encode is not None)
+                                    chunk_ms=20 if self._encode else 80, whole_frames=self._encode is not None)
         token = self._bearer or start.auth
         if token is not None:
             self._emit(Authenticate(token))

@@ -108,7 +108,7 @@ async def test_pcm16_opus_and_mulaw_hear_and_speak_alike(gateway):
         assert len(audio) / (2 * c.output_rate) > 0.5
         assert set(c.frame_ms_down) == {20.0}, c.frame_ms_down
         assert c.received_ms(item_id) % 20 == 0
-    assert max(pcm.frame_ms_down) == 40.0  # PCM16 comes in 40 ms frames
+    assert max(pcm.frame_ms_down) == 80.0  # PCM16 comes in 80 ms frames
     # ... paced, not sent at once: a reply's frames arrive over most of its duration less the 200 ms lead
     # (the exact pacing is tests/test_playback.py's, on a fake clock: on a busy machine a stalled event loop
     # releases the frames that fell due together, which shortens the span by the stall)

@@ -356,7 +356,7 @@ def test_a_spoken_turn_in_order(transcription):
     deltas = h.of_type("response.output_audio.delta", n)
     last_delta = max(i for i, e in enumerate(h.events) if e["type"] == "response.output_audio.delta")
     assert last_delta < h.first("response.output_audio.done", n)
-    assert len(deltas) > 5 and {d["item_id"] for d in deltas} == {item["id"]}
+    assert len(deltas) >= 3 and {d["item_id"] for d in deltas} == {item["id"]}  # 300 ms in 80 ms deltas
     audio = b"".join(base64.b64decode(d["delta"]) for d in deltas)
     assert audio == b"".join(h.pcm) and len(audio) == 48 * 300 and any(audio)
     transcript = "".join(d["delta"] for d in h.of_type("response.output_audio_transcript.delta", n))
