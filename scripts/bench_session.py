@@ -65,16 +65,20 @@ def run(seconds: float) -> dict:
     frames = round(seconds / harness.FRAME_S)
     warmup = round(2.0 / harness.FRAME_S)
 
-    def tick(at: float) -> None:
-        h.now = at
+    def timed(name: str, call, *args) -> None:
+        """One session input and the effects it emits, timed; then the effects carried out (untimed)."""
         t = clock()
-        s.tick(at)
+        call(*args, h.now)
         effects = s.effects()
-        spent["tick"] += clock() - t - overhead
-        calls["tick"] += 1
+        spent[name] += clock() - t - overhead
+        calls[name] += 1
         for e in effects:
             h.perform(e)
         h.pump()
+
+    def tick(at: float) -> None:
+        h.now = at
+        timed("tick", s.tick)
 
     d = None
     for n in range(-warmup, frames):
@@ -86,29 +90,14 @@ def run(seconds: float) -> dict:
             tick(d)
         h.now = at
         pcm = talk[n // period % len(talk)][n % period] if n % period < talking else silence
-        t = clock()
-        s.receive_audio(pcm, h.now)
-        effects = s.effects()
-        spent["receive_audio"] += clock() - t - overhead
-        calls["receive_audio"] += 1
-        for e in effects:
-            h.perform(e)
-        h.pump()
+        timed("receive_audio", s.receive_audio, pcm)
         for t_open, sid in [o for o in h.opens if o[0] <= h.now]:
             h.opens.remove((t_open, sid))
             s.stream_opened(sid, h.now)
             h.pump()
         model = h.current_model
         for ev in (model.poll(h.now) if model is not None else []):
-            raw = orjson.dumps(ev)
-            t = clock()
-            s.model_event(model.sid, raw, h.now)
-            effects = s.effects()
-            spent["model_event"] += clock() - t - overhead
-            calls["model_event"] += 1
-            for e in effects:
-                h.perform(e)
-            h.pump()
+            timed("model_event", s.model_event, model.sid, orjson.dumps(ev))
         t = clock()
         d = s.next_deadline()
         spent["next_deadline"] += clock() - t - overhead
