@@ -86,7 +86,10 @@ class SessionActor:
 
     def __init__(self, ws: WebSocket, services, bearer: str | None, wrap=None):
         self.ws = ws
-        self.lane = ws.scope["extensions"][EXTENSION]  # the socket's protocol (gateway/websocket.py)
+        self.lane = ws.scope.get("extensions", {}).get(EXTENSION)  # the socket's protocol (gateway/websocket.py)
+        if self.lane is None:
+            raise RuntimeError("this socket is not served by gateway.websocket.LaneProtocol: run the gateway "
+                               "with `novagate serve` (its uvicorn configuration), not another ASGI server")
         self._reading_paused = False
         self._closing_socket = False  # a CloseSocket is queued: nothing more is written directly
         self.s = services

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import types
 
+import pytest
 import uvicorn
 import websockets
 from starlette.applications import Starlette
@@ -178,3 +180,11 @@ async def test_the_close_frame_survives_input_the_server_has_not_read():
             assert received == 64 * 64 * 1024
             assert c.protocol.close_rcvd is not None and c.protocol.close_rcvd.code == 1000
         state["done"].set()
+
+
+def test_a_socket_without_the_lane_is_refused_with_how_to_run_the_gateway():
+    from gateway.actor import SessionActor
+
+    ws = types.SimpleNamespace(scope={"type": "websocket", "extensions": {"websocket.http.response": {}}})
+    with pytest.raises(RuntimeError, match="novagate serve"):
+        SessionActor(ws, services=None, bearer=None)
