@@ -410,8 +410,7 @@ class BedrockStream:
             try:
                 await self._writer.send(event)
             except Exception as exc:
-                self._error = self._error or map_sdk_error(exc)
-                raise self._error from exc
+                raise self._write_failed(exc) from exc
             return
         async with self._send_lock:
             task = asyncio.ensure_future(self._writer.send(event))
@@ -420,9 +419,7 @@ class BedrockStream:
             if task in done:
                 exc = task.exception()
                 if exc is not None:
-                    err = self._error or map_sdk_error(exc)
-                    self._error = self._error or err
-                    raise err from exc
+                    raise self._write_failed(exc) from exc
                 return
             task.cancel()
             task.add_done_callback(_consume)
@@ -432,6 +429,11 @@ class BedrockStream:
                 raise ModelError(CONNECTION, "the Bedrock stream has ended")
             self._error = ModelError(CONNECTION, f"send timed out after {self._t.send_timeout_s:g}s")
             raise self._error
+
+    def _write_failed(self, exc: BaseException) -> ModelError:
+        """The stream's error after a failed write: the first one seen stays."""
+        self._error = self._error or map_sdk_error(exc)
+        return self._error
 
     async def receive(self) -> dict | None:
         while True:
